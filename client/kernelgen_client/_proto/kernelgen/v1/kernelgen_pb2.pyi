@@ -1,0 +1,183 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ServerReport(_message.Message):
+    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "model_hash")
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    cache_hit: bool
+    batch_size: int
+    batch_requests: int
+    queue_ms: float
+    compute_ms: float
+    model_hash: str
+    def __init__(self, cache_hit: _Optional[bool] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ...) -> None: ...
+
+class GenerateKernelRequest(_message.Message):
+    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    seq_lens: _containers.RepeatedScalarFieldContainer[int]
+    conditioning: Tensor
+    dtype: DType
+    return_grid: bool
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ...) -> None: ...
+
+class GenerateKernelResponse(_message.Message):
+    __slots__ = ("kernel", "grid", "report")
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    kernel: Tensor
+    grid: Tensor
+    report: ServerReport
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., report: _Optional[_Union[ServerReport, _Mapping]] = ...) -> None: ...
+
+class KernelHeader(_message.Message):
+    __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report")
+    KERNEL_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRID_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    GRID_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    kernel_shape: _containers.RepeatedScalarFieldContainer[int]
+    kernel_dtype: DType
+    kernel_bytes: int
+    grid_shape: _containers.RepeatedScalarFieldContainer[int]
+    grid_bytes: int
+    report: ServerReport
+    def __init__(self, kernel_shape: _Optional[_Iterable[int]] = ..., kernel_dtype: _Optional[_Union[DType, str]] = ..., kernel_bytes: _Optional[int] = ..., grid_shape: _Optional[_Iterable[int]] = ..., grid_bytes: _Optional[int] = ..., report: _Optional[_Union[ServerReport, _Mapping]] = ...) -> None: ...
+
+class KernelChunk(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: KernelHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[KernelHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FlopCountRequest(_message.Message):
+    __slots__ = ("model", "seq_lens", "inference")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    seq_lens: _containers.RepeatedScalarFieldContainer[int]
+    inference: bool
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., inference: _Optional[bool] = ...) -> None: ...
+
+class FlopCountResponse(_message.Message):
+    __slots__ = ("flops", "grid_points", "kernel_bytes", "cacheable")
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    GRID_POINTS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHEABLE_FIELD_NUMBER: _ClassVar[int]
+    flops: int
+    grid_points: int
+    kernel_bytes: int
+    cacheable: bool
+    def __init__(self, flops: _Optional[int] = ..., grid_points: _Optional[int] = ..., kernel_bytes: _Optional[int] = ..., cacheable: _Optional[bool] = ...) -> None: ...
+
+class FiLMConfig(_message.Message):
+    __slots__ = ("cond_dim", "film_hidden_dim")
+    COND_DIM_FIELD_NUMBER: _ClassVar[int]
+    FILM_HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    cond_dim: int
+    film_hidden_dim: int
+    def __init__(self, cond_dim: _Optional[int] = ..., film_hidden_dim: _Optional[int] = ...) -> None: ...
+
+class ModelConfig(_message.Message):
+    __slots__ = ("out_dim", "data_dim", "mlp_hidden_dim", "num_layers", "embedding_dim", "omega_0", "L_cache", "use_bias", "hidden_omega_0", "film_after_pos_embed", "film")
+    OUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIM_FIELD_NUMBER: _ClassVar[int]
+    MLP_HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    OMEGA_0_FIELD_NUMBER: _ClassVar[int]
+    L_CACHE_FIELD_NUMBER: _ClassVar[int]
+    USE_BIAS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_OMEGA_0_FIELD_NUMBER: _ClassVar[int]
+    FILM_AFTER_POS_EMBED_FIELD_NUMBER: _ClassVar[int]
+    FILM_FIELD_NUMBER: _ClassVar[int]
+    out_dim: int
+    data_dim: int
+    mlp_hidden_dim: int
+    num_layers: int
+    embedding_dim: int
+    omega_0: float
+    L_cache: _containers.RepeatedScalarFieldContainer[int]
+    use_bias: bool
+    hidden_omega_0: float
+    film_after_pos_embed: bool
+    film: FiLMConfig
+    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: _Optional[bool] = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: _Optional[bool] = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ready: bool
+    reason: str
+    config: ModelConfig
+    content_hash: str
+    parameter_count: int
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
