@@ -1,7 +1,7 @@
 """Generate the Python protobuf and gRPC modules from proto/ into the client package.
 
-    python scripts/gen_proto.py          # regenerate
-    python scripts/gen_proto.py --check  # fail when the committed modules are stale
+python scripts/gen_proto.py          # regenerate
+python scripts/gen_proto.py --check  # fail when the committed modules are stale
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
-    rc = protoc.main([
-        "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-        f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos,
-    ])
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
+        ]
+    )
     if rc != 0:
         raise SystemExit(f"protoc failed with exit code {rc}")
     # protoc writes absolute imports rooted at proto/; the modules live inside
@@ -37,12 +44,18 @@ def generate(out: Path) -> None:
         fixed = text.replace("from kernelgen.v1 import ", "from . import ")
         path.write_text(fixed)
     for folder in (out, out / "kernelgen", out / PACKAGE_DIR):
-        (folder / "__init__.py").write_text('"""Generated from proto/ by scripts/gen_proto.py; do not edit."""\n')
+        (folder / "__init__.py").write_text(
+            '"""Generated from proto/ by scripts/gen_proto.py; do not edit."""\n'
+        )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare with the committed modules instead of writing")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed modules instead of writing"
+    )
     args = parser.parse_args()
     if not args.check:
         generate(OUT)
@@ -51,8 +64,10 @@ def main() -> int:
         fresh = Path(tmp)
         generate(fresh)
         stale = [
-            str(p.relative_to(fresh)) for p in sorted(fresh.rglob("*.py*"))
-            if not (OUT / p.relative_to(fresh)).exists() or not filecmp.cmp(p, OUT / p.relative_to(fresh), shallow=False)
+            str(p.relative_to(fresh))
+            for p in sorted(fresh.rglob("*.py*"))
+            if not (OUT / p.relative_to(fresh)).exists()
+            or not filecmp.cmp(p, OUT / p.relative_to(fresh), shallow=False)
         ]
     if stale:
         print("generated protobuf modules are stale; run python scripts/gen_proto.py:", *stale, sep="\n  ")

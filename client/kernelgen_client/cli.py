@@ -24,8 +24,7 @@ SERVER_COMMANDS = {
 
 def _server_missing(args: argparse.Namespace) -> int:
     print(
-        f"kernelgen {args.command}: this command needs the server extra: "
-        "pip install 'kernelgen[server]'",
+        f"kernelgen {args.command}: this command needs the server extra: pip install 'kernelgen[server]'",
         file=sys.stderr,
     )
     return 2

@@ -8,6 +8,7 @@ output shapes follow the reference model; see DESIGN.md section 1.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,8 +42,7 @@ def normalize_lengths(name: str, value: int | Sequence[int], data_dim: int, mini
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != data_dim:
             raise ValueError(
-                f"{name} has {len(value)} entries but data_dim is {data_dim}: give one int "
-                "or one per axis"
+                f"{name} has {len(value)} entries but data_dim is {data_dim}: give one int or one per axis"
             )
         return tuple(_check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(value))
     return (_check_int(name, value, minimum),) * data_dim
@@ -100,8 +100,9 @@ class KernelFiLMGenerator(nn.Module):
     layer order; each chunk is ``[gamma | beta]``, both ``[B, hidden_dim]``.
     """
 
-    def __init__(self, cond_dim: int, hidden_dim: int, num_film_layers: int,
-                 film_hidden_dim: int = 64) -> None:
+    def __init__(
+        self, cond_dim: int, hidden_dim: int, num_film_layers: int, film_hidden_dim: int = 64
+    ) -> None:
         super().__init__()
         self.cond_dim = _check_int("film cond_dim", cond_dim, 1)
         self.hidden_dim = _check_int("film hidden_dim", hidden_dim, 1)
@@ -121,14 +122,25 @@ class KernelFiLMGenerator(nn.Module):
         An exact identity start (zero last layer) would make every conditioning
         produce the same kernel; a fresh model should visibly respond to it.
         """
-        first, last = self.mlp[0], self.mlp[2]
-        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        first, last = self.first_linear, self.last_linear
         first.reset_parameters()
         bound = spread / math.sqrt(self.film_hidden_dim)
         last.weight.uniform_(-bound, bound)
         bias = last.bias.view(self.num_film_layers, 2, self.hidden_dim)
         bias[:, 0].fill_(1.0)
         bias[:, 1].zero_()
+
+    @property
+    def first_linear(self) -> nn.Linear:
+        layer = self.mlp[0]
+        assert isinstance(layer, nn.Linear)
+        return layer
+
+    @property
+    def last_linear(self) -> nn.Linear:
+        layer = self.mlp[2]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def forward(self, conditioning: Tensor) -> list[tuple[Tensor, Tensor]]:
         out = self.mlp(conditioning)
@@ -138,7 +150,9 @@ class KernelFiLMGenerator(nn.Module):
     def flop_count(self) -> int:
         """FLOPs for one conditioning row: two linears (2*in*out each) plus one per GELU."""
         out = self.num_film_layers * 2 * self.hidden_dim
-        return 2 * self.cond_dim * self.film_hidden_dim + self.film_hidden_dim + 2 * self.film_hidden_dim * out
+        return (
+            2 * self.cond_dim * self.film_hidden_dim + self.film_hidden_dim + 2 * self.film_hidden_dim * out
+        )
 
 
 class SIRENPositionalEmbeddingND(nn.Module):
@@ -192,7 +206,7 @@ class SIRENKernelND(nn.Module):
         num_layers: int,
         embedding_dim: int,
         omega_0: float,
-        L_cache: int | Sequence[int],  # noqa: N803 - the reference argument name
+        L_cache: int | Sequence[int],
         use_bias: bool,
         hidden_omega_0: float = 1.0,
         film_cfg: FiLMConfig | dict[str, Any] | None = None,
@@ -206,7 +220,12 @@ class SIRENKernelND(nn.Module):
         self.embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
         self.L_cache = normalize_lengths("L_cache", L_cache, data_dim, 2)
         for name, freq in (("omega_0", omega_0), ("hidden_omega_0", hidden_omega_0)):
-            if isinstance(freq, bool) or not isinstance(freq, int | float) or not math.isfinite(freq) or freq <= 0:
+            if (
+                isinstance(freq, bool)
+                or not isinstance(freq, int | float)
+                or not math.isfinite(freq)
+                or freq <= 0
+            ):
                 raise ValueError(f"{name} must be a finite number > 0, got {freq!r}")
         for name, flag in (("use_bias", use_bias), ("film_after_pos_embed", film_after_pos_embed)):
             if not isinstance(flag, bool):
@@ -228,7 +247,7 @@ class SIRENKernelND(nn.Module):
         self.positional_embedding = SIRENPositionalEmbeddingND(data_dim, embedding_dim, omega_0, use_bias)
         dims = [embedding_dim] + [mlp_hidden_dim] * (num_layers - 1)
         self.hidden_linears = nn.ModuleList(
-            nn.Linear(d_in, d_out, bias=use_bias) for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+            nn.Linear(d_in, d_out, bias=use_bias) for d_in, d_out in itertools.pairwise(dims)
         )
         self.out_linear = nn.Linear(mlp_hidden_dim, out_dim, bias=use_bias)
         self.num_film_layers = len(self.hidden_linears)
@@ -262,7 +281,7 @@ class SIRENKernelND(nn.Module):
                 b = 1.0 / math.sqrt(linear.in_features)
                 linear.bias.uniform_(-b, b)
         for linear in self.hidden_linears:
-            linear.weight._no_weight_decay = True  # type: ignore[attr-defined]
+            linear.weight._no_weight_decay = True  # type: ignore[union-attr,attr-defined]
         # Wang init: the initial kernel's energy does not depend on the grid volume.
         self.out_linear.weight.mul_(math.sqrt(1.0 / math.prod(self.L_cache)))
         if self.out_linear.bias is not None:
@@ -276,17 +295,19 @@ class SIRENKernelND(nn.Module):
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
         return kernel_grid(self.normalize_seq_lens(seq_lens), self.L_cache)
 
-    def forward(self, seq_lens: int | Sequence[int], conditioning: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, seq_lens: int | Sequence[int], conditioning: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Return ``(kernel [1|B, *spatial, out_dim], grid [1, *spatial, data_dim])``."""
         grid = self.grid(seq_lens)
         weight_dtype = self.out_linear.weight.dtype
         films: list[tuple[Tensor, Tensor]] = []
         if conditioning is not None and self.film_generator is not None:
             if conditioning.dim() != 2 or conditioning.shape[1] != self.film_generator.cond_dim:
-                raise ValueError(
-                    f"conditioning must be [B, {self.film_generator.cond_dim}], got {list(conditioning.shape)}"
-                )
-            films = self.film_generator(conditioning.to(self.film_generator.mlp[0].weight.dtype))
+                want, got = self.film_generator.cond_dim, list(conditioning.shape)
+                raise ValueError(f"conditioning must be [B, {want}], got {got}")
+            cond_dtype = self.film_generator.first_linear.weight.dtype
+            films = self.film_generator(conditioning.to(cond_dtype))
         spatial = len(grid.shape) - 2
         # gamma/beta [B, H] broadcast over the spatial axes: [B, 1, ..., 1, H].
         films = [
