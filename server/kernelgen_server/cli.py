@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kernelgen_server import repo_cli
+from kernelgen_server import repo_cli, serve_cli
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``serve``, ``init``, ``import`` and ``inspect`` to the ``kernelgen`` parser."""
+    serve_cli.register(sub)
     repo_cli.register(sub)

@@ -1,0 +1,76 @@
+"""``kernelgen serve``: flags generated from the one settings model.
+
+Every ``ServerSettings`` field is a flag (``--max-batch-size``) and an
+environment variable (``KERNELGEN_MAX_BATCH_SIZE``); flags win. This module
+imports no torch: the ``kernelgen`` parser is built from it on every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from kernelgen_server.settings import ServerSettings, SettingsError, load_settings
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the gRPC kernel server",
+        description=(
+            "Serve the models of a repository over gRPC (default: the embedded models). Every flag "
+            "can also be set as KERNELGEN_<FLAG> in the environment or in a --config file; "
+            "flags take precedence over the environment, which takes precedence over the file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"KERNELGEN_{name.upper()}"
+        help_text = f"{field.description or name.replace('_', ' ')} [{env}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            default = field.default if field.default is not None else "unset"
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=f"{help_text} (default: {default})",
+            )
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    values = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    try:
+        settings = load_settings(values)
+    except SettingsError as exc:
+        print(f"kernelgen serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from kernelgen_server.server import ModelsFailedError, serve  # torch loads here
+
+    try:
+        return asyncio.run(serve(settings))
+    except ModelsFailedError as exc:
+        print(f"kernelgen serve: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as exc:
+        print(f"kernelgen serve: {exc}", file=sys.stderr)
+        return 1

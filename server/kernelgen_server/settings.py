@@ -1,0 +1,171 @@
+"""The server's one settings model, validated at start-up.
+
+Precedence, highest first: command-line flags, ``KERNELGEN_*`` environment
+variables, the optional config file (``--config`` / ``KERNELGEN_CONFIG``;
+JSON, TOML or YAML by suffix), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["ServerSettings", "SettingsError", "load_settings"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kernelgen_config", default=None)
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message lists every problem, one per line."""
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``kernelgen serve`` can be told. Each field is also ``KERNELGEN_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KERNELGEN_", extra="forbid", frozen=True)
+
+    # --- where and what ---------------------------------------------------------------------
+    model_repo: Path | None = Field(None, description="model repository folder (default: embedded models)")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0 disables)")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    strict: bool = Field(False, description="refuse to start when any model fails to load")
+    warmup: bool = Field(True, description="run each model once before reporting SERVING")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    config: Path | None = Field(None, description="settings file (JSON, TOML or YAML)")
+
+    # --- limits -----------------------------------------------------------------------------
+    cache_bytes: ByteSize = Field(ByteSize(GiB), description="unconditioned-kernel cache budget in bytes")
+    max_grid_points: int = Field(
+        1 << 24, ge=1, description="largest grid (prod of 2*s-1) one request may ask"
+    )
+    max_kernel_bytes: ByteSize = Field(ByteSize(2 * GiB), description="largest kernel response in bytes")
+    max_message_bytes: ByteSize = Field(
+        ByteSize(4 * MiB), description="largest unary response; larger kernels need StreamKernel"
+    )
+    max_conditioning_rows: int = Field(1024, ge=1, description="most conditioning rows in one request")
+    stream_chunk_bytes: ByteSize = Field(ByteSize(MiB), description="payload bytes per StreamKernel message")
+    max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls in progress before refusing more")
+
+    # --- batching of conditioned requests ---------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="conditioning rows per batch (1 turns batching off)")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
+    max_queue_size: int = Field(1024, ge=1, description="requests waiting before RESOURCE_EXHAUSTED")
+    max_batch_bytes: ByteSize = Field(ByteSize(512 * MiB), description="output bytes of one batch")
+
+    # --- lifecycle and security -------------------------------------------------------------
+    grace_s: float = Field(10.0, ge=0, le=3600, description="time to finish in-flight calls on SIGTERM")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS with --tls-key")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; clients must present a cert it signed"
+    )
+    auth_token_file: Path | None = Field(None, description="file of accepted bearer tokens, one per line")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "model_repo"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise ValueError(f"{name}: {path} does not exist")
+        if self.stream_chunk_bytes < 1024 or self.stream_chunk_bytes > self.max_message_bytes:
+            raise ValueError("stream_chunk_bytes must be between 1 KiB and max_message_bytes")
+        # A queue delay must stay well below typical client deadlines (100 ms and up).
+        if self.max_queue_delay_ms > 100:
+            raise ValueError(
+                f"max_queue_delay_ms={self.max_queue_delay_ms} is above 100 ms, longer than typical "
+                "deadlines; requests would expire while waiting for a batch"
+            )
+        if self.max_kernel_bytes < self.max_message_bytes:
+            raise ValueError("max_kernel_bytes must be at least max_message_bytes")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values from the settings file named by ``--config`` or ``KERNELGEN_CONFIG``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        if path is None:
+            return {}
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SettingsError(f"config file {path}: cannot read it ({exc.strerror})") from exc
+        try:
+            if path.suffix == ".toml":
+                data: Any = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml  # optional: only needed for YAML files
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:
+            raise SettingsError(f"config file {path}: not valid {path.suffix or 'JSON'}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SettingsError(f"config file {path}: expected a mapping of setting names to values")
+        return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(cli: dict[str, Any] | None = None) -> ServerSettings:
+    """Validate settings from flags (only those given), environment and config file.
+
+    Raises SettingsError with one readable line per problem.
+    """
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    config = cli.get("config") or os.environ.get("KERNELGEN_CONFIG")
+    token = _config_file.set(Path(config) if config else None)
+    try:
+        return ServerSettings(**cli)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"{where}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _config_file.reset(token)
