@@ -99,7 +99,8 @@ class ByteLRUCache(Generic[K, V]):
     - ``_bytes == sum(v.nbytes for v in _entries.values()) <= _max_bytes``;
     - ``_entries`` is ordered least- to most-recently used;
     - a key is in ``_inflight`` only while its computation task is running,
-      and never at the same time in ``_entries`` unless ``clear()`` raced it;
+      and never in ``_inflight`` and ``_entries`` at once;
+    - every computation task is referenced from ``_tasks`` until it is done;
     - ``max_bytes == 0`` stores nothing (concurrent misses are still coalesced).
     """
 
@@ -111,6 +112,7 @@ class ByteLRUCache(Generic[K, V]):
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[K, asyncio.Task[V]] = {}
+        self._tasks: set[asyncio.Task[V]] = set()
         # Bumped by clear(): a computation started before a clear() does not store.
         self._generation = 0
         self._hits = 0
@@ -147,10 +149,9 @@ class ByteLRUCache(Generic[K, V]):
             task = asyncio.get_running_loop().create_task(
                 self._compute(key, compute, self._generation)
             )
-            # Retrieve the outcome even when every waiter has gone, so a
-            # failure nobody awaited is not reported as "never retrieved".
-            task.add_done_callback(_consume_outcome)
             self._inflight[key] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
         # shield(): a cancelled waiter stops waiting; the task runs on.
         return await asyncio.shield(task), False
 
@@ -184,6 +185,13 @@ class ByteLRUCache(Generic[K, V]):
         self._bytes += nbytes
         self._observer.on_bytes(self._bytes, len(self._entries))
 
+    def _task_done(self, task: asyncio.Task[V]) -> None:
+        self._tasks.discard(task)
+        # Retrieve the outcome even when every waiter has gone, so a failure
+        # nobody awaited is not logged as "never retrieved".
+        if not task.cancelled():
+            task.exception()
+
     def stats(self) -> CacheStats:
         return CacheStats(
             entries=len(self._entries),
@@ -211,7 +219,3 @@ class ByteLRUCache(Generic[K, V]):
         """True if ``key`` is stored (not merely in flight); does not touch the LRU order."""
         return key in self._entries
 
-
-def _consume_outcome(task: asyncio.Task[object]) -> None:
-    if not task.cancelled():
-        task.exception()
