@@ -263,7 +263,9 @@ class DynamicBatcher(Generic[K, I, R]):
             self._drop_all_queued("the server is shutting down")
         self._wakeup.set()
         if self._scheduler is not None:
-            await asyncio.shield(self._scheduler)
+            # wait(), not await: a cancelled close() leaves the scheduler running,
+            # and a scheduler cancelled under us does not make close() raise.
+            await asyncio.wait([self._scheduler])
 
     # -- queue bookkeeping (synchronous: no await may split these updates) --
 
@@ -380,16 +382,19 @@ class DynamicBatcher(Generic[K, I, R]):
                     self._running = len(batch)
                     try:
                         await self._run(bucket.key, batch, self._clock())
+                    except BaseException:  # the batcher is stopping under this batch
+                        _fail(batch, errors.Draining("the batcher stopped"))
+                        raise
                     finally:
                         self._running = 0
-                        # Only on an abnormal exit is any future still pending.
-                        _fail(batch, errors.Draining("the batcher stopped"))
-        except BaseException as exc:
+        except asyncio.CancelledError:
             self._closing = True
-            if not isinstance(exc, asyncio.CancelledError):
-                _log.exception("the batch scheduler failed")
             self._drop_all_queued("the batcher stopped")
             raise
+        except Exception:  # a bug: log it, refuse new work, fail what waits
+            _log.exception("the batch scheduler failed")
+            self._closing = True
+            self._drop_all_queued("the batcher stopped")
 
     async def _run(self, key: K, batch: list[_Request[K, I, R]], started: float) -> None:
         """Compute ``batch`` and resolve its futures; on OOM, split in halves and retry.

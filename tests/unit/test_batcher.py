@@ -482,11 +482,57 @@ async def test_close_without_drain_fails_queued() -> None:
     assert recorder.dropped == [("k", "draining")] * 3
 
 
+async def test_cancelled_drain_then_close_without_drain() -> None:
+    device = Device()
+    batcher = make(device, max_batch_size=1)
+    held = await hold(batcher, device)
+    queued = spawn(batcher, "k", Req(0), Req(1))
+    await asyncio.sleep(0)
+    draining = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0)
+    draining.cancel()  # e.g. the grace period ran out
+    with pytest.raises(asyncio.CancelledError):
+        await draining
+    stopping = asyncio.create_task(batcher.close(drain=False))
+    await asyncio.sleep(0)
+    results = await within(asyncio.gather(*queued, return_exceptions=True))
+    assert all(isinstance(r, errors.Draining) for r in results)
+    assert device.gate is not None
+    device.gate.set()
+    await within(stopping)
+    assert (await within(held)).batch_requests == 1
+    assert device.ids() == [[-1]]
+
+
 async def test_close_idle_batcher() -> None:
     batcher = make(Device())
     await within(batcher.close())
     with pytest.raises(errors.Draining):
         await batcher.submit("k", Req(0))
+
+
+async def test_stopped_scheduler_fails_running_and_queued_with_draining() -> None:
+    device = Device()
+    batcher = make(device, max_batch_size=1)
+    held = await hold(batcher, device)
+    queued = spawn(batcher, "k", Req(0))
+    await asyncio.sleep(0)
+    scheduler = batcher._scheduler  # as when the event loop shuts down under it
+    assert scheduler is not None
+    scheduler.cancel()
+    results = await within(asyncio.gather(held, *queued, return_exceptions=True))
+    assert all(isinstance(r, errors.Draining) for r in results)
+    assert batcher.pending() == (0, 0)
+    with pytest.raises(errors.Draining):
+        await batcher.submit("k", Req(1))
+    await within(batcher.close())  # returns quietly
+
+
+async def test_item_without_rows_is_a_caller_bug() -> None:
+    batcher = make(Device())
+    with pytest.raises(ValueError, match="rows >= 1"):
+        await batcher.submit("k", Req(0, rows=0))
+    assert batcher.pending() == (0, 0)
 
 
 # -- property -----------------------------------------------------------------
