@@ -62,7 +62,7 @@ class ModelConfig(BaseModel):
     num_layers: int
     embedding_dim: int
     omega_0: float
-    L_cache: int | list[int]
+    L_cache: int | tuple[int, ...]
     use_bias: bool
     hidden_omega_0: float = 1.0
     film_after_pos_embed: bool = False
@@ -71,12 +71,11 @@ class ModelConfig(BaseModel):
     @field_validator("L_cache", mode="wrap")
     @classmethod
     def _one_message_for_l_cache(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        # The union's per-member errors ("L_cache.int: ...", "L_cache.list[int]: ...")
+        # JSON arrays and Python lists become tuples: the config stays immutable and hashable.
+        # The union's per-member errors ("L_cache.int: ...", "L_cache.tuple[int, ...]: ...")
         # would be noise; one sentence says what is expected.
-        if isinstance(value, tuple):
-            value = list(value)
         try:
-            return handler(value)
+            return handler(tuple(value) if isinstance(value, list) else value)
         except ValidationError:
             raise ValueError(f"must be an int or a list of ints (one per axis), got {value!r}") from None
 
@@ -149,7 +148,7 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            raise ConfigError(path, f"invalid config: {describe_errors(exc)}") from None
+            raise ConfigError(path, f"invalid config: {_describe_errors(exc)}") from None
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike[str] = "<config>") -> ModelConfig:
@@ -157,10 +156,10 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(Path(source), f"invalid config: {describe_errors(exc)}") from None
+            raise ConfigError(Path(source), f"invalid config: {_describe_errors(exc)}") from None
 
 
-def describe_errors(exc: ValidationError) -> str:
+def _describe_errors(exc: ValidationError) -> str:
     """One line per pydantic error, joined by '; ', each naming its key."""
     parts = []
     for err in exc.errors(include_url=False):

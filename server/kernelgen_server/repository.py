@@ -94,9 +94,13 @@ def content_hash(config: ModelConfig, tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A model ready to serve. ``module`` is float32, in eval mode, with no gradients."""
+    """A model ready to serve. ``module`` is float32, in eval mode, with no gradients.
+
+    Compared by identity: two loads of one folder are two models (``content_hash``
+    says whether they hold the same thing).
+    """
 
     name: str
     path: Path
@@ -171,8 +175,9 @@ class ModelRepository:
     def __init__(
         self, root: Path, ready: Mapping[str, LoadedModel], failed: Mapping[str, FailedModel]
     ) -> None:
-        # Invariant: a name is in at most one of the two mappings.
-        assert not ready.keys() & failed.keys()
+        both = ready.keys() & failed.keys()
+        if both:  # invariant: a name is ready or failed, never both
+            raise ValueError(f"models both ready and failed: {sorted(both)}")
         self.root = root
         self.ready: Mapping[str, LoadedModel] = dict(ready)
         self.failed: Mapping[str, FailedModel] = dict(failed)

@@ -43,6 +43,8 @@ def test_film_section_and_per_axis_cache() -> None:
     assert config.film.film_hidden_dim == 64
     assert config.cond_dim == 7
     assert config.cache_lens == (4, 8, 6)
+    assert config.L_cache == (4, 8, 6)  # stored immutable: the config is hashable
+    assert hash(config) == hash(ModelConfig.from_dict(config.to_json_dict()))
 
 
 def test_integer_json_number_is_accepted_for_a_float() -> None:
