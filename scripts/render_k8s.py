@@ -97,10 +97,11 @@ def kustomize_hash(data: dict[str, str]) -> str:
     kustomize hashes the Go JSON encoding of ``{"data", "kind", "name"}``; its
     name lookup uses the path "metadata/name" as one key and so always finds
     "", which makes the suffix depend on the data only. The first ten hex
-    digits are kept with 0, 1, 3, a, e replaced by g, h, k, m, t.
+    digits are kept with 0, 1, 3, a, e replaced by g, h, k, m, t. A ConfigMap
+    without data has no data field, which the lookup also reads as "".
     """
     encoded = json.dumps(
-        {"data": data, "kind": "ConfigMap", "name": ""},
+        {"data": data or "", "kind": "ConfigMap", "name": ""},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -185,7 +186,10 @@ def _generate_config_maps(generators: list[Any]) -> tuple[list[Obj], dict[str, s
             data[key] = value
         full = name if options.get("disableNameSuffixHash") else f"{name}-{kustomize_hash(data)}"
         renames[name] = full
-        maps.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": full}, "data": data})
+        config_map: Obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": full}}
+        if data:
+            config_map["data"] = data
+        maps.append(config_map)
     return maps, renames
 
 
