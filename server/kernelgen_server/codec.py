@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import torch
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
+from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.errors import InvalidRequest
 from kernelgen_server.wire import Payload
 

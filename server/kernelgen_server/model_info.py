@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
-
 from kernelgen_server.config import ModelConfig
 from kernelgen_server.repository import LoadedModel, ModelRepository
 

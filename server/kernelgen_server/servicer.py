@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
+from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.codec import decode_conditioning
 from kernelgen_server.core import KernelService
 from kernelgen_server.errors import KernelGenError

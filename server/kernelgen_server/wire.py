@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
 __all__ = ["Payload", "encode_chunks", "encode_response", "varint"]

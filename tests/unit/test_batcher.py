@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kernelgen_server import errors
 from kernelgen_server.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
 

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+
 from kernelgen_server.cache import ByteLRUCache, CacheStats
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
 from kernelgen_server.checkpoint import (
     CheckpointError,
     extract_kernel_state,
@@ -18,8 +21,6 @@ from kernelgen_server.checkpoint import (
     save_safetensors,
 )
 from kernelgen_server.config import ModelConfig
-from safetensors.torch import save_file
-from torch import Tensor
 
 CONFIG = ModelConfig.from_dict(
     {

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kernelgen_server.config import ConfigError, ModelConfig
 
 BASE: dict[str, Any] = {

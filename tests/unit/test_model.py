@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kernelgen_server.model import SIRENKernelND
 
 erf = np.vectorize(math.erf)

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from kernelgen_client.cli import build_parser, main
 from kernelgen_server.checkpoint import read_weights
 from kernelgen_server.config import ModelConfig
 from kernelgen_server.repository import ModelRepository, load_model
-from safetensors.torch import save_file
 
 CONFIG_DICT: dict[str, Any] = {
     "out_dim": 3,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kernelgen_server.checkpoint import read_weights, save_safetensors
 from kernelgen_server.config import ModelConfig
 from kernelgen_server.errors import ModelNotFound, ModelNotReady
