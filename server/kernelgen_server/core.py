@@ -49,7 +49,7 @@ __all__ = ["FlopReport", "KernelResult", "KernelService", "Submitter", "resolve_
 log = logging.getLogger("kernelgen.core")
 T = TypeVar("T")
 
-BucketKey = tuple[str, tuple[int, ...], int]  # (model content hash, seq_lens, wire dtype)
+BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
 
 
 class CondItem(NamedTuple):
@@ -135,7 +135,6 @@ class KernelService:
             clock=clock,
             observer=self.metrics,
         )
-        self._by_hash = {m.content_hash: m for m in repository.ready.values()}
         self.draining = False
 
     # --- lookups ------------------------------------------------------------------------------
@@ -229,7 +228,7 @@ class KernelService:
             kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, deadline)
         else:
             cond = torch.from_numpy(conditioning.copy())
-            key: BucketKey = (model.content_hash, lens, wire_dtype)
+            key: BucketKey = (model.name, lens, wire_dtype)
             outcome = await self.submitter.submit(key, CondItem(cond, kernel_bytes), deadline=deadline)
             kernel = to_payload(outcome.result)
             report = pb.ServerReport(
@@ -284,9 +283,8 @@ class KernelService:
         )
 
     async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[torch.Tensor]:
-        content_hash, lens, wire_dtype = key
-        model = self._by_hash[content_hash]
-        engine = self._engines[model.name]
+        name, lens, wire_dtype = key
+        engine = self._engines[name]
         out_dtype = decode_output_dtype(wire_dtype)
 
         conds = [item.conditioning for item in items]
