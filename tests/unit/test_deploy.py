@@ -513,13 +513,23 @@ def test_ports_exposed_are_the_ports_configured(dockerfile: Dockerfile) -> None:
     assert env["KERNELGEN_HOST"] == "0.0.0.0"
 
 
+def health_options(argv: list[str]) -> dict[str, str]:
+    """The options of a ``kernelgen health --opt value ...`` command line."""
+    assert argv[:2] == ["kernelgen", "health"], argv
+    return dict(zip(argv[2::2], argv[3::2], strict=True))
+
+
 def test_healthcheck_is_kernelgen_health_on_the_served_port(dockerfile: Dockerfile) -> None:
     env = dockerfile.env()
     options, _ = dockerfile.healthcheck()
-    assert healthcheck_argv(dockerfile, env) == ["kernelgen", "health", "--target", f"127.0.0.1:{GRPC_PORT}"]
+    argv = healthcheck_argv(dockerfile, env)
+    flags = health_options(argv)
+    assert flags["--target"] == f"127.0.0.1:{GRPC_PORT}"
+    # kernelgen's own deadline ends first, so the health log says why.
+    assert float(flags["--timeout"]) < float(options["timeout"].removesuffix("s"))
     # It follows a port changed at run time.
     moved = {**env, "KERNELGEN_PORT": "6000"}
-    assert healthcheck_argv(dockerfile, moved)[-1] == "127.0.0.1:6000"
+    assert health_options(healthcheck_argv(dockerfile, moved))["--target"] == "127.0.0.1:6000"
     assert set(options) == {"interval", "timeout", "start-period", "retries"}
 
 
@@ -631,13 +641,11 @@ def test_compose_server_has_a_gpu_models_and_a_health_check() -> None:
     env = server["environment"]
     assert set(env) <= setting_env_names()
     assert env["KERNELGEN_MODEL_REPO"] == "/models"
-    assert server["healthcheck"]["test"] == [
-        "CMD",
-        "kernelgen",
-        "health",
-        "--target",
-        f"127.0.0.1:{GRPC_PORT}",
-    ]
+    health = server["healthcheck"]
+    assert health["test"][0] == "CMD"
+    flags = health_options(health["test"][1:])
+    assert flags["--target"] == f"127.0.0.1:{GRPC_PORT}"
+    assert float(flags["--timeout"]) < float(health["timeout"].removesuffix("s"))
     assert {p.split(":")[-1] for p in server["ports"]} == {str(GRPC_PORT), str(METRICS_PORT)}
     assert server["stop_signal"] == "SIGTERM"
     grace = float(env.get("KERNELGEN_GRACE_S", 10))
