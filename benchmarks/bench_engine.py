@@ -1,0 +1,127 @@
+"""In-process kernel rate: reference ``SIRENKernelND.forward`` vs ``KernelEngine``.
+
+The embedded-style 2D FiLM model (out_dim 384, hidden 32, 3 layers, embedding 32,
+L_cache 15, cond_dim 384, film_hidden_dim 64) at seq_lens 15x15 (a 29x29 grid),
+one conditioning row per request, float32. For each batch size the reference
+answers the requests one forward each; the engine answers them with one
+``conditioned`` call, row by row (the default) and with batched GEMMs.
+
+    python benchmarks/bench_engine.py --json benchmarks/results/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernelgen_server.engine import KernelEngine
+from kernelgen_server.model import SIRENKernelND
+
+MODEL: dict[str, Any] = dict(
+    out_dim=384, data_dim=2, mlp_hidden_dim=32, num_layers=3, embedding_dim=32,
+    omega_0=30.0, L_cache=15, use_bias=True, film_cfg={"cond_dim": 384, "film_hidden_dim": 64},
+)
+SEQ_LENS = (15, 15)
+
+
+def timed_rate(fn: Callable[[], object], kernels: int, min_time: float) -> float:
+    """Kernels/s over back-to-back calls of ``fn`` lasting at least ``min_time`` seconds."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return calls * kernels / elapsed
+
+
+def compare(contenders: dict[str, Callable[[], object]], kernels: int, rounds: int,
+            min_time: float) -> dict[str, list[float]]:
+    """Per-round rates; contenders alternate within each round so that load drift hits all."""
+    for fn in contenders.values():
+        fn()  # warm-up: first-touch allocations, prefix cache, buffer pool, thread pool
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            rates[name].append(timed_rate(fn, kernels, min_time))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per batch size")
+    parser.add_argument("--min-time", type=float, default=0.25, help="seconds per timed run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = SIRENKernelND(**MODEL).eval()
+    engines = {"engine": KernelEngine(model), "engine_batched": KernelEngine(model, batched=True)}
+    conds = torch.randn(max(args.batches), MODEL["film_cfg"]["cond_dim"])
+
+    results = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          "median kernels/s over rounds, ratio = median per-round engine/reference")
+    print(f"{'batch':>5} {'reference':>10} {'engine':>8} {'ratio':>6} {'batched':>8} {'ratio':>6}")
+    for b in args.batches:
+        requests = [conds[i : i + 1] for i in range(b)]
+
+        def reference(requests: list[torch.Tensor] = requests) -> list[torch.Tensor]:
+            # One forward per request; the kernels live until the batch is answered,
+            # as the engine's one result does.
+            with torch.inference_mode():
+                return [model(SEQ_LENS, c)[0] for c in requests]
+
+        contenders: dict[str, Callable[[], object]] = {"reference": reference}
+        for name, engine in engines.items():
+            contenders[name] = functools.partial(engine.conditioned, SEQ_LENS, requests)
+        rates = compare(contenders, b, args.repeats, args.min_time)
+        row: dict[str, Any] = {"batch": b, "rounds": rates}
+        for name, values in rates.items():
+            row[f"{name}_kernels_per_s"] = statistics.median(values)
+            if name != "reference":
+                row[f"{name}_ratio"] = statistics.median(
+                    e / r for e, r in zip(values, rates["reference"], strict=True))
+        results.append(row)
+        print(f"{b:>5} {row['reference_kernels_per_s']:>10.0f} {row['engine_kernels_per_s']:>8.0f} "
+              f"{row['engine_ratio']:>6.2f} {row['engine_batched_kernels_per_s']:>8.0f} "
+              f"{row['engine_batched_ratio']:>6.2f}")
+
+    if args.json:
+        report = {
+            "benchmark": "engine_vs_reference_in_process",
+            "model": MODEL,
+            "seq_lens": list(SEQ_LENS),
+            "dtype": "float32",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+            "processor": platform.processor(),
+            "repeats": args.repeats,
+            "min_time_s": args.min_time,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

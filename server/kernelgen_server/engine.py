@@ -1,0 +1,466 @@
+"""Fast kernel inference for one loaded ``SIRENKernelND`` on one device.
+
+Pure torch, no serving concerns; the service calls each engine from one worker
+thread per device. The engine evaluates the reference function (DESIGN.md
+section 1), reorganised for throughput:
+
+* FiLM folds into the next linear. A modulated activation ``g * h + beta`` only
+  ever feeds a linear ``W x + b``, and ``W (g * h + beta) + b = (W diag g) h +
+  (W beta + b)``: per row, row i of ``W^T`` is scaled by ``g_i`` (one correctly
+  rounded product per weight) and the bias becomes ``c = W beta + b``. A
+  conditioned row then costs exactly the GEMMs of an unconditioned kernel.
+* ``c`` is affine in the FiLM generator's hidden activation ``z``: with ``beta
+  = A z + a``, ``c = (W A) z + (W a + b)``. These products are formed once, in
+  float64, at load time and stacked with the gamma rows into one "FiLM head":
+  a row's gammas and folded biases all come from one GEMV.
+* Everything before the first FiLM (grid, positional embedding, and the first
+  hidden layer unless ``film_after_pos_embed``) does not depend on the
+  conditioning: it is computed once per grid shape and kept in a byte-bounded
+  LRU (:class:`PrefixCache`).
+* Results land in recycled host buffers (:class:`HostBufferPool` on CPU, torch's
+  pinned caching allocator on CUDA): a fresh multi-MiB buffer is page-faulted
+  on first write, which costs more than computing the kernel.
+
+Batch invariance: by default every conditioned row is evaluated alone by the
+same sequence of calls, on operands of the same shapes and alignment (rows are
+laid out on ``_ALIGN`` byte boundaries, else computed in an aligned scratch),
+so its bits do not depend on the rest of the batch. BLAS batched GEMMs do not
+promise that (MKL's batch GEMM rounds some shapes differently for one matrix
+than for several), so ``batched=True`` trades it for fewer calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
+from kernelgen_server.model import SIRENKernelND, kernel_grid, normalize_lengths
+
+__all__ = [
+    "OUTPUT_DTYPES",
+    "HostBufferPool",
+    "KernelEngine",
+    "PrefixCache",
+    "PrefixCacheInfo",
+    "is_oom",
+]
+
+#: Output dtypes the engine produces; computation is always float32.
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Alignment in bytes of every per-row operand: a multiple of what the CPU (64 bytes)
+#: and CUDA (512 bytes) allocators give a fresh tensor, so a row inside a batch is
+#: aligned as it would be alone.
+_ALIGN = 512
+
+_OOM_MARKERS = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a device or host allocation failure (a smaller batch may succeed)."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+@dataclass(frozen=True)
+class PrefixCacheInfo:
+    hits: int
+    misses: int
+    entries: int
+    bytes: int
+    max_bytes: int
+
+
+class PrefixCache:
+    """LRU of the conditioning-independent prefix ``[G, H]``, keyed by seq_lens.
+
+    Invariant: ``bytes <= max_bytes``; an entry larger than the bound is computed
+    but not kept. Thread safe; two threads missing one key may both compute it
+    (the values are identical).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self._bytes = self._hits = self._misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, ...], compute: Callable[[], Tensor]) -> Tensor:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self._hits += 1
+                return value
+            self._misses += 1
+        value = compute()
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = value
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return value
+
+    def info(self) -> PrefixCacheInfo:
+        with self._lock:
+            return PrefixCacheInfo(self._hits, self._misses, len(self._entries), self._bytes,
+                                   self.max_bytes)
+
+
+class HostBufferPool:
+    """Recycles large CPU result buffers once nothing uses them any more.
+
+    :meth:`empty` wraps a numpy block with ``torch.from_numpy``; the tensor's
+    storage holds the wrapped array, so when the last tensor, view or numpy
+    alias of the result is gone, that array is finalised and its block goes back
+    on a free list (at most ``max_bytes`` of free blocks are kept, the rest is
+    released). Blocks come in power-of-two sizes; pages never written cost no
+    memory. Thread safe: a block may come back on any thread.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20, min_bytes: int = 1 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._free_bytes = self.hits = self.misses = 0
+        # Re-entrant: a garbage collection inside a locked section may release a block.
+        self._lock = threading.RLock()
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """An uninitialised contiguous CPU tensor whose data is ``_ALIGN``-byte aligned."""
+        nbytes = math.prod(shape) * _itemsize(dtype)
+        if nbytes < self.min_bytes or self.max_bytes <= 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        size = 1 << (nbytes + _ALIGN - 1).bit_length()
+        with self._lock:
+            free = self._free.get(size)
+            block = free.pop() if free else None
+            if block is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._free_bytes -= size
+        if block is None:
+            block = np.empty(size, dtype=np.uint8)
+        start = -block.ctypes.data % _ALIGN
+        data = block[start : start + nbytes]
+        weakref.finalize(data, self._release, block).atexit = False
+        return torch.from_numpy(data).view(dtype).view(tuple(shape))
+
+    @property
+    def free_bytes(self) -> int:
+        return self._free_bytes
+
+    def _release(self, block: np.ndarray) -> None:
+        with self._lock:
+            if self._free_bytes + block.nbytes <= self.max_bytes:
+                self._free.setdefault(block.nbytes, []).append(block)
+                self._free_bytes += block.nbytes
+
+
+#: Shared by the engines that are given no pool of their own, so that the free
+#: memory held stays bounded however many models a process serves.
+_SHARED_POOL = HostBufferPool()
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """``y = x @ weight_t + bias`` with ``weight_t = W^T`` contiguous ``[in, out]``, float32."""
+
+    weight_t: Tensor
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, linear: nn.Linear, device: torch.device) -> _Affine:
+        bias = None if linear.bias is None else _f32(linear.bias, device)
+        return cls(_f32(linear.weight.t(), device), bias)
+
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        if self.bias is None:
+            return torch.mm(x, self.weight_t, out=out)
+        return torch.addmm(self.bias, x, self.weight_t, out=out)
+
+
+def _f32(t: Tensor, device: torch.device) -> Tensor:
+    return t.detach().to(device=device, dtype=torch.float32).contiguous()
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    assert isinstance(module, nn.Linear), type(module)
+    return module
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class KernelEngine:
+    """Computes the kernels of one ``SIRENKernelND`` on one device, in float32.
+
+    ``batched=False`` (default) evaluates conditioned rows one at a time, bitwise
+    independent of the batch; ``True`` evaluates chunks of rows with batched GEMMs
+    whose scratch fits ``chunk_bytes`` (results then agree to float32 rounding).
+    ``prefix_cache_bytes`` bounds the shared-prefix cache (0 disables it);
+    ``host_pool`` recycles CPU results (default: one pool shared by all engines).
+    """
+
+    def __init__(
+        self,
+        model: SIRENKernelND,
+        device: torch.device | str = "cpu",
+        *,
+        prefix_cache_bytes: int = 64 << 20,
+        batched: bool = False,
+        chunk_bytes: int = 32 << 20,
+        host_pool: HostBufferPool | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.out_dim = model.out_dim
+        self.data_dim = model.data_dim
+        self.cond_dim = model.cond_dim
+        self.batched = batched
+        self._cache_lens = model.L_cache
+        self._chunk_bytes = chunk_bytes
+        self._cache = PrefixCache(prefix_cache_bytes)
+        self._pool = _SHARED_POOL if host_pool is None else host_pool
+        self._stream: torch.cuda.Stream | None = None
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+        with self._on_device():
+            dev = self.device
+            self._pos = _Affine.of(model.positional_embedding.linear, dev)
+            # FiLM pair k modulates the input of per-row linear k. The linears before the
+            # first modulated input (hidden layer 0 unless film_after_pos_embed) are shared.
+            n_shared = 0 if model.film_after_pos_embed else 1
+            hidden = [_linear(m) for m in model.hidden_linears]
+            self._shared = [_Affine.of(lin, dev) for lin in hidden[:n_shared]]
+            per_row = [*hidden[n_shared:], model.out_linear]
+            self._per_row = [_Affine.of(lin, dev) for lin in per_row]
+            self._film_in: _Affine | None = None
+            self._head: _Affine | None = None
+            self._head_slices: list[tuple[slice, slice]] = []
+            if model.film_generator is not None:
+                mlp = model.film_generator.mlp
+                self._film_in = _Affine.of(_linear(mlp[0]), dev)
+                self._head, self._head_slices = self._fold_head(_linear(mlp[2]), per_row,
+                                                                model.mlp_hidden_dim)
+            if self._stream is not None:
+                self._stream.synchronize()
+
+    def _fold_head(
+        self, last: nn.Linear, per_row: list[nn.Linear], hidden: int
+    ) -> tuple[_Affine, list[tuple[slice, slice]]]:
+        """The affine map ``z -> [gamma_0 | c_0 | gamma_1 | c_1 | ...]`` and its column slices.
+
+        Row block k of the FiLM generator's last linear is ``[A_gamma_k; A_beta_k]``
+        (its bias alike); ``c_k = W_k beta_k + b_k = (W_k A_beta_k) z + (W_k a_beta_k
+        + b_k)``, products taken in float64 and rounded once to float32.
+        """
+        n_film = len(per_row)
+        a = last.weight.detach().double().view(n_film, 2, hidden, -1)  # [k, gamma|beta, H, F]
+        a_bias = last.bias.detach().double().view(n_film, 2, hidden)
+        rows: list[Tensor] = []
+        biases: list[Tensor] = []
+        slices: list[tuple[slice, slice]] = []
+        offset = 0
+        for k, lin in enumerate(per_row):
+            w = lin.weight.detach().double()
+            width = w.shape[0]
+            b = torch.zeros(width, dtype=torch.float64) if lin.bias is None else lin.bias.double()
+            rows += [a[k, 0], w @ a[k, 1]]
+            biases += [a_bias[k, 0], w @ a_bias[k, 1] + b]
+            gamma = slice(offset, offset + hidden)
+            slices.append((gamma, slice(gamma.stop, gamma.stop + width)))
+            offset = gamma.stop + width
+        head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
+        return head, slices
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def normalize_seq_lens(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
+        try:
+            return normalize_lengths("seq_lens", seq_lens, self.data_dim, 1)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
+        return tuple(2 * s - 1 for s in self.normalize_seq_lens(seq_lens))
+
+    def output_bytes(self, seq_lens: int | Sequence[int], rows: int, dtype: torch.dtype) -> int:
+        """Bytes of a ``[rows, *spatial, out_dim]`` kernel in ``dtype``."""
+        return rows * math.prod(self.spatial_shape(seq_lens)) * self.out_dim * _itemsize(dtype)
+
+    def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
+        """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``model.grid``)."""
+        return kernel_grid(self.normalize_seq_lens(seq_lens), self._cache_lens)
+
+    def prefix_cache_info(self) -> PrefixCacheInfo:
+        return self._cache.info()
+
+    def unconditioned(self, seq_lens: int | Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """The plain kernel ``[1, *spatial, out_dim]`` (no FiLM), contiguous, on CPU."""
+        lens = self.normalize_seq_lens(seq_lens)
+        _check_dtype(dtype)
+        spatial = self.spatial_shape(lens)
+        result = self._result((1, *spatial, self.out_dim), dtype)
+        with torch.inference_mode(), self._on_device():
+            h = self._prefix(lens)
+            for lin in self._per_row[:-1]:
+                h = torch.sin(lin(h))
+            if self._stream is None and dtype == torch.float32:
+                self._per_row[-1](h, out=result.view(-1, self.out_dim))
+            else:
+                self._deliver(self._per_row[-1](h), result)
+        return result
+
+    def conditioned(
+        self,
+        seq_lens: int | Sequence[int],
+        conditionings: Sequence[Tensor],
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Kernels for every row of every ``[B_i, C]`` conditioning, rows in request order.
+
+        Returns one contiguous CPU tensor ``[sum B_i, *spatial, out_dim]``, written
+        once; callers split it by rows with views.
+        """
+        lens = self.normalize_seq_lens(seq_lens)
+        _check_dtype(dtype)
+        if self._head is None:
+            raise ConditioningNotSupported("this model has no FiLM generator; send no conditioning")
+        for i, c in enumerate(conditionings):
+            if c.dim() != 2 or c.shape[1] != self.cond_dim or not c.is_floating_point():
+                raise InvalidRequest(f"conditioning {i} must be a float [B, {self.cond_dim}] tensor, "
+                                     f"got {c.dtype} {list(c.shape)}")
+        rows = sum(int(c.shape[0]) for c in conditionings)
+        spatial = self.spatial_shape(lens)
+        points = math.prod(spatial)
+        result = self._result((rows, *spatial, self.out_dim), dtype)
+        with torch.inference_mode(), self._on_device():
+            cond, pinned = self._gather(conditionings, rows)
+            cpu = self._stream is None
+            target = result.view(rows, points, self.out_dim) if cpu else torch.empty(
+                (rows, points, self.out_dim), dtype=dtype, device=self.device)
+            # The GEMMs write float32 rows straight into ``target`` when each row starts
+            # on an ``_ALIGN`` boundary; otherwise through an aligned float32 scratch,
+            # cast on the device as it is copied into ``target``.
+            direct = dtype == torch.float32 and points * self.out_dim * 4 % _ALIGN == 0
+            if rows:
+                prefix = self._prefix(lens)
+                chunk = self._chunk_rows(points, direct) if self.batched else 1
+                scratch = None if direct else torch.empty(
+                    (min(chunk, rows), points, self.out_dim), device=self.device)
+                for r0 in range(0, rows, chunk):
+                    r1 = min(rows, r0 + chunk)
+                    dst = target[r0:r1] if scratch is None else scratch[: r1 - r0]
+                    self._conditioned_rows(prefix, cond[r0:r1], dst)
+                    if scratch is not None:
+                        target[r0:r1].copy_(dst)
+            if not cpu:
+                self._deliver(target, result)
+            del pinned  # on CUDA, only now is its host -> device copy known to be done
+        return result
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _on_device(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self._stream is not None:
+            stack.enter_context(torch.cuda.device(self.device))
+            stack.enter_context(torch.cuda.stream(self._stream))
+        return stack
+
+    def _result(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The CPU tensor handed back: pooled on CPU, pinned (and cached by torch) on CUDA.
+
+        Allocated outside inference mode, so callers get an ordinary tensor.
+        """
+        if self._stream is None:
+            return self._pool.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def _deliver(self, value: Tensor, result: Tensor) -> None:
+        """Cast ``value`` on its device, copy it into ``result`` once, and wait for the copy."""
+        if self._stream is None:
+            result.view_as(value).copy_(value)
+            return
+        result.view_as(value).copy_(value.to(result.dtype), non_blocking=True)
+        self._stream.synchronize()
+
+    def _prefix(self, lens: tuple[int, ...]) -> Tensor:
+        """``[G, H]``: positional embedding, then the shared hidden layer; float32, cached."""
+
+        def compute() -> Tensor:
+            grid = kernel_grid(lens, self._cache_lens).to(self.device).view(-1, self.data_dim)
+            h = torch.sin(self._pos(grid))
+            for lin in self._shared:
+                h = torch.sin(lin(h))
+            return h
+
+        return self._cache.get(lens, compute)
+
+    def _chunk_rows(self, points: int, direct: bool) -> int:
+        """Rows per batched chunk such that its activations, weights and scratch fit ``chunk_bytes``."""
+        widths = [lin.weight_t.shape[1] for lin in self._per_row[:-1]]
+        per_row = 4 * points * (2 * max(widths, default=0) + (0 if direct else self.out_dim))
+        per_row += 4 * sum(lin.weight_t.numel() for lin in self._per_row)
+        return max(1, self._chunk_bytes // per_row)
+
+    def _conditioned_rows(self, prefix: Tensor, cond: Tensor, dst: Tensor) -> None:
+        """Write the float32 kernels ``[n, G, out_dim]`` of ``cond``'s n rows into ``dst``."""
+        assert self._film_in is not None
+        assert self._head is not None
+        n = cond.shape[0]
+        film = self._head(nn.functional.gelu(self._film_in(cond)))  # [n, sum_k (H + width_k)]
+        h = prefix.expand(n, *prefix.shape)  # shared by all rows, read only
+        last = len(self._per_row) - 1
+        for k, (lin, (gamma, bias)) in enumerate(zip(self._per_row, self._head_slices, strict=True)):
+            # (W diag g)^T = diag(g) W^T: row i of W^T scaled by g_i.
+            w = lin.weight_t * film[:, gamma, None]
+            c = film[:, None, bias]
+            if k == last:
+                torch.baddbmm(c, h, w, out=dst)
+            else:
+                h = torch.baddbmm(c, h, w).sin_()
+
+    def _gather(self, conditionings: Sequence[Tensor], rows: int) -> tuple[Tensor, Tensor]:
+        """All rows as one float32 ``[rows, C]`` device tensor, and the host buffer behind it.
+
+        Rows are padded to ``_ALIGN`` bytes so that each row's FiLM GEMV reads an
+        input aligned as it would be alone. On CUDA the host buffer is pinned and the
+        copy asynchronous: the caller keeps the buffer until the stream is synchronised.
+        """
+        assert self.cond_dim is not None
+        cuda = self._stream is not None
+        width = -(-self.cond_dim * 4 // _ALIGN) * _ALIGN // 4
+        host = torch.zeros((rows, width), dtype=torch.float32, pin_memory=cuda)
+        if conditionings:
+            torch.cat([c.detach().to("cpu", torch.float32) for c in conditionings],
+                      out=host[:, : self.cond_dim])
+        device = host.to(self.device, non_blocking=True) if cuda else host
+        return device[:, : self.cond_dim], host
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in OUTPUT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in OUTPUT_DTYPES)
+        raise InvalidRequest(f"output dtype must be one of {names}, got {dtype}")
