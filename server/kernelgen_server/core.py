@@ -42,7 +42,7 @@ from kernelgen_server.errors import (
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.repository import LoadedModel, ModelRepository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.wire import Payload
+from kernelgen_server.wire import EncodedKernel, Payload, encode_kernel
 
 __all__ = ["FlopReport", "KernelResult", "KernelService", "Submitter", "resolve_device"]
 
@@ -64,14 +64,14 @@ class Submitter(Protocol):
 
     async def submit(
         self, key: BucketKey, item: CondItem, *, deadline: float | None = None
-    ) -> BatchOutcome[torch.Tensor]: ...
+    ) -> BatchOutcome[EncodedKernel]: ...
 
     async def close(self, drain: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
 class KernelResult:
-    kernel: Payload
+    kernel: EncodedKernel
     grid: Payload | None
     report: pb.ServerReport
 
@@ -117,7 +117,7 @@ class KernelService:
         self._clock = clock
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgen-device")
         self._engines = {m.name: KernelEngine(m.module, self.device) for m in repository.ready.values()}
-        self._cache: ByteLRUCache[Hashable, Payload] = ByteLRUCache(
+        self._cache: ByteLRUCache[Hashable, EncodedKernel] = ByteLRUCache(
             int(settings.cache_bytes), observer=self.metrics
         )
         policy = BatchPolicy(
@@ -230,7 +230,7 @@ class KernelService:
             cond = torch.from_numpy(conditioning.copy())
             key: BucketKey = (model.name, lens, wire_dtype)
             outcome = await self.submitter.submit(key, CondItem(cond, kernel_bytes), deadline=deadline)
-            kernel = to_payload(outcome.result)
+            kernel = outcome.result
             report = pb.ServerReport(
                 cache_hit=False,
                 batch_size=outcome.batch_rows,
@@ -252,19 +252,19 @@ class KernelService:
         out_dtype: torch.dtype,
         wire_dtype: int,
         deadline: float | None,
-    ) -> tuple[Payload, pb.ServerReport]:
+    ) -> tuple[EncodedKernel, pb.ServerReport]:
         engine = self._engines[model.name]
         timing: dict[str, float] = {}
 
-        def compute() -> Payload:
+        def compute() -> EncodedKernel:
             start = time.perf_counter()
             tensor = engine.unconditioned(lens, out_dtype)
             timing["compute_s"] = time.perf_counter() - start
-            return to_payload(tensor)
+            return encode_kernel(to_payload(tensor))
 
         accepted = self._clock()
 
-        async def miss() -> Payload:
+        async def miss() -> EncodedKernel:
             # No deadline check in here: callers that join this computation have their own.
             timing["queue_s"] = self._clock() - accepted
             return await self._on_device(compute)
@@ -282,22 +282,22 @@ class KernelService:
             compute_ms=timing.get("compute_s", 0.0) * 1000.0,
         )
 
-    async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[torch.Tensor]:
+    async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[EncodedKernel]:
         name, lens, wire_dtype = key
         engine = self._engines[name]
         out_dtype = decode_output_dtype(wire_dtype)
-
         conds = [item.conditioning for item in items]
 
-        def compute() -> list[torch.Tensor]:
+        def compute() -> list[EncodedKernel]:
             out = engine.conditioned(lens, conds, out_dtype)
-            # Views of one contiguous buffer: each request's rows, no copies.
-            views, start = [], 0
+            # Each request's rows are a view of the one output buffer; encoding them
+            # here, off the event loop, is the only copy they get.
+            encoded, start = [], 0
             for cond in conds:
                 rows = int(cond.shape[0])
-                views.append(out.narrow(0, start, rows))
+                encoded.append(encode_kernel(to_payload(out.narrow(0, start, rows))))
                 start += rows
-            return views
+            return encoded
 
         return await self._on_device(compute)
 

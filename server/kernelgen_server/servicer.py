@@ -18,14 +18,16 @@ from grpc import aio
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.codec import decode_conditioning
-from kernelgen_server.core import KernelService
+from kernelgen_server.core import KernelResult, KernelService
 from kernelgen_server.errors import KernelGenError
 from kernelgen_server.model_info import model_info
 from kernelgen_server.wire import encode_chunks, encode_response
 
-__all__ = ["SERVICE_NAME", "KernelServicer"]
+__all__ = ["REPORT_KEY", "SERVICE_NAME", "KernelServicer"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KernelGenerator"].full_name
+#: Trailing metadata of a GenerateKernel call: its serialized ServerReport.
+REPORT_KEY = "kernelgen-report-bin"
 log = logging.getLogger("kernelgen.rpc")
 R = TypeVar("R")
 
@@ -50,7 +52,8 @@ class KernelServicer:
     ) -> bytes:
         async def call() -> bytes:
             result = await self._generate(request, context, max_bytes=self.max_message_bytes)
-            return encode_response(result.kernel, result.grid, result.report)
+            context.set_trailing_metadata(((REPORT_KEY, result.report.SerializeToString()),))
+            return encode_response(result.kernel, result.grid)
 
         return await self._observe("GenerateKernel", request.model, context, call)
 
@@ -62,7 +65,8 @@ class KernelServicer:
         code = grpc.StatusCode.OK
         try:
             result = await self._generate(request, context, max_bytes=None)
-            for message in encode_chunks(result.kernel, result.grid, result.report, self.chunk_bytes):
+            chunks = encode_chunks(result.kernel.payload, result.grid, result.report, self.chunk_bytes)
+            for message in chunks:
                 yield message
         except KernelGenError as exc:
             code = exc.code
@@ -116,7 +120,7 @@ class KernelServicer:
         request: pb.GenerateKernelRequest,
         context: aio.ServicerContext[Any, Any],
         max_bytes: int | None,
-    ) -> Any:
+    ) -> KernelResult:
         conditioning = decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
         return await self.service.generate(
             request.model,

@@ -4,9 +4,11 @@ A kernel response is mostly one large ``bytes`` field. Building it through
 protobuf message objects would copy the payload into the message and again
 into the serialized string; here the few header bytes are encoded by hand
 (proto3 wire format: varint keys, packed ``repeated int64``, length-delimited
-``bytes``) and joined with the payload buffer, one copy in all. The result is
-exactly what ``SerializeToString`` of the equivalent message yields (tests
-check it), so any protobuf client reads it.
+``bytes``) and joined with the payload buffer, one copy in all, made on the
+device worker. A cached kernel is kept in that serialized form and handed to
+gRPC as it is, so a cache hit copies nothing (the per-call report travels in
+trailing metadata for that reason). The bytes are exactly what
+``SerializeToString`` of the equivalent message yields (tests check it).
 
 Field numbers follow ``proto/kernelgen/v1/kernelgen.proto``.
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
-__all__ = ["Payload", "encode_chunks", "encode_response", "varint"]
+__all__ = ["EncodedKernel", "Payload", "encode_chunks", "encode_kernel", "encode_response", "varint"]
 
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
@@ -85,14 +87,35 @@ def _tensor_field(field: int, payload: Payload) -> list[bytes | memoryview]:
     return [_length_delimited(field, len(header) + payload.nbytes), header, payload.data]
 
 
-def encode_response(kernel: Payload, grid: Payload | None, report: pb.ServerReport) -> bytes:
-    """A serialized ``GenerateKernelResponse``."""
-    parts = _tensor_field(1, kernel)
-    if grid is not None:
-        parts += _tensor_field(2, grid)
-    report_bytes = report.SerializeToString()
-    parts += [_length_delimited(3, len(report_bytes)), report_bytes]
-    return b"".join(parts)
+@dataclass(frozen=True)
+class EncodedKernel:
+    """A kernel as a serialized ``GenerateKernelResponse`` holding just that kernel.
+
+    ``message`` is sent as it is for a unary call; ``payload`` is a view of the
+    kernel bytes inside it, for streaming. Immutable, so the cache shares it.
+    """
+
+    message: bytes
+    payload: Payload
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.message)
+
+
+def encode_kernel(kernel: Payload) -> EncodedKernel:
+    """Serialize once (the one copy of the kernel bytes); every later use is a view."""
+    message = b"".join(_tensor_field(1, kernel))
+    start = len(message) - kernel.nbytes
+    view = memoryview(message)[start:]
+    return EncodedKernel(message, Payload(kernel.shape, kernel.dtype, view))
+
+
+def encode_response(kernel: EncodedKernel, grid: Payload | None = None) -> bytes:
+    """A serialized ``GenerateKernelResponse``; without a grid it is ``kernel.message`` itself."""
+    if grid is None:
+        return kernel.message
+    return b"".join([kernel.message, *_tensor_field(2, grid)])
 
 
 def encode_chunks(

@@ -12,7 +12,7 @@ import torch
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2_grpc as pb_grpc
 
-from support import run_server
+from support import generate, run_server
 
 
 def request(
@@ -30,11 +30,13 @@ async def test_64_concurrent_mixed_requests_equal_their_unbatched_reference() ->
     async with run_server(max_batch_size=32, max_queue_delay_ms=20) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.KernelGeneratorStub(channel)
-            replies = await asyncio.gather(
-                *(stub.GenerateKernel(request(c, s)) for c, s in zip(conds, lens, strict=True))
+            results = await asyncio.gather(
+                *(generate(stub, request(c, s)) for c, s in zip(conds, lens, strict=True))
             )
         engine = server.service._engines["hyena-2d"]
         module = server.repository.ready["hyena-2d"].module
+        replies = [reply for reply, _ in results]
+        reports = [report for _, report in results]
         for cond, shape, reply in zip(conds, lens, replies, strict=True):
             kernel = np.frombuffer(reply.kernel.data, "<f4").reshape(tuple(reply.kernel.shape))
             assert kernel.shape == (cond.shape[0], 2 * shape[0] - 1, 2 * shape[1] - 1, 384)
@@ -44,10 +46,10 @@ async def test_64_concurrent_mixed_requests_equal_their_unbatched_reference() ->
             with torch.no_grad():
                 want = module(shape, torch.from_numpy(cond))[0].numpy()
             assert np.abs(kernel - want).max() <= 1e-5 * np.abs(want).max()
-    sizes = [r.report.batch_requests for r in replies]
+    sizes = [r.batch_requests for r in reports]
     assert max(sizes) > 1, sizes
-    assert all(r.report.batch_size >= r.kernel.shape[0] for r in replies)
-    assert all(r.report.batch_size <= 32 or r.report.batch_requests == 1 for r in replies)
+    assert all(r.batch_size >= k.kernel.shape[0] for r, k in zip(reports, replies, strict=True))
+    assert all(r.batch_size <= 32 or r.batch_requests == 1 for r in reports)
     registry = server.service.metrics.registry
     batches = registry.get_sample_value("kernelgen_batches_total", {"model": "hyena-2d"})
     assert batches is not None
@@ -60,8 +62,8 @@ async def test_batching_off_runs_each_request_alone() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.KernelGeneratorStub(channel)
             conds = [rng.standard_normal((1, 384)).astype(np.float32) for _ in range(12)]
-            replies = await asyncio.gather(*(stub.GenerateKernel(request(c, (6, 6))) for c in conds))
-    assert {(r.report.batch_size, r.report.batch_requests) for r in replies} == {(1, 1)}
+            results = await asyncio.gather(*(generate(stub, request(c, (6, 6))) for c in conds))
+    assert {(r.batch_size, r.batch_requests) for _, r in results} == {(1, 1)}
 
 
 async def test_dtypes_are_separate_buckets(server: Any) -> None:

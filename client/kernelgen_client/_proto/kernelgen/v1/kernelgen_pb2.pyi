@@ -59,14 +59,12 @@ class GenerateKernelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ...) -> None: ...
 
 class GenerateKernelResponse(_message.Message):
-    __slots__ = ("kernel", "grid", "report")
+    __slots__ = ("kernel", "grid")
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
-    REPORT_FIELD_NUMBER: _ClassVar[int]
     kernel: Tensor
     grid: Tensor
-    report: ServerReport
-    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., report: _Optional[_Union[ServerReport, _Mapping]] = ...) -> None: ...
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class KernelHeader(_message.Message):
     __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report")

@@ -1,0 +1,113 @@
+"""Helpers for tests: an in-process server on port 0, and ``kernelgen serve`` as a process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@asynccontextmanager
+async def run_server(**overrides: Any) -> AsyncIterator[Any]:
+    """A started in-process ``KernelServer`` on 127.0.0.1 and a free port; drained on exit."""
+    from kernelgen_server.server import create_server
+    from kernelgen_server.settings import load_settings
+
+    settings = load_settings({"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides})
+    server, _port = create_server(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1.0)
+
+
+@dataclass
+class ServeProcess:
+    """A ``kernelgen serve`` child process and the port it printed."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    host: str
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
+
+
+@contextmanager
+def serve_process(
+    *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[ServeProcess]:
+    """Start ``kernelgen serve --host HOST --port 0 ARGS`` and wait until it prints its port."""
+    command = [
+        sys.executable,
+        "-m",
+        "kernelgen_client.cli",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *args,
+    ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env
+    )
+    lines: list[str] = []
+    found = threading.Event()
+    port: list[int] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"listening on grpcs?://[^\s]+:(\d+)", line)
+            if match and not port:
+                port.append(int(match.group(1)))
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.1):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("kernelgen serve did not start:\n" + "".join(lines))
+    if not port:
+        proc.wait(timeout=10)
+        raise RuntimeError(f"kernelgen serve exited with {proc.returncode}:\n" + "".join(lines))
+    handle = ServeProcess(proc, port[0], host, lines)
+    try:
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def generate(stub: Any, request: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """A GenerateKernel call through a raw aio stub: (response, ServerReport from the trailer)."""
+    from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+
+    call = stub.GenerateKernel(request, **kwargs)
+    reply = await call
+    trailers = dict(await call.trailing_metadata() or ())
+    return reply, pb.ServerReport.FromString(trailers["kernelgen-report-bin"])
