@@ -1,0 +1,171 @@
+"""The client's hand-rolled reading of kernel responses and the stream reassembler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernelgen_client._health import decode_response, encode_request
+from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_client._reassemble import Reassembler
+from kernelgen_client._wire import REPORT_TRAILER, encode_varint, parse_chunk, parse_response
+from kernelgen_client.errors import MalformedResponse
+from kernelgen_client.types import HealthStatus
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
+dtypes = st.sampled_from([pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16])
+reports = st.builds(
+    pb.ServerReport,
+    cache_hit=st.booleans(),
+    batch_size=st.integers(0, 2**32 - 1),
+    queue_ms=st.floats(0, 1e6),
+    model_hash=st.text(max_size=8),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, dtype=dtypes, data=st.binary(max_size=300), grid=st.booleans(), report=reports)
+def test_parse_response_matches_protobuf(
+    shape: list[int], dtype: int, data: bytes, grid: bool, report: pb.ServerReport
+) -> None:
+    message = pb.GenerateKernelResponse(kernel=pb.Tensor(shape=shape, dtype=dtype, data=data))  # type: ignore[arg-type]
+    if grid:
+        message.grid.CopyFrom(pb.Tensor(shape=[1, 2], dtype=pb.DTYPE_FLOAT32, data=b"\x01" * 8))
+    trailers = [("kernelgen-reason", "x"), (REPORT_TRAILER, report.SerializeToString())]
+    view = parse_response(message.SerializeToString(), trailers)
+    assert view.kernel.shape == tuple(shape)
+    assert view.kernel.dtype == dtype
+    assert bytes(view.kernel.data) == data
+    assert view.report == report
+    assert (view.grid is not None) == grid
+    if view.grid is not None:
+        assert view.grid.shape == (1, 2)
+        assert bytes(view.grid.data) == b"\x01" * 8
+
+
+def test_the_report_comes_from_the_trailer_or_the_older_message_field() -> None:
+    report = pb.ServerReport(cache_hit=True, batch_size=3, model_hash="abc")
+    message = pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1], data=b"\x00" * 4)).SerializeToString()
+    assert parse_response(message).report == pb.ServerReport()  # none sent: an empty report
+    assert parse_response(message, [(REPORT_TRAILER, report.SerializeToString())]).report == report
+    # Servers from before the trailer sent the report as field 3 of the message.
+    legacy = message + b"\x1a" + encode_varint(report.ByteSize()) + report.SerializeToString()
+    assert parse_response(legacy).report == report
+    with pytest.raises(MalformedResponse, match="trailer"):
+        parse_response(message, [(REPORT_TRAILER, b"\xff\xff")])
+
+
+def test_parse_response_views_the_received_bytes_without_copying() -> None:
+    payload = np.arange(1000, dtype=np.float32).tobytes()
+    raw = pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1, 1000, 1], data=payload)).SerializeToString()
+    view = parse_response(raw)
+    assert view.kernel.data.obj is raw  # a view, not a copy
+
+
+def test_unpacked_shapes_and_unknown_fields_are_read() -> None:
+    # shape as one varint per element (unpacked), then an unknown fixed64 and an unknown string
+    tensor = b"".join([b"\x08\x02", b"\x08\x03", b"\x10\x01", b"\x1a\x00"])
+    unknown = b"\x49" + b"\x00" * 8 + b"\x52\x03abc"  # field 9 (I64), field 10 (LEN)
+    raw = b"\x0a" + encode_varint(len(tensor)) + tensor + unknown
+    view = parse_response(raw)
+    assert view.kernel.shape == (2, 3)
+    assert view.kernel.dtype == pb.DTYPE_FLOAT32
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\x0a\x05\x08", b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b"],
+    ids=["no-kernel", "truncated", "overlong-varint", "group-wire-type"],
+)
+def test_malformed_responses_are_refused(raw: bytes) -> None:
+    with pytest.raises(MalformedResponse):
+        parse_response(raw)
+
+
+def _chunks(kernel: bytes, grid: bytes, size: int, shape: list[int], grid_shape: list[int]) -> list[bytes]:
+    header = pb.KernelHeader(
+        kernel_shape=shape,
+        kernel_dtype=pb.DTYPE_FLOAT32,
+        kernel_bytes=len(kernel),
+        grid_shape=grid_shape,
+        grid_bytes=len(grid),
+        report=pb.ServerReport(batch_size=3),
+    )
+    payload = kernel + grid
+    out = [pb.KernelChunk(header=header).SerializeToString()]
+    for start in range(0, len(payload), size):
+        out.append(pb.KernelChunk(offset=start, data=payload[start : start + size]).SerializeToString())
+    return out
+
+
+def test_reassembler_puts_chunks_in_place_in_any_order() -> None:
+    kernel = np.arange(60, dtype=np.float32).tobytes()
+    grid = np.arange(10, dtype=np.float32).tobytes()
+    messages = _chunks(kernel, grid, 64, [1, 5, 12], [1, 5, 2])
+    body = messages[1:]
+    for order in (body, body[::-1]):
+        assembler = Reassembler()
+        assembler.add(messages[0])
+        for message in order:
+            assembler.add(message)
+        view = assembler.finish()
+        assert bytes(view.kernel.data) == kernel
+        assert view.grid is not None
+        assert bytes(view.grid.data) == grid
+        assert view.kernel.shape == (1, 5, 12)
+        assert view.report.batch_size == 3
+        assert not view.kernel.data.readonly  # its own buffer: torch can view it
+
+
+def test_reassembler_refuses_inconsistent_streams() -> None:
+    kernel = b"\x00" * 40
+    header, first, second = _chunks(kernel, b"", 20, [1, 10], [])
+
+    def run(*messages: bytes) -> None:
+        assembler = Reassembler()
+        for message in messages:
+            assembler.add(message)
+        assembler.finish()
+
+    run(header, first, second)  # the consistent stream is fine
+    cases = {
+        "data before header": (first, header, second),
+        "two headers": (header, header, first, second),
+        "gap": (header, first),
+        "overlap": (header, first, first, second),
+        "past the end": (header, first, second, pb.KernelChunk(offset=40, data=b"x").SerializeToString()),
+        "no header": (),
+        "header lies": (
+            pb.KernelChunk(
+                header=pb.KernelHeader(kernel_shape=[1, 10], kernel_dtype=1, kernel_bytes=8)
+            ).SerializeToString(),
+        ),
+        "unknown dtype": (
+            pb.KernelChunk(
+                header=pb.KernelHeader(kernel_shape=[1], kernel_dtype=9, kernel_bytes=4)  # type: ignore[arg-type]
+            ).SerializeToString(),
+        ),
+    }
+    for name, messages in cases.items():
+        with pytest.raises(MalformedResponse):  # noqa: PT012 - the name says which case failed
+            run(*messages)
+            pytest.fail(name)
+
+
+def test_parse_chunk_offset_and_data() -> None:
+    chunk = parse_chunk(pb.KernelChunk(offset=2**40, data=b"abc").SerializeToString())
+    assert chunk.header is None
+    assert chunk.offset == 2**40
+    assert bytes(chunk.data) == b"abc"
+
+
+def test_health_messages_match_protobuf() -> None:
+    health_pb2 = pytest.importorskip("grpc_health.v1.health_pb2")
+    for service in ("", "hyena-2d", "x" * 300):
+        assert encode_request(service) == health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    for status in (0, 1, 2, 3):
+        raw = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert decode_response(raw) is HealthStatus(status)
+    assert decode_response(b"\x08\x07") is HealthStatus.UNKNOWN  # a status from the future
