@@ -3,8 +3,10 @@
 The embedded-style 2D FiLM model (out_dim 384, hidden 32, 3 layers, embedding 32,
 L_cache 15, cond_dim 384, film_hidden_dim 64) at seq_lens 15x15 (a 29x29 grid),
 one conditioning row per request, float32. For each batch size the reference
-answers the requests one forward each; the engine answers them with one
-``conditioned`` call, row by row (the default) and with batched GEMMs.
+answers the requests one forward each, holding the kernels until the batch is
+answered ("reference"), or freeing each at once, its best case ("ref.drop");
+the engine answers them with one ``conditioned`` call, row by row (the
+default, "rows") and with batched GEMMs ("batched").
 
     python benchmarks/bench_engine.py --json benchmarks/results/engine.json
 """
@@ -72,13 +74,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = SIRENKernelND(**MODEL).eval()
-    engines = {"engine": KernelEngine(model), "engine_batched": KernelEngine(model, batched=True)}
+    engines = {"rows": KernelEngine(model), "batched": KernelEngine(model, batched=True)}
     conds = torch.randn(max(args.batches), MODEL["film_cfg"]["cond_dim"])
+    load_before = os.getloadavg()
 
     results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          "median kernels/s over rounds, ratio = median per-round engine/reference")
-    print(f"{'batch':>5} {'reference':>10} {'engine':>8} {'ratio':>6} {'batched':>8} {'ratio':>6}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load_before[0]:.2f}")
+    print("kernels/s: median over rounds; ratio: median per-round engine / reference; "
+          "r.drop: engine / reference freeing each kernel at once")
+    print(f"{'batch':>5} {'reference':>10} {'ref.drop':>9}"
+          + "".join(f" {name:>8} {'ratio':>6} {'r.drop':>6}" for name in engines))
     for b in args.batches:
         requests = [conds[i : i + 1] for i in range(b)]
 
@@ -88,20 +94,28 @@ def main() -> None:
             with torch.inference_mode():
                 return [model(SEQ_LENS, c)[0] for c in requests]
 
-        contenders: dict[str, Callable[[], object]] = {"reference": reference}
+        def reference_dropped(requests: list[torch.Tensor] = requests) -> None:
+            # The reference's best case: each kernel freed at once, its memory reused.
+            with torch.inference_mode():
+                for c in requests:
+                    model(SEQ_LENS, c)
+
+        contenders: dict[str, Callable[[], object]] = {
+            "reference": reference, "reference_dropped": reference_dropped}
         for name, engine in engines.items():
-            contenders[name] = functools.partial(engine.conditioned, SEQ_LENS, requests)
+            contenders[f"engine_{name}"] = functools.partial(engine.conditioned, SEQ_LENS, requests)
         rates = compare(contenders, b, args.repeats, args.min_time)
         row: dict[str, Any] = {"batch": b, "rounds": rates}
         for name, values in rates.items():
             row[f"{name}_kernels_per_s"] = statistics.median(values)
-            if name != "reference":
-                row[f"{name}_ratio"] = statistics.median(
-                    e / r for e, r in zip(values, rates["reference"], strict=True))
+        for name in engines:
+            for ref, suffix in (("reference", ""), ("reference_dropped", "_dropped")):
+                row[f"engine_{name}_ratio{suffix}"] = statistics.median(
+                    e / r for e, r in zip(rates[f"engine_{name}"], rates[ref], strict=True))
         results.append(row)
-        print(f"{b:>5} {row['reference_kernels_per_s']:>10.0f} {row['engine_kernels_per_s']:>8.0f} "
-              f"{row['engine_ratio']:>6.2f} {row['engine_batched_kernels_per_s']:>8.0f} "
-              f"{row['engine_batched_ratio']:>6.2f}")
+        print(f"{b:>5} {row['reference_kernels_per_s']:>10.0f} {row['reference_dropped_kernels_per_s']:>9.0f}"
+              + "".join(f" {row[f'engine_{n}_kernels_per_s']:>8.0f} {row[f'engine_{n}_ratio']:>6.2f}"
+                        f" {row[f'engine_{n}_ratio_dropped']:>6.2f}" for n in engines))
 
     if args.json:
         report = {
@@ -116,6 +130,8 @@ def main() -> None:
             "processor": platform.processor(),
             "repeats": args.repeats,
             "min_time_s": args.min_time,
+            "load_average_before": load_before[0],
+            "load_average_after": os.getloadavg()[0],
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,15 @@ section 1), reorganised for throughput:
   pinned caching allocator on CUDA): a fresh multi-MiB buffer is page-faulted
   on first write, which costs more than computing the kernel.
 
-Batch invariance: by default every conditioned row is evaluated alone by the
-same sequence of calls, on operands of the same shapes and alignment (rows are
-laid out on ``_ALIGN`` byte boundaries, else computed in an aligned scratch),
-so its bits do not depend on the rest of the batch. BLAS batched GEMMs do not
-promise that (MKL's batch GEMM rounds some shapes differently for one matrix
-than for several), so ``batched=True`` trades it for fewer calls.
+Batch invariance: by default every conditioned row is evaluated alone, by the
+same sequence of calls on operands of the same shapes and alignment, so its
+bits do not depend on the rest of the batch (on one device, library version and
+thread count). Alignment matters: MKL rounds a GEMM whose output starts off a
+64-byte boundary differently, so rows (and conditioning rows) start at
+multiples of ``_ALIGN`` bytes, or go through an aligned scratch. BLAS batched
+GEMMs promise nothing of the kind (MKL's batch GEMM rounds some shapes
+differently for one matrix than for several): ``batched=True`` trades bitwise
+invariance for fewer, larger calls; rows then agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ __all__ = [
 #: Output dtypes the engine produces; computation is always float32.
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: Alignment in bytes of every per-row operand: a multiple of what the CPU (64 bytes)
-#: and CUDA (512 bytes) allocators give a fresh tensor, so a row inside a batch is
-#: aligned as it would be alone.
+#: Per-row operands start at multiples of this many bytes from an allocation's base:
+#: a multiple of the CPU (64 bytes) and CUDA (512 bytes) allocators' alignment, so a
+#: row inside a batch is aligned as a fresh allocation (a row alone) is.
 _ALIGN = 512
 
 _OOM_MARKERS = ("can't allocate memory", "not enough memory", "out of memory")
