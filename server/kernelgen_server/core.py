@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,7 +116,18 @@ class KernelService:
         self.metrics = metrics or Metrics()
         self.device = device or resolve_device(settings.device)
         self._clock = clock
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgen-device")
+        threads = settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+
+        def init_worker() -> None:
+            # The event loop needs a core of its own: with every core in torch's pool, its
+            # threads stall at barriers whenever gRPC takes one, and compute slows many-fold.
+            if self.device.type == "cpu":
+                torch.set_num_threads(threads)
+
+        init_worker()
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kernelgen-device", initializer=init_worker
+        )
         self._engines = {m.name: KernelEngine(m.module, self.device) for m in repository.ready.values()}
         self._cache: ByteLRUCache[Hashable, EncodedKernel] = ByteLRUCache(
             int(settings.cache_bytes), observer=self.metrics

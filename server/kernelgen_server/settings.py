@@ -42,6 +42,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0 disables)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads for CPU compute (default: CPUs - 1, leaving one for gRPC)"
+    )
     strict: bool = Field(False, description="refuse to start when any model fails to load")
     warmup: bool = Field(True, description="run each model once before reporting SERVING")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

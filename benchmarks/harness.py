@@ -1,0 +1,200 @@
+"""Shared pieces of the benchmarks: servers as processes, closed-loop load, statistics.
+
+Every benchmark measures its baseline in the same run on the same machine and
+reports ratios; absolute numbers are only context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[subprocess.Popen[str]]:
+    """Run ``command`` until a line matching ``ready`` appears; SIGTERM it on exit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(ready, line):
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError(f"{command[:4]} exited:\n{''.join(lines)}")
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def kernelgen_server(*args: str) -> Iterator[str]:
+    """``kernelgen serve`` on a free loopback port; yields its target."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "kernelgen_client.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "WARNING",
+        *args,
+    ]
+    with process(command, r"listening on"):
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def echo_server(nbytes: int, chunk: int = 1 << 20) -> Iterator[str]:
+    """The bare gRPC echo baseline: returns ``nbytes`` per call, unary or in chunks."""
+    port = free_port()
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "echo_server.py"),
+        "--port",
+        str(port),
+        "--bytes",
+        str(nbytes),
+        "--chunk",
+        str(chunk),
+    ]
+    with process(command, r"echo listening"):
+        yield f"127.0.0.1:{port}"
+
+
+@dataclass
+class Step:
+    """One closed-loop measurement."""
+
+    concurrency: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    reports: list[Any] = field(default_factory=list)
+    errors: int = 0
+    nbytes: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.count,
+            "errors": self.errors,
+            "per_s": round(self.rate, 1),
+            "MB_per_s": round(self.nbytes / self.seconds / 1e6, 1),
+            "p50_ms": round(self.percentile(50) * 1000, 2),
+            "p99_ms": round(self.percentile(99) * 1000, 2),
+        }
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[tuple[int, Any]]], concurrency: int, seconds: float, warmup: float = 0.5
+) -> Step:
+    """Keep ``concurrency`` calls in flight for ``seconds``; ``call`` returns (bytes, report)."""
+    step = Step(concurrency, seconds)
+    stop_warmup = time.perf_counter() + warmup
+    end = stop_warmup + seconds
+
+    async def worker() -> None:
+        while True:
+            start = time.perf_counter()
+            if start >= end:
+                return
+            try:
+                nbytes, report = await call()
+            except Exception:
+                step.errors += 1
+                continue
+            done = time.perf_counter()
+            if start >= stop_warmup and done <= end:
+                step.latencies.append(done - start)
+                step.reports.append(report)
+                step.nbytes += nbytes
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return step
+
+
+def median_rate(fn: Callable[[], object], min_time: float = 1.0, repeats: int = 3) -> float:
+    """Calls/s of a synchronous ``fn``: median of ``repeats`` runs of at least ``min_time``."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < min_time:
+            fn()
+            calls += 1
+        rates.append(calls / elapsed)
+    return statistics.median(rates)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
