@@ -1,6 +1,7 @@
 """The ``kernelgen`` command.
 
-Client commands need only this package. Server commands (``serve``, ``init``,
+Client commands (``generate``, ``flops``, ``models``, ``health``; see
+``kernelgen_client.commands``) need only this package. Server commands (``serve``, ``init``,
 ``import``, ``inspect``) come from ``kernelgen_server`` when the ``server``
 extra is installed; importing their module must stay cheap (no torch), since
 ``kernelgen health`` runs as a container health check.
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve and generate SIREN implicit convolution kernels.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from kernelgen_client import commands
+
+    commands.register(sub)
     try:
         from kernelgen_server import cli as server_cli
     except ImportError:

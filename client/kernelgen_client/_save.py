@@ -1,0 +1,57 @@
+"""Writing a generated kernel to ``.npy`` or ``.safetensors`` (no extra dependency).
+
+``.safetensors`` keeps the wire dtype exactly, bfloat16 included (its raw
+bits); ``.npy`` has no bfloat16, so a bfloat16 kernel is saved as the float32
+numpy array the client decoded it to.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelgen_client.types import KernelResult
+
+__all__ = ["SUFFIXES", "save_kernel"]
+
+SUFFIXES = (".npy", ".safetensors")
+_Entry = tuple[str, tuple[int, ...], bytes | memoryview]  # (safetensors dtype, shape, raw bytes)
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _safetensors(path: Path, tensors: dict[str, _Entry], meta: dict[str, str]) -> None:
+    """The safetensors layout: u64 header length, JSON header (8-byte aligned), raw data."""
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, (dtype, shape, data) in tensors.items():
+        size = memoryview(data).nbytes
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _dtype, _shape, data in tensors.values():
+            f.write(data)
+
+
+def save_kernel(path: Path, result: KernelResult[Any], meta: dict[str, str]) -> None:
+    """Save ``result.kernel`` (and ``result.grid`` for safetensors) by the file's suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, result.kernel, allow_pickle=False)
+    elif suffix == ".safetensors":
+        tensors: dict[str, _Entry] = {
+            "kernel": (_SAFETENSORS_DTYPES[result.wire_dtype], result.shape, result.raw)
+        }
+        if result.grid is not None:
+            grid = np.ascontiguousarray(result.grid, dtype="<f4")
+            tensors["grid"] = ("F32", tuple(grid.shape), grid.tobytes())
+        _safetensors(path, tensors, meta)
+    else:
+        raise ValueError(f"--out must end in {' or '.join(SUFFIXES)}, got {path.name!r}")

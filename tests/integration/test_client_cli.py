@@ -1,0 +1,101 @@
+"""The client commands of ``kernelgen`` against a real in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kernelgen_client.cli import main
+
+
+async def run(server: Any, *argv: str) -> int:
+    """``kernelgen ARGV --target <server>`` on a worker thread (the server runs on this loop)."""
+    return await asyncio.to_thread(main, [*argv, "--target", f"127.0.0.1:{server.port}"])
+
+
+async def test_generate_prints_a_one_line_summary(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run(server, "generate", "hyena-2d", "--seq-lens", "29,29") == 0
+    assert await run(server, "generate", "hyena-2d", "--seq-lens", "29,29") == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(
+        r"hyena-2d: kernel \[1, 57, 57, 384\] float32, 4\.99 MB \(streamed\), cache hit no, "
+        r"batch 1 rows/1 requests, queue [\d.]+ ms, compute [\d.]+ ms, total [\d.]+ ms",
+        first,
+    ), first
+    assert "cache hit yes" in second
+
+
+async def test_generate_saves_conditioned_kernels(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kernel.npy"
+    argv = ["generate", "volume-3d", "--seq-lens", "3,4,2", "--random-conditioning", "3", "--out", str(out)]
+    assert await run(server, *argv, "--seed", "7") == 0
+    assert "kernel [3, 5, 7, 3, 32] float32" in capsys.readouterr().out
+    kernel = np.load(out)
+    assert kernel.shape == (3, 5, 7, 3, 32)
+    rows = np.random.default_rng(7).standard_normal((3, 16), dtype=np.float32)
+    cond = tmp_path / "cond.npy"
+    np.save(cond, rows)
+    again = tmp_path / "again.safetensors"
+    argv = ["generate", "volume-3d", "--seq-lens", "3,4,2", "--conditioning", str(cond), "--out", str(again)]
+    assert await run(server, *argv, "--dtype", "bfloat16", "--grid", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shape"] == [3, 5, 7, 3, 32]
+    assert summary["dtype"] == "bfloat16"
+    assert summary["bytes"] == 3 * 5 * 7 * 3 * 32 * 2
+    assert summary["batch_size"] == 3
+    assert not summary["streamed"]
+    from safetensors.torch import load_file
+
+    saved = load_file(again)
+    assert saved["kernel"].dtype == torch.bfloat16
+    assert saved["grid"].shape == (1, 5, 7, 3, 3)
+
+
+async def test_flops_models_health(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run(server, "flops", "hyena-2d", "--seq-lens", "29,29", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops"] == server.repository.ready["hyena-2d"].module.flop_count([29, 29])
+    assert report["kernel_bytes"] == 57 * 57 * 384 * 4
+    assert await run(server, "flops", "long-1d", "--seq-lens", "100", "--inference") == 0
+    assert "0 FLOPs (inference)" in capsys.readouterr().out
+    assert await run(server, "models") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON"]
+    assert table[1].split()[:5] == ["hyena-2d", "yes", "2", "384", "384"]
+    assert await run(server, "models", "--json") == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["hyena-2d", "long-1d", "volume-3d"]
+    assert await run(server, "health") == 0
+    assert await run(server, "health", "long-1d") == 0
+    assert capsys.readouterr().out.splitlines() == ["SERVING", "long-1d: SERVING"]
+    assert await run(server, "health", "nope") == 4
+
+
+async def test_health_is_not_serving_while_draining(capsys: pytest.CaptureFixture[str]) -> None:
+    from support import run_server
+
+    async with run_server() as server:
+        await server.health.enter_graceful_shutdown()
+        assert await run(server, "health") == 1
+        assert capsys.readouterr().out.strip() == "NOT_SERVING"
+
+
+async def test_clear_errors_and_exit_codes(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run(server, "generate", "nope", "--seq-lens", "3") == 4
+    err = capsys.readouterr().err
+    assert "kernelgen generate: unknown model 'nope'" in err
+    assert "(the server has: hyena-2d, long-1d, volume-3d)" in err
+    assert await run(server, "generate", "hyena-2d", "--seq-lens", "3") == 2
+    assert "invalid request: model 'hyena-2d' is 2-D" in capsys.readouterr().err
+    assert await run(server, "generate", "long-1d", "--seq-lens", "3", "--random-conditioning", "2") == 2
+    assert "takes no conditioning" in capsys.readouterr().err
+    assert await run(server, "generate", "long-1d", "--seq-lens", "10000000", "--no-stream") == 1
+    assert "over the limit" in capsys.readouterr().err
