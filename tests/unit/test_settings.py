@@ -1,0 +1,92 @@
+"""ServerSettings: precedence (flags > environment > file > defaults) and validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kernelgen_server.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("KERNELGEN_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.port == 50051
+    assert s.cache_bytes == 1 << 30
+    assert s.model_repo is None
+    assert s.device == "auto"
+    assert s.max_message_bytes == 4 << 20
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "kernelgen.json"
+    config.write_text(json.dumps({"port": 1111, "max_batch_size": 8, "grace_s": 3, "cache_bytes": "2MiB"}))
+    monkeypatch.setenv("KERNELGEN_CONFIG", str(config))
+    monkeypatch.setenv("KERNELGEN_PORT", "2222")
+    monkeypatch.setenv("KERNELGEN_MAX_BATCH_SIZE", "16")
+    s = load_settings({"port": "3333"})
+    assert s.port == 3333  # flag beats environment
+    assert s.max_batch_size == 16  # environment beats file
+    assert s.grace_s == 3.0  # file beats default
+    assert s.cache_bytes == 2 << 20
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_formats(tmp_path: Path, suffix: str) -> None:
+    config = tmp_path / f"settings{suffix}"
+    config.write_text("max-queue-size = 7\n" if suffix == ".toml" else "max-queue-size: 7\n")
+    assert load_settings({"config": str(config)}).max_queue_size == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"port": "70000"}, "port: Input should be less than or equal to 65535"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"max_batch_size": "0"}, "max_batch_size: Input should be greater than or equal to 1"),
+        ({"max_queue_delay_ms": "500"}, r"Input should be less than or equal to 1000|above 100 ms"),
+        ({"max_queue_delay_ms": "250"}, "above 100 ms"),
+        ({"cache_bytes": "lots"}, "cache_bytes"),
+        ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"}, "does not exist"),
+        ({"model_repo": "/nonexistent/models"}, "model_repo: /nonexistent/models does not exist"),
+        ({"no_such_setting": "1"}, "no_such_setting: Extra inputs are not permitted"),
+        ({"max_message_bytes": "1MiB", "max_kernel_bytes": "512KiB"}, "max_kernel_bytes must be at least"),
+    ],
+)
+def test_invalid_settings_have_clear_messages(values: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(values)
+
+
+def test_tls_needs_cert_and_key(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(SettingsError, match="tls_cert and tls_key go together"):
+        load_settings({"tls_cert": str(cert)})
+
+
+def test_bad_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "broken.json"
+    config.write_text("{not json")
+    with pytest.raises(SettingsError, match=r"broken\.json: not valid"):
+        load_settings({"config": str(config)})
+    with pytest.raises(SettingsError, match="cannot read"):
+        load_settings({"config": str(tmp_path / "missing.json")})
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNELGEN_LOG_LEVEL", "debug")
+    monkeypatch.setenv("KERNELGEN_STRICT", "true")
+    s = load_settings()
+    assert s.log_level == "DEBUG"
+    assert s.strict is True
