@@ -78,6 +78,13 @@ class KernelServiceError(Exception):
             or ``None`` when the status did not come from a kernelgen server.
         retry_pushback_ms: the server's retry advice: positive means "retry after
             that many milliseconds", negative "do not retry", ``None`` none given.
+
+    Example::
+
+        try:
+            kernel = client.generate("hyena-2d", [29, 29], rows)
+        except KernelServiceError as exc:
+            print(exc.code.name, exc.reason, exc.message)  # e.g. INVALID_ARGUMENT invalid-argument ...
     """
 
     #: Status code of the class; an instance may carry a more specific one.

@@ -68,7 +68,11 @@ class FlopReport:
 
 @dataclass(frozen=True)
 class FiLMConfig:
-    """Shape of a model's FiLM generator: ``Linear(cond_dim, film_hidden_dim) -> GELU -> Linear``."""
+    """Shape of a model's FiLM generator: ``Linear(cond_dim, film_hidden_dim) -> GELU -> Linear``.
+
+    >>> FiLMConfig(cond_dim=384, film_hidden_dim=64).cond_dim
+    384
+    """
 
     cond_dim: int
     film_hidden_dim: int
@@ -76,7 +80,13 @@ class FiLMConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ``SIRENKernelND`` constructor arguments of a served model."""
+    """The ``SIRENKernelND`` constructor arguments of a served model.
+
+    Example::
+
+        config = client.get_model("hyena-2d").config
+        rows = np.zeros((8, config.cond_dim))  # FiLM conditioning of the right width
+    """
 
     out_dim: int
     data_dim: int
@@ -153,7 +163,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ServerReport:
-    """How the server produced one kernel. Times are wall-clock milliseconds."""
+    """How the server produced one kernel. Times are wall-clock milliseconds.
+
+    Example::
+
+        report = client.generate("hyena-2d", [29, 29], rows, with_report=True).report
+        print(report.cache_hit, report.batch_size, f"{report.queue_ms:.2f} + {report.compute_ms:.2f} ms")
+    """
 
     #: The kernel came from the server's unconditioned-kernel cache.
     cache_hit: bool

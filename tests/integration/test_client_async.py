@@ -110,3 +110,10 @@ async def test_round_robin_over_three_local_servers(form: str) -> None:
             await asyncio.gather(*(client.flop_count("hyena-2d", [5, 5]) for _ in range(30)))
             after = [calls(s, "hyena-2d", "FlopCount") for s in servers]
             assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+async def test_dns_target_passes_through(server: Any) -> None:
+    target = f"dns:///localhost:{server.port}"
+    async with AsyncKernelClient(target, timeout=10) as client:
+        assert client.target == target
+        assert (await client.generate("long-1d", [3])).shape == (1, 5, 256)

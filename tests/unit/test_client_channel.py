@@ -120,3 +120,20 @@ def test_metadata_and_bearer_token() -> None:
     assert bearer(None) == ()
     merged = merge_metadata(bearer("t"), {"X-Team": "vision"}, [("trace", "1")], None)
     assert merged == (("authorization", "Bearer t"), ("x-team", "vision"), ("trace", "1"))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "kernelgen_client._channel",
+        "kernelgen_client.tensors",
+        "kernelgen_client.types",
+        "kernelgen_client._reassemble",
+    ],
+)
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    failures, _tried = doctest.testmod(importlib.import_module(module))
+    assert failures == 0
