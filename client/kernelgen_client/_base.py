@@ -29,7 +29,7 @@ from kernelgen_client._health import CHECK_METHOD
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_client.types import ModelInfo
 
-__all__ = ["METHODS", "ClientConfig", "Method", "ModelCache"]
+__all__ = ["METHODS", "ClientConfig", "Method", "ModelCache", "bind_methods", "open_channel"]
 
 
 def _raw(data: bytes) -> bytes:
@@ -108,6 +108,25 @@ class ClientConfig:
 
     def call_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+
+def open_channel(config: ClientConfig, api: Any) -> Any:
+    """A channel built by ``api``: the ``grpc`` module or ``grpc.aio`` (same constructors)."""
+    if config.credentials is None:
+        return api.insecure_channel(config.target, options=config.options)
+    return api.secure_channel(config.target, config.credentials, options=config.options)
+
+
+def bind_methods(channel: Any) -> tuple[dict[str, Any], Any]:
+    """The channel's callables: unary ones by method name, and ``StreamKernel``."""
+    unary = {
+        name: channel.unary_unary(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
+        for name, m in METHODS.items()
+        if name != "StreamKernel"
+    }
+    m = METHODS["StreamKernel"]
+    stream = channel.unary_stream(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
+    return unary, stream
 
 
 class ModelCache:

@@ -14,7 +14,7 @@ import grpc
 import numpy.typing as npt
 from grpc import aio
 
-from kernelgen_client._base import METHODS, ClientConfig, ModelCache
+from kernelgen_client._base import ClientConfig, ModelCache, bind_methods, open_channel
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
@@ -81,22 +81,8 @@ class AsyncKernelClient:
             load_balancing=load_balancing,
             options=options,
         )
-        config = self._config
-        if config.credentials is None:
-            self._channel = aio.insecure_channel(config.target, options=config.options)
-        else:
-            self._channel = aio.secure_channel(config.target, config.credentials, options=config.options)
-        self._unary = {
-            name: self._channel.unary_unary(
-                m.path, request_serializer=m.serialize, response_deserializer=m.deserialize
-            )
-            for name, m in METHODS.items()
-            if name != "StreamKernel"
-        }
-        stream = METHODS["StreamKernel"]
-        self._stream = self._channel.unary_stream(
-            stream.path, request_serializer=stream.serialize, response_deserializer=stream.deserialize
-        )
+        self._channel = open_channel(self._config, aio)
+        self._unary, self._stream = bind_methods(self._channel)
         self._models = ModelCache()
 
     @property

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,7 @@ def _flops(args: argparse.Namespace) -> int:
     with KernelClient(**_client_kwargs(args)) as client:
         report = client.flop_count(args.model, args.seq_lens, inference=args.inference)
     if args.json:
-        print(json.dumps(report.__dict__))
+        print(json.dumps(asdict(report)))
     else:
         print(
             f"{args.model} {list(args.seq_lens)}: {report.flops} FLOPs"
@@ -263,8 +264,6 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from kernelgen_client.client import KernelClient
 
     with KernelClient(**_client_kwargs(args)) as client:
@@ -297,7 +296,7 @@ def _health(args: argparse.Namespace) -> int:
     # The light path (no numpy): a bare channel and the hand-encoded health messages.
     import grpc
 
-    from kernelgen_client._base import METHODS, ClientConfig
+    from kernelgen_client._base import METHODS, ClientConfig, open_channel
     from kernelgen_client._health import decode_response, encode_request
     from kernelgen_client.errors import from_rpc_error
     from kernelgen_client.types import HealthStatus
@@ -313,10 +312,7 @@ def _health(args: argparse.Namespace) -> int:
         load_balancing="round_robin",
         options=(),
     )
-    if config.credentials is None:
-        channel = grpc.insecure_channel(config.target, options=config.options)
-    else:
-        channel = grpc.secure_channel(config.target, config.credentials, options=config.options)
+    channel = open_channel(config, grpc)
     check = METHODS["Check"]
     with channel:
         stub = channel.unary_unary(
