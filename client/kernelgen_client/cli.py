@@ -1,7 +1,8 @@
 """The ``kernelgen`` command.
 
 Client commands (``generate``, ``flops``, ``models``, ``health``; see
-``kernelgen_client.commands``) need only this package. Server commands (``serve``, ``init``,
+``kernelgen_client.commands``; ``loadtest``, see ``kernelgen_client.loadtest``)
+need only this package. Server commands (``serve``, ``init``,
 ``import``, ``inspect``) come from ``kernelgen_server`` when the ``server``
 extra is installed; importing their module must stay cheap (no torch), since
 ``kernelgen health`` runs as a container health check.
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from kernelgen_client import commands
+    from kernelgen_client.loadtest import cli as loadtest_cli
 
     commands.register(sub)
+    loadtest_cli.register(sub)
     try:
         from kernelgen_server import cli as server_cli
     except ImportError:

@@ -1,0 +1,16 @@
+"""``kernelgen loadtest``: closed- and open-loop load against a kernelgen server.
+
+Modules, each usable alone:
+
+- ``workload``: what to send (models, seq_lens, rows, cache traffic, dtype), from
+  flags or a YAML/JSON file, checked against the server's models; seeded requests.
+- ``runner``: one step (a concurrency or a rate) on one ``AsyncKernelClient``.
+- ``workers``: the same step fanned out over processes, raw samples merged.
+- ``stats``: raw samples to per-step results (percentiles, histograms, gates).
+- ``correctness``: sampled responses recomputed with the server package's model.
+- ``report``/``progress``: the live display, the final table, JSON, CSV and PNG.
+- ``cli``: the ``loadtest`` subcommand of ``kernelgen``.
+
+Importing this package (and ``cli``) is cheap: numpy, rich and matplotlib are
+imported where they are used, so ``kernelgen health`` stays fast.
+"""
