@@ -63,7 +63,9 @@ class ChunkView:
 
 
 def encode_varint(value: int) -> bytes:
-    """Base-128 varint of a non-negative int."""
+    """Base-128 varint of a non-negative int (the server encodes responses with it too)."""
+    if value < 0:
+        raise ValueError("varint of a negative value")
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -154,8 +156,8 @@ def report_from_trailers(trailers: Iterable[Any] | None) -> pb.ServerReport | No
 def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = None) -> ResponseView:
     """A serialized ``GenerateKernelResponse``, its tensors viewing ``raw``.
 
-    The report comes from the call's ``kernelgen-report-bin`` trailer; servers
-    from before that trailer sent it as field 3 of the message, still read here.
+    The report comes from the call's ``kernelgen-report-bin`` trailer (field 3
+    of the message is reserved).
     """
     buf = memoryview(raw).cast("B")
     kernel: TensorView | None = None
@@ -168,8 +170,6 @@ def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = Non
             kernel = _tensor(value)
         elif number == 2:
             grid = _tensor(value)
-        elif number == 3 and not report.ByteSize():  # the pre-trailer place of the report
-            report = pb.ServerReport.FromString(bytes(value))
     if kernel is None:
         raise MalformedResponse("the response carries no kernel")
     return ResponseView(kernel, grid, report)

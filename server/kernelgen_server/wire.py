@@ -21,23 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_client._wire import encode_varint as varint
 
-__all__ = ["EncodedKernel", "Payload", "encode_chunks", "encode_kernel", "encode_response", "varint"]
+__all__ = ["EncodedKernel", "Payload", "encode_chunks", "encode_kernel", "encode_response"]
 
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
-
-
-def varint(value: int) -> bytes:
-    """Base-128 varint of a non-negative int."""
-    if value < 0:
-        raise ValueError("varint of a negative value")
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _key(field: int, wire_type: int) -> bytes:

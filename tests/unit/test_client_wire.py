@@ -45,14 +45,14 @@ def test_parse_response_matches_protobuf(
         assert bytes(view.grid.data) == b"\x01" * 8
 
 
-def test_the_report_comes_from_the_trailer_or_the_older_message_field() -> None:
+def test_the_report_comes_from_the_trailer() -> None:
     report = pb.ServerReport(cache_hit=True, batch_size=3, model_hash="abc")
     message = pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1], data=b"\x00" * 4)).SerializeToString()
     assert parse_response(message).report == pb.ServerReport()  # none sent: an empty report
     assert parse_response(message, [(REPORT_TRAILER, report.SerializeToString())]).report == report
-    # Servers from before the trailer sent the report as field 3 of the message.
-    legacy = message + b"\x1a" + encode_varint(report.ByteSize()) + report.SerializeToString()
-    assert parse_response(legacy).report == report
+    # Field 3 is reserved: a message carrying it does not supply the report.
+    stray = message + b"\x1a" + encode_varint(report.ByteSize()) + report.SerializeToString()
+    assert parse_response(stray).report == pb.ServerReport()
     with pytest.raises(MalformedResponse, match="trailer"):
         parse_response(message, [(REPORT_TRAILER, b"\xff\xff")])
 

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_client._wire import encode_varint as varint
 from kernelgen_server.codec import decode_conditioning, decode_output_dtype, to_payload
 from kernelgen_server.errors import InvalidRequest
-from kernelgen_server.wire import Payload, encode_chunks, encode_kernel, encode_response, varint
+from kernelgen_server.wire import Payload, encode_chunks, encode_kernel, encode_response
 
 
 def reference_response(kernel: Payload, grid: Payload | None) -> bytes:
