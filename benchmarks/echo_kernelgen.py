@@ -1,0 +1,133 @@
+"""The load tester's own ceiling: a bare grpc.aio server that speaks kernelgen but computes nothing.
+
+    python benchmarks/echo_kernelgen.py --port 50999 [--model-repo DIR]
+
+``GetModel``/``ListModels`` describe the repository's models from their
+``config.json`` alone (no torch, no weights). ``GenerateKernel`` answers every
+request with an all-zero kernel of the right shape and dtype, serialized once
+per (model, seq_lens, rows, dtype) and then sent as the same bytes, with a
+``kernelgen-report-bin`` trailer like the real server's. ``kernelgen loadtest``
+against it measures what the client process and gRPC transport can do at a
+given load, with no model, batcher or cache in the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+
+SERVICE = "kernelgen.v1.KernelGenerator"
+REPORT_KEY = "kernelgen-report-bin"
+EMBEDDED = Path(__file__).resolve().parents[1] / "server" / "kernelgen_server" / "models"
+ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+
+
+def model_infos(repo: Path) -> dict[str, pb.ModelInfo]:
+    infos = {}
+    for config_path in sorted(repo.glob("*/config.json")):
+        config = json.loads(config_path.read_text())
+        cache = config["L_cache"]
+        film = config.get("film")
+        infos[config_path.parent.name] = pb.ModelInfo(
+            name=config_path.parent.name,
+            ready=True,
+            content_hash="echo",
+            config=pb.ModelConfig(
+                out_dim=config["out_dim"],
+                data_dim=config["data_dim"],
+                mlp_hidden_dim=config["mlp_hidden_dim"],
+                num_layers=config["num_layers"],
+                embedding_dim=config["embedding_dim"],
+                omega_0=config["omega_0"],
+                L_cache=cache if isinstance(cache, list) else [cache],
+                use_bias=config["use_bias"],
+                hidden_omega_0=config.get("hidden_omega_0", 1.0),
+                film_after_pos_embed=config.get("film_after_pos_embed", False),
+                film=None
+                if film is None
+                else pb.FiLMConfig(
+                    cond_dim=film["cond_dim"], film_hidden_dim=film.get("film_hidden_dim", 64)
+                ),
+            ),
+        )
+    return infos
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model-repo", type=Path, default=EMBEDDED)
+    args = parser.parse_args()
+    infos = model_infos(args.model_repo)
+    responses: dict[tuple[Any, ...], bytes] = {}
+    trailers: dict[int, tuple[tuple[str, bytes], ...]] = {}
+
+    async def generate(request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]) -> bytes:
+        info = infos.get(request.model)
+        if info is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
+            raise AssertionError("unreachable")
+        rows = request.conditioning.shape[0] if request.HasField("conditioning") else 1
+        dtype = request.dtype or pb.DTYPE_FLOAT32
+        key = (request.model, tuple(request.seq_lens), rows, dtype)
+        body = responses.get(key)
+        if body is None:
+            shape = [rows, *(2 * n - 1 for n in request.seq_lens), info.config.out_dim]
+            data = bytes(math.prod(shape) * ITEMSIZE[dtype])
+            body = pb.GenerateKernelResponse(
+                kernel=pb.Tensor(shape=shape, dtype=dtype, data=data)
+            ).SerializeToString()
+            responses[key] = body
+        trailer = trailers.get(rows)
+        if trailer is None:
+            report = pb.ServerReport(batch_size=rows, batch_requests=1, model_hash="echo")
+            trailer = trailers[rows] = ((REPORT_KEY, report.SerializeToString()),)
+        context.set_trailing_metadata(trailer)
+        return body
+
+    async def get_model(request: pb.GetModelRequest, context: aio.ServicerContext[Any, Any]) -> pb.ModelInfo:
+        if request.model not in infos:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
+        return infos[request.model]
+
+    async def list_models(request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=list(infos.values()))
+
+    def raw(data: bytes) -> bytes:
+        return data
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "GenerateKernel": grpc.unary_unary_rpc_method_handler(
+                generate, pb.GenerateKernelRequest.FromString, raw
+            ),
+            "GetModel": grpc.unary_unary_rpc_method_handler(
+                get_model, pb.GetModelRequest.FromString, pb.ModelInfo.SerializeToString
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                list_models, pb.ListModelsRequest.FromString, pb.ListModelsResponse.SerializeToString
+            ),
+        },
+    )
+    server = aio.server(options=[("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    await server.start()
+    print(f"echo-kernelgen listening on {args.port}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
