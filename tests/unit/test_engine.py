@@ -74,6 +74,7 @@ def test_conditioned_matches_reference(after: bool, layers: int, bias: bool, dim
     out = engine.conditioned(lens, [cond[:2], cond[2:3], cond[3:]])
     assert_close(out, reference(model, lens, cond))
     assert_close(engine.unconditioned(lens), reference(model, lens))
+    assert torch.equal(engine.grid(lens), model.grid(lens))
 
 
 @pytest.mark.parametrize("seq_len", [1, 2, 5, 6, 9])
