@@ -75,6 +75,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "models", nargs="*", metavar="MODEL[:WEIGHT]", help="models to load, with relative weights"
     )
     w = p.add_argument_group("workload (flags win over --workload)")
+    w.add_argument(
+        "-m", "--model", action="append", dest="model_flags", metavar="MODEL[:WEIGHT]",
+        help="a model to load, as the positional names; repeat for a mix",
+    )  # fmt: skip
     w.add_argument("--workload", type=Path, help="YAML or JSON workload file (models, seq_lens, rows, ...)")
     w.add_argument(
         "--seq-lens", action="append", metavar="S", help="grid, e.g. 29,29; repeat for a uniform mix"

@@ -203,9 +203,7 @@ def missing_plotting() -> str | None:
 def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = "") -> None:
     """Latency percentiles and throughput against concurrency or rate, one line per series."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     steps = [s for _, run in series for s in run]
     closed = all(s["mode"] == "closed" for s in steps)
@@ -214,7 +212,11 @@ def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = 
     for n, (label, run) in enumerate(series):
         color = f"C{n}"
         x = [_num(s["level"]) for s in run]
-        for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+        # One run: three percentiles; several: p50 and p99 keep the figure readable.
+        quantiles = (
+            (("p50", "-"), ("p90", "--"), ("p99", ":")) if len(series) == 1 else (("p50", "-"), ("p99", ":"))
+        )
+        for q, style in quantiles:
             y = [_num(s["latency_ms"][q]) for s in run]
             latency_ax.plot(x, y, style, marker="o", color=color, label=f"{label} {q}")
         rate_ax.plot(
@@ -233,8 +235,9 @@ def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = 
         ax.legend(fontsize="small")
     latency_ax.set_ylabel("latency (ms)")
     latency_ax.set_yscale("log")
-    latency_ax.yaxis.set_major_formatter(plain)
-    latency_ax.yaxis.set_minor_formatter(plain)
+    latency_ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    latency_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    latency_ax.yaxis.set_minor_formatter(NullFormatter())
     latency_ax.set_title("latency percentiles")
     rate_ax.set_ylabel("throughput (per second)")
     rate_ax.set_ylim(bottom=0)

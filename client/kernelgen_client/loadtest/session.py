@@ -65,7 +65,7 @@ class Session:
         args = self.args
         data: dict[str, Any] = load_file(args.workload) if args.workload else {}
         flags = {
-            "models": args.models or None,
+            "models": [*args.models, *(args.model_flags or [])] or None,
             "seq_lens": args.seq_lens,
             "rows": args.rows,
             "unconditioned": args.unconditioned,
