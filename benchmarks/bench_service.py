@@ -97,6 +97,7 @@ def in_process_rates(seconds: float) -> dict[str, float]:
     from kernelgen_server.engine import KernelEngine
     from kernelgen_server.repository import ModelRepository, embedded_repository
 
+    torch.set_num_threads(1)  # as the server runs it on this machine (one core left for gRPC)
     model = ModelRepository.load(embedded_repository()).ready["hyena-2d"]
     engine = KernelEngine(model.module)
     cond = [torch.randn(1, 384)]
