@@ -89,6 +89,8 @@ class PoolDriver:
     def __init__(self, processes: int, client_kwargs: Mapping[str, Any], resolved: ResolvedWorkload) -> None:
         context = multiprocessing.get_context("spawn")
         self.processes = processes
+        #: A step is out with the workers: closing then stops them at once (Ctrl-C).
+        self._busy = False
         self._counters = context.Array("q", processes * _FIELDS, lock=False)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -126,6 +128,7 @@ class PoolDriver:
 
     def run_step(self, plan: StepPlan, tick: Tick) -> Samples:
         start_at = time.time() + _START_DELAY_S
+        self._busy = True
         pending: dict[Connection, int] = {}  # connection -> worker index
         for index, conn in enumerate(self._conns):
             share = plan.share(index, self.processes)
@@ -145,6 +148,7 @@ class PoolDriver:
                     )
             tick(self._counts())
         tick(self._counts())
+        self._busy = False
         return merged
 
     def _counts(self) -> Counts:
@@ -153,6 +157,9 @@ class PoolDriver:
         return s, o, e, d, i
 
     def close(self) -> None:
+        if self._busy:  # interrupted mid-step: the workers would only finish a step nobody reads
+            for proc in self._procs:
+                proc.terminate()
         for conn in self._conns:
             with contextlib.suppress(OSError, ValueError):  # the worker may be gone already
                 conn.send(None)
