@@ -18,6 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kernelgen_server.core import KernelService
+from kernelgen_server.malloc import tune_malloc
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.repository import ModelRepository, embedded_repository
 from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -172,6 +173,8 @@ def create_server(
 
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT, then drain; the exit code of ``kernelgen serve``."""
+    if settings.tune_malloc:
+        tune_malloc()
     server, port = create_server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
