@@ -132,7 +132,7 @@ async def run(seconds: float, levels: list[int]) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "seconds_per_step": seconds, "steps": []}
     encodes = {pb.DTYPE_FLOAT32: encode_ms(torch.float32), pb.DTYPE_FLOAT16: encode_ms(torch.float16)}
     for batching, flags in (
-        ("on", ["--max-batch-size", "64", "--max-queue-delay-ms", "2"]),
+        ("on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),
         ("off", ["--max-batch-size", "1"]),
     ):
         with kernelgen_server(*flags) as target:

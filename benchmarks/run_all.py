@@ -39,7 +39,7 @@ from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, 
 from kernelgen_client.loadtest.report import plot
 
 SERVERS = {
-    "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "2"]),
+    "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),
     "batching_off": ("batching off", ["--max-batch-size", "1"]),
     "echo": ("bare echo (client ceiling)", []),
 }
@@ -205,7 +205,7 @@ def page(
         "## Load-test sweep: the 2D FiLM model",
         f"`kernelgen loadtest {' '.join(WORKLOAD)} --concurrency {args.concurrency} --duration "
         f"{args.seconds:g} --warmup {args.warmup:g}` against `kernelgen serve` with batching on "
-        "(`--max-batch-size 64 --max-queue-delay-ms 2`), batching off (`--max-batch-size 1`), and "
+        "(`--max-batch-size 64 --max-queue-delay-ms 0`), batching off (`--max-batch-size 1`), and "
         "`benchmarks/echo_kernelgen.py` (speaks kernelgen, computes nothing: the ceiling of one client "
         "process and the transport). 29x29 grid, out_dim 384, 1.29 MB per kernel, one conditioning row "
         "per request, closed loop.",

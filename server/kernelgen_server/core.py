@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -337,6 +337,3 @@ class KernelService:
         self.draining = True
         await self.submitter.close(drain=drain)
         self._worker.shutdown(wait=True)
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "models": sorted(self.repository.ready)}

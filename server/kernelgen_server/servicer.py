@@ -8,10 +8,11 @@ response serializer. Every error becomes a status here and only here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -29,7 +30,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KernelGenerator"].full_name
 #: Trailing metadata of a GenerateKernel call: its serialized ServerReport.
 REPORT_KEY = "kernelgen-report-bin"
 log = logging.getLogger("kernelgen.rpc")
-R = TypeVar("R")
 
 
 def _deadline(context: aio.ServicerContext[Any, Any]) -> float | None:
@@ -50,40 +50,24 @@ class KernelServicer:
     async def GenerateKernel(
         self, request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]
     ) -> bytes:
-        async def call() -> bytes:
+        async with self._rpc("GenerateKernel", request.model, context):
             result = await self._generate(request, context, max_bytes=self.max_message_bytes)
             context.set_trailing_metadata(((REPORT_KEY, result.report.SerializeToString()),))
             return encode_response(result.kernel, result.grid)
-
-        return await self._observe("GenerateKernel", request.model, context, call)
+        raise AssertionError("unreachable: errors leave through context.abort")
 
     async def StreamKernel(
         self, request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        start = time.perf_counter()
-        self.metrics.inflight.inc()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._rpc("StreamKernel", request.model, context):
             result = await self._generate(request, context, max_bytes=None)
-            chunks = encode_chunks(result.kernel.payload, result.grid, result.report, self.chunk_bytes)
-            for message in chunks:
+            for message in encode_chunks(result.kernel.payload, result.grid, result.report, self.chunk_bytes):
                 yield message
-        except KernelGenError as exc:
-            code = exc.code
-            await self._abort(context, exc, request.model)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            await self._internal(context, "StreamKernel", request.model)
-        finally:
-            self._done("StreamKernel", request.model, code, start)
 
     async def FlopCount(
         self, request: pb.FlopCountRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.FlopCountResponse:
-        async def call() -> pb.FlopCountResponse:
+        async with self._rpc("FlopCount", request.model, context):
             report = self.service.flop_count(request.model, list(request.seq_lens), request.inference)
             return pb.FlopCountResponse(
                 flops=report.flops,
@@ -91,28 +75,24 @@ class KernelServicer:
                 kernel_bytes=report.kernel_bytes,
                 cacheable=report.cacheable,
             )
-
-        return await self._observe("FlopCount", request.model, context, call)
+        raise AssertionError("unreachable: errors leave through context.abort")
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        async def call() -> pb.ListModelsResponse:
+        async with self._rpc("ListModels", "", context):
             return pb.ListModelsResponse(models=model_info(self.service.repository))
-
-        return await self._observe("ListModels", "", context, call)
+        raise AssertionError("unreachable: errors leave through context.abort")
 
     async def GetModel(
         self, request: pb.GetModelRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfo:
-        async def call() -> pb.ModelInfo:
+        async with self._rpc("GetModel", request.model, context):
             for info in model_info(self.service.repository):
                 if info.name == request.model:
-                    return info
-            self.service.model(request.model)  # raises the right error
-            raise AssertionError("unreachable")
-
-        return await self._observe("GetModel", request.model, context, call)
+                    return info  # a model that failed to load is listed too, not ready
+            self.service.model(request.model)  # raises: empty name or unknown model
+        raise AssertionError("unreachable: errors leave through context.abort")
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _generate(
@@ -132,22 +112,20 @@ class KernelServicer:
             max_bytes=max_bytes,
         )
 
-    async def _observe(
-        self,
-        method: str,
-        model: str,
-        context: aio.ServicerContext[Any, Any],
-        call: Callable[[], Awaitable[R]],
-    ) -> R:
+    @contextlib.asynccontextmanager
+    async def _rpc(
+        self, method: str, model: str, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        """Metrics, logging and the status of one call; every exception leaves as a status."""
         start = time.perf_counter()
         self.metrics.inflight.inc()
         code = grpc.StatusCode.OK
         try:
-            return await call()
+            yield
         except KernelGenError as exc:
             code = exc.code
             await self._abort(context, exc, model)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away, mid-stream too
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
@@ -155,7 +133,6 @@ class KernelServicer:
             await self._internal(context, method, model)
         finally:
             self._done(method, model, code, start)
-        raise AssertionError("unreachable: context.abort raises")
 
     async def _abort(self, context: aio.ServicerContext[Any, Any], exc: KernelGenError, model: str) -> None:
         """The one place a ``KernelGenError`` becomes a status, with machine-readable trailers."""

@@ -66,7 +66,12 @@ class ServerSettings(BaseSettings):
 
     # --- batching of conditioned requests ---------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="conditioning rows per batch (1 turns batching off)")
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
+    # 0: a batch starts as soon as the device is free, with whatever has queued while it was
+    # busy, so batches grow with load and a lone request never waits (measured: a 2 ms delay
+    # halved throughput at concurrency 1 and gained nothing at 32 on CPU).
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="longest wait for a batch to fill once the device is free"
+    )
     max_queue_size: int = Field(1024, ge=1, description="requests waiting before RESOURCE_EXHAUSTED")
     max_batch_bytes: ByteSize = Field(ByteSize(512 * MiB), description="output bytes of one batch")
 
