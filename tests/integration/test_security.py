@@ -173,3 +173,51 @@ def test_token_file_must_hold_a_token(tmp_path: Path) -> None:
         load_tokens(empty)
     assert BearerTokenInterceptor([b"t"])._authorized((("authorization", "bearer t"),))
     assert not BearerTokenInterceptor([b"t"])._authorized((("authorization", "Bearer tt"),))
+
+
+async def test_concurrent_call_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time
+
+    async with run_server(max_concurrent_rpcs=1) as server:
+        engine = server.service._engines["long-1d"]
+        original = engine.unconditioned
+
+        def slow(*args: object, **kwargs: object) -> object:
+            time.sleep(0.5)
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(engine, "unconditioned", slow)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.KernelGeneratorStub(channel)
+            first = asyncio.ensure_future(
+                stub.GenerateKernel(pb.GenerateKernelRequest(model="long-1d", seq_lens=[7]))
+            )
+            await asyncio.sleep(0.2)  # the first call holds the only slot
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GenerateKernel(pb.GenerateKernelRequest(model="long-1d", seq_lens=[8]))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert list((await first).kernel.shape) == [1, 13, 256]
+
+
+async def test_request_size_limit_fits_the_largest_legal_conditioning() -> None:
+    import numpy as np
+
+    async with run_server(max_conditioning_rows=64) as server:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", -1)]
+        ) as channel:
+            stub = pb_grpc.KernelGeneratorStub(channel)
+
+            def request(rows: int) -> pb.GenerateKernelRequest:
+                cond = np.zeros((rows, 384), dtype="<f4")
+                tensor = pb.Tensor(shape=[rows, 384], dtype=pb.DTYPE_FLOAT32, data=cond.tobytes())
+                return pb.GenerateKernelRequest(model="hyena-2d", seq_lens=[2, 2], conditioning=tensor)
+
+            # 64 rows x 384 floats is the largest legal request: accepted.
+            reply = await stub.GenerateKernel(request(64))
+            assert reply.kernel.shape[0] == 64
+            # Far past it, gRPC refuses the message before it is parsed.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GenerateKernel(request(4096))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
