@@ -43,7 +43,7 @@ def decode_output_dtype(value: int) -> torch.dtype:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return int(dtype.itemsize)
 
 
 def decode_conditioning(tensor: pb.Tensor) -> np.ndarray:
