@@ -34,7 +34,9 @@ def served() -> Iterator[ServeProcess]:
 def kernelgen(*argv: str, target: str) -> subprocess.CompletedProcess[str]:
     """The installed ``kernelgen`` console script, pointed at ``target`` by the environment."""
     env = {**os.environ, "KERNELGEN_TARGET": target}
-    return subprocess.run(["kernelgen", *argv], capture_output=True, text=True, env=env, timeout=60)
+    # The script installed next to this interpreter: the environment under test, on PATH or not.
+    script = str(Path(sys.executable).with_name("kernelgen"))
+    return subprocess.run([script, *argv], capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_console_script(served: ServeProcess, tmp_path: Path) -> None:
