@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 from harness import (
+    GENERATE,
     RESULTS,
     Step,
     closed_loop,
@@ -31,19 +32,15 @@ from harness import (
     machine,
     markdown_table,
     median_rate,
+    raw,
 )
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
-GENERATE = "/kernelgen.v1.KernelGenerator/GenerateKernel"
 REPORT_KEY = "kernelgen-report-bin"
 SEQ_LENS = (15, 15)
 POINTS = 29 * 29
 OUT_DIM = 384
-
-
-def raw(data: bytes) -> bytes:
-    return data
 
 
 def requests(dtype: int, count: int = 256) -> list[bytes]:

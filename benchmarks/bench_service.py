@@ -25,7 +25,9 @@ from typing import Any
 import grpc
 import numpy as np
 from harness import (
+    GENERATE,
     RESULTS,
+    STREAM,
     Step,
     closed_loop,
     echo_server,
@@ -33,12 +35,11 @@ from harness import (
     machine,
     markdown_table,
     median_rate,
+    raw,
 )
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
-GENERATE = "/kernelgen.v1.KernelGenerator/GenerateKernel"
-STREAM = "/kernelgen.v1.KernelGenerator/StreamKernel"
 BIG = 64 << 20
 ROUNDS = 5
 
@@ -57,10 +58,6 @@ def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         target, options=[("grpc.max_receive_message_length", BIG), ("grpc.max_send_message_length", BIG)]
     )
-
-
-def raw(data: bytes) -> bytes:
-    return data
 
 
 async def latency_step(target: str, method: str, request: bytes, seconds: float, stream: bool = False) -> Any:

@@ -23,6 +23,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+GENERATE = "/kernelgen.v1.KernelGenerator/GenerateKernel"
+STREAM = "/kernelgen.v1.KernelGenerator/StreamKernel"
+
+
+def raw(data: bytes) -> bytes:
+    """Pass-through (de)serializer: benchmarks time the transport, not protobuf."""
+    return data
 
 
 def machine() -> dict[str, Any]:
