@@ -128,7 +128,12 @@ class KernelService:
         self._worker = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kernelgen-device", initializer=init_worker
         )
-        self._engines = {m.name: KernelEngine(m.module, self.device) for m in repository.ready.values()}
+        # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
+        # per row and layer would waste the device, so batched GEMMs are the default there.
+        batched = self.device.type == "cuda" if settings.batched_gemm is None else settings.batched_gemm
+        self._engines = {
+            m.name: KernelEngine(m.module, self.device, batched=batched) for m in repository.ready.values()
+        }
         self._cache: ByteLRUCache[Hashable, EncodedKernel] = ByteLRUCache(
             int(settings.cache_bytes), observer=self.metrics
         )

@@ -45,6 +45,11 @@ class ServerSettings(BaseSettings):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads for CPU compute (default: CPUs - 1, leaving one for gRPC)"
     )
+    batched_gemm: bool | None = Field(
+        None,
+        description="one batched GEMM per layer instead of one per row: fewer launches, rows equal to "
+        "float32 rounding instead of bitwise (default: on for CUDA, off for CPU)",
+    )
     tune_malloc: bool = Field(True, description="keep freed response buffers for reuse (glibc only)")
     strict: bool = Field(False, description="refuse to start when any model fails to load")
     warmup: bool = Field(True, description="run each model once before reporting SERVING")

@@ -78,3 +78,19 @@ async def test_dtypes_are_separate_buckets(server: Any) -> None:
     full = np.frombuffer(f32.kernel.data, "<f4")
     half = np.frombuffer(f16.kernel.data, "<f2")
     np.testing.assert_array_equal(half, full.astype(np.float16))
+
+
+async def test_batched_gemm_mode_stays_within_float32_rounding() -> None:
+    rng = np.random.default_rng(11)
+    conds = [rng.standard_normal((int(rng.integers(1, 4)), 384)).astype(np.float32) for _ in range(12)]
+    async with run_server(batched_gemm="true", max_batch_size=16) as server:
+        assert server.service._engines["hyena-2d"].batched
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.KernelGeneratorStub(channel)
+            results = await asyncio.gather(*(generate(stub, request(c, (7, 9))) for c in conds))
+        module = server.repository.ready["hyena-2d"].module
+    for cond, (reply, _) in zip(conds, results, strict=True):
+        kernel = np.frombuffer(reply.kernel.data, "<f4").reshape(tuple(reply.kernel.shape))
+        with torch.no_grad():
+            want = module((7, 9), torch.from_numpy(cond))[0].numpy()
+        assert np.abs(kernel - want).max() <= 1e-5 * np.abs(want).max()
