@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from typing import Any
@@ -24,7 +23,6 @@ import grpc
 import numpy as np
 from harness import (
     GENERATE,
-    RESULTS,
     Step,
     closed_loop,
     echo_server,
@@ -33,6 +31,7 @@ from harness import (
     markdown_table,
     median_rate,
     raw,
+    write_results,
 )
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
@@ -213,11 +212,7 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     started = time.time()
     result = asyncio.run(run(args.seconds, levels))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = report(result)
-    (RESULTS / "batching.md").write_text(text)
-    print(text)
+    write_results("batching", result, report(result))
     print(f"({time.time() - started:.0f} s)")
 
 

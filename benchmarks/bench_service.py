@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import statistics
 import threading
@@ -26,7 +25,6 @@ import grpc
 import numpy as np
 from harness import (
     GENERATE,
-    RESULTS,
     STREAM,
     Step,
     closed_loop,
@@ -36,6 +34,7 @@ from harness import (
     markdown_table,
     median_rate,
     raw,
+    write_results,
 )
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
@@ -231,11 +230,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per step")
     args = parser.parse_args()
     result = asyncio.run(run(args.seconds))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "service.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = report(result)
-    (RESULTS / "service.md").write_text(text)
-    print(text)
+    write_results("service", result, report(result))
 
 
 if __name__ == "__main__":

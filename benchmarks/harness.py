@@ -198,6 +198,16 @@ def median_rate(fn: Callable[[], object], min_time: float = 1.0, repeats: int = 
     return statistics.median(rates)
 
 
+def write_results(name: str, result: dict[str, Any], text: str) -> None:
+    """``results/<name>.json`` and ``results/<name>.md``, and the markdown on stdout."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""

@@ -29,8 +29,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from harness import write_results
+
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
@@ -240,11 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     result = scale_out(args.duration, args.concurrency)
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale_out.json").write_text(json.dumps({"machine": machine, **result}, indent=2) + "\n")
-    text = report(result, machine)
-    (RESULTS / "scale_out.md").write_text(text)
-    print(text)
+    write_results("scale_out", {"machine": machine, **result}, report(result, machine))
 
 
 if __name__ == "__main__":
