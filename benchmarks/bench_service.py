@@ -26,13 +26,13 @@ import numpy as np
 from harness import (
     GENERATE,
     STREAM,
-    Step,
     closed_loop,
     echo_server,
     kernelgen_server,
     machine,
     markdown_table,
     median_rate,
+    merge,
     raw,
     write_results,
 )
@@ -41,16 +41,6 @@ from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
 BIG = 64 << 20
 ROUNDS = 5
-
-
-def merge(steps: list[Step]) -> Step:
-    """One step of all the rounds' samples (for rates and pooled percentiles)."""
-    out = Step(steps[0].concurrency, sum(s.seconds for s in steps))
-    for step in steps:
-        out.latencies += step.latencies
-        out.nbytes += step.nbytes
-        out.errors += step.errors
-    return out
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -141,10 +131,11 @@ async def run(seconds: float) -> dict[str, Any]:
     # so machine noise lands on all of them alike; the ratios are medians over the rounds.
     hits, misses, echoes = [], [], []
     with (
-        kernelgen_server("--max-message-bytes", "32MiB") as target,
-        kernelgen_server("--cache-bytes", "0") as no_cache,
-        echo_server(echo_size) as echo_target,
+        kernelgen_server("--max-message-bytes", "32MiB") as server,
+        kernelgen_server("--cache-bytes", "0") as no_cache_server,
+        echo_server(echo_size) as echo_proc,
     ):
+        target, no_cache, echo_target = server.target, no_cache_server.target, echo_proc.target
         for _ in range(ROUNDS):
             hits.append(await latency_step(target, GENERATE, kernel_req, seconds / ROUNDS))
             misses.append(await latency_step(no_cache, GENERATE, kernel_req, seconds / ROUNDS))
@@ -153,7 +144,8 @@ async def run(seconds: float) -> dict[str, Any]:
         big_stream = await latency_step(target, STREAM, big_req, seconds, stream=True)
         served_cond = await latency_step(target, GENERATE, cond_req, seconds)
     hit, miss, echo = merge(hits), merge(misses), merge(echoes)
-    with echo_server(big_bytes) as t:
+    with echo_server(big_bytes) as big_echo:
+        t = big_echo.target
         echo_big = await latency_step(t, "/bench.Echo/Unary", b"", seconds)
         echo_big_stream = await latency_step(t, "/bench.Echo/Stream", b"", seconds, stream=True)
     socket_gbps = raw_socket_gbps(big_bytes, seconds)

@@ -79,9 +79,27 @@ def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[s
             proc.kill()
 
 
+@dataclass(frozen=True)
+class ServerProcess:
+    """A server under test: where to call it, and how much CPU it has used."""
+
+    target: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of all its threads so far (Linux ``/proc``; NaN elsewhere)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        # Fields 14 and 15 of proc(5), utime and stime, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def kernelgen_server(*args: str) -> Iterator[str]:
-    """``kernelgen serve`` on a free loopback port; yields its target."""
+def kernelgen_server(*args: str) -> Iterator[ServerProcess]:
+    """``kernelgen serve`` on a free loopback port."""
     port = free_port()
     command = [
         sys.executable,
@@ -98,12 +116,12 @@ def kernelgen_server(*args: str) -> Iterator[str]:
         "WARNING",
         *args,
     ]
-    with process(command, r"listening on"):
-        yield f"127.0.0.1:{port}"
+    with process(command, r"listening on") as proc:
+        yield ServerProcess(f"127.0.0.1:{port}", proc.pid)
 
 
 @contextmanager
-def echo_server(nbytes: int, chunk: int = 1 << 20) -> Iterator[str]:
+def echo_server(nbytes: int, chunk: int = 1 << 20) -> Iterator[ServerProcess]:
     """The bare gRPC echo baseline: returns ``nbytes`` per call, unary or in chunks."""
     port = free_port()
     command = [
@@ -116,8 +134,8 @@ def echo_server(nbytes: int, chunk: int = 1 << 20) -> Iterator[str]:
         "--chunk",
         str(chunk),
     ]
-    with process(command, r"echo listening"):
-        yield f"127.0.0.1:{port}"
+    with process(command, r"echo listening") as proc:
+        yield ServerProcess(f"127.0.0.1:{port}", proc.pid)
 
 
 @dataclass
@@ -130,6 +148,7 @@ class Step:
     reports: list[Any] = field(default_factory=list)
     errors: int = 0
     nbytes: int = 0
+    calls: int = 0  # every call that completed, warm-up and stragglers included (for CPU per call)
 
     @property
     def count(self) -> int:
@@ -176,6 +195,7 @@ async def closed_loop(
                 step.errors += 1
                 continue
             done = time.perf_counter()
+            step.calls += 1
             if start >= stop_warmup and done <= end:
                 step.latencies.append(done - start)
                 step.reports.append(report)
@@ -183,6 +203,18 @@ async def closed_loop(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return step
+
+
+def merge(steps: list[Step]) -> Step:
+    """One step of all the rounds' samples (for rates and pooled percentiles)."""
+    out = Step(steps[0].concurrency, sum(s.seconds for s in steps))
+    for step in steps:
+        out.latencies += step.latencies
+        out.reports += step.reports
+        out.nbytes += step.nbytes
+        out.errors += step.errors
+        out.calls += step.calls
+    return out
 
 
 def median_rate(fn: Callable[[], object], min_time: float = 1.0, repeats: int = 3) -> float:

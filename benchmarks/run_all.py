@@ -146,8 +146,15 @@ def sweep_table(runs: dict[str, dict[str, Any]]) -> str:
 def ratio_rows(section: dict[str, Any] | None, source: str, measured: str) -> list[dict[str, Any]]:
     if not section:
         return []
+
+    def value(v: float | dict[str, float]) -> str:
+        # A ratio measured over rounds is its median, with the rounds' range beside it.
+        if isinstance(v, dict):
+            return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+        return f"{v:.2f}"
+
     rows = [
-        {"source": source, "figure": k, "value": f"{v:.2f}", "measured": measured}
+        {"source": source, "figure": k, "value": value(v), "measured": measured}
         for k, v in section.get("ratios", {}).items()
     ]
     rows += [
@@ -250,8 +257,16 @@ def main() -> None:
     if "service" in parts:
         run([sys.executable, str(BENCH / "bench_service.py"), "--seconds", seconds])
     if "batching" in parts:
-        levels = "1,32" if args.quick else "1,8,32,64"
-        run([sys.executable, str(BENCH / "bench_batching.py"), "--seconds", seconds, "--concurrency", levels])
+        levels, rounds = ("1,32", "1") if args.quick else ("1,8,32,64", "3")
+        batching = [
+            sys.executable,
+            str(BENCH / "bench_batching.py"),
+            "--concurrency",
+            levels,
+            "--rounds",
+            rounds,
+        ]
+        run([*batching, "--seconds", str(min(args.seconds, 2.0))])
     if "engine" in parts:
         repeats = "3" if args.quick else "7"
         # One torch thread: what the server computes with on a 2-core machine (CPUs - 1); two
@@ -265,8 +280,8 @@ def main() -> None:
                 with echo_kernelgen() as target:
                     runs[name] = sweep(name, target, args)
             else:
-                with kernelgen_server(*flags) as target:
-                    runs[name] = sweep(name, target, args)
+                with kernelgen_server(*flags) as server:
+                    runs[name] = sweep(name, server.target, args)
     else:  # the page still shows the latest sweep
         runs = {name: d for name in SERVERS if (d := load(f"loadtest_{name}.json"))}
     if runs:
