@@ -6,6 +6,10 @@ the servicer only decodes, calls it, encodes and maps errors to statuses.
 Invariants:
 - all tensor work for the device runs on one worker thread, in submission
   order, so a GPU sees one ordered stream and the event loop never computes;
+- a batch leaves the device worker as a host tensor; with pipelining, its
+  encoding runs on one host thread (batches in order) while the device worker
+  runs the next batch, and each request's future settles when its batch's
+  encoding has;
 - unconditioned kernels go through the byte-bounded cache, conditioned ones
   through the batcher (the ``submit`` seam); nothing else computes kernels;
 - every limit is checked before any work is queued, so a refused request
@@ -34,6 +38,7 @@ from kernelgen_server.cache import ByteLRUCache
 from kernelgen_server.codec import decode_output_dtype, itemsize, to_payload
 from kernelgen_server.engine import KernelEngine, is_oom
 from kernelgen_server.errors import (
+    Cancelled,
     ConditioningNotSupported,
     DeadlineExpired,
     Draining,
@@ -65,7 +70,7 @@ class Submitter(Protocol):
 
     async def submit(
         self, key: BucketKey, item: CondItem, *, deadline: float | None = None
-    ) -> BatchOutcome[EncodedKernel]: ...
+    ) -> BatchOutcome[asyncio.Future[EncodedKernel]]: ...
 
     async def close(self, drain: bool = True) -> None: ...
 
@@ -128,9 +133,13 @@ class KernelService:
         self._worker = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kernelgen-device", initializer=init_worker
         )
+        cuda = self.device.type == "cuda"
+        self._pipelined = cuda if settings.pipeline_batches is None else settings.pipeline_batches
+        self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgen-host")
+        self._encoding: set[asyncio.Future[list[EncodedKernel]]] = set()
         # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
         # per row and layer would waste the device, so batched GEMMs are the default there.
-        batched = self.device.type == "cuda" if settings.batched_gemm is None else settings.batched_gemm
+        batched = cuda if settings.batched_gemm is None else settings.batched_gemm
         self._engines = {
             m.name: KernelEngine(m.module, self.device, batched=batched) for m in repository.ready.values()
         }
@@ -247,7 +256,7 @@ class KernelService:
             cond = torch.from_numpy(conditioning.copy())
             key: BucketKey = (model.name, lens, wire_dtype)
             outcome = await self.submitter.submit(key, CondItem(cond, kernel_bytes), deadline=deadline)
-            kernel = outcome.result
+            kernel = await outcome.result
             report = pb.ServerReport(
                 cache_hit=False,
                 batch_size=outcome.batch_rows,
@@ -299,16 +308,18 @@ class KernelService:
             compute_ms=timing.get("compute_s", 0.0) * 1000.0,
         )
 
-    async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[EncodedKernel]:
+    async def _run_batch(
+        self, key: BucketKey, items: list[CondItem]
+    ) -> list[asyncio.Future[EncodedKernel]]:
+        """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
         engine = self._engines[name]
         out_dtype = decode_output_dtype(wire_dtype)
         conds = [item.conditioning for item in items]
 
-        def compute() -> list[EncodedKernel]:
-            out = engine.conditioned(lens, conds, out_dtype)
-            # Each request's rows are a view of the one output buffer; encoding them
-            # here, off the event loop, is the only copy they get.
+        def encode(out: torch.Tensor) -> list[EncodedKernel]:
+            # Each request's rows are a view of the one output buffer; encoding them is
+            # the only copy they get.
             encoded, start = [], 0
             for cond in conds:
                 rows = int(cond.shape[0])
@@ -316,7 +327,21 @@ class KernelService:
                 start += rows
             return encoded
 
-        return await self._on_device(compute)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[EncodedKernel]] = [loop.create_future() for _ in items]
+        if not self._pipelined:
+            encoded = await self._on_device(lambda: encode(engine.conditioned(lens, conds, out_dtype)))
+            for future, kernel in zip(futures, encoded, strict=True):
+                future.set_result(kernel)
+            return futures
+        out = await self._on_device(functools.partial(engine.conditioned, lens, conds, out_dtype))
+        # The device worker is free for the next batch from here on; this one's encoding
+        # overlaps it. ``_encoding`` holds the stage until it settles (close() waits for it).
+        stage = loop.run_in_executor(self._host, encode, out)
+        self._encoding.add(stage)
+        stage.add_done_callback(self._encoding.discard)
+        stage.add_done_callback(functools.partial(_settle, futures))
+        return futures
 
     def _on_device(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._worker, fn)
@@ -341,4 +366,22 @@ class KernelService:
         """Finish (or fail) queued batches, then stop the device worker."""
         self.draining = True
         await self.submitter.close(drain=drain)
+        if self._encoding:
+            await asyncio.wait(set(self._encoding))
         self._worker.shutdown(wait=True)
+        self._host.shutdown(wait=True)
+
+
+def _settle(futures: list[asyncio.Future[EncodedKernel]], stage: asyncio.Future[list[EncodedKernel]]) -> None:
+    """Hand each request its part of a finished encoding stage (or the stage's error)."""
+    if stage.cancelled():
+        error: BaseException | None = Cancelled("the encoding of this batch was cancelled")
+    else:
+        error = stage.exception()
+    for i, future in enumerate(futures):
+        if future.done():  # its caller went away
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(stage.result()[i])

@@ -50,6 +50,11 @@ class ServerSettings(BaseSettings):
         description="one batched GEMM per layer instead of one per row: fewer launches, rows equal to "
         "float32 rounding instead of bitwise (default: on for CUDA, off for CPU)",
     )
+    pipeline_batches: bool | None = Field(
+        None,
+        description="encode a batch's responses on a host thread while the device runs the next batch "
+        "(default: on for CUDA, off for CPU, where the encoding is cheaper than the thread hop)",
+    )
     tune_malloc: bool = Field(True, description="keep freed response buffers for reuse (glibc only)")
     strict: bool = Field(False, description="refuse to start when any model fails to load")
     warmup: bool = Field(True, description="run each model once before reporting SERVING")
