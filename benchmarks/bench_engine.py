@@ -9,11 +9,20 @@ the engine answers them with one ``conditioned`` call, row by row (the
 default, "rows") and with batched GEMMs ("batched").
 
     python benchmarks/bench_engine.py --json benchmarks/results/engine.json
+    python benchmarks/bench_engine.py --device cuda --json engine_cuda.json
+
+``--device cuda`` puts the engines and the reference model on the GPU: the
+reference runs its unchanged forward with the GPU as the default device (its
+coordinate grid is made there) and each kernel is copied to the host, as the
+engine delivers its result in host memory. Conditioning rows start in host
+memory for both, as they arrive with requests. Nothing is written unless
+``--json`` is given, so a GPU run leaves the CPU results alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -68,15 +77,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="rounds per batch size")
     parser.add_argument("--min-time", type=float, default=0.25, help="seconds per timed run")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    # On CUDA the reference's grid is made on the device; on CPU no mode slows its calls.
+    on_device = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
 
     torch.manual_seed(0)
-    model = SIRENKernelND(**MODEL).eval()
-    engines = {"rows": KernelEngine(model), "batched": KernelEngine(model, batched=True)}
+    model = SIRENKernelND(**MODEL).eval()  # made on the CPU: the same weights on every device
+    engines = {"rows": KernelEngine(model, device), "batched": KernelEngine(model, device, batched=True)}
+    model.to(device)
     conds = torch.randn(max(args.batches), MODEL["film_cfg"]["cond_dim"])
     load_before = os.getloadavg()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"device {device}" + (f" ({device_name})" if device_name else ""))
 
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -91,14 +109,14 @@ def main() -> None:
         def reference(requests: list[torch.Tensor] = requests) -> list[torch.Tensor]:
             # One forward per request; the kernels live until the batch is answered,
             # as the engine's one result does.
-            with torch.inference_mode():
-                return [model(SEQ_LENS, c)[0] for c in requests]
+            with torch.inference_mode(), on_device:
+                return [model(SEQ_LENS, c.to(device))[0].cpu() for c in requests]
 
         def reference_dropped(requests: list[torch.Tensor] = requests) -> None:
             # The reference's best case: each kernel freed at once, its memory reused.
-            with torch.inference_mode():
+            with torch.inference_mode(), on_device:
                 for c in requests:
-                    model(SEQ_LENS, c)
+                    model(SEQ_LENS, c.to(device))[0].cpu()
 
         contenders: dict[str, Callable[[], object]] = {
             "reference": reference, "reference_dropped": reference_dropped}
@@ -123,6 +141,8 @@ def main() -> None:
             "model": MODEL,
             "seq_lens": list(SEQ_LENS),
             "dtype": "float32",
+            "device": str(device),
+            "device_name": device_name,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
