@@ -192,6 +192,21 @@ class ByteLRUCache(Generic[K, V]):
         if not task.cancelled():
             task.exception()
 
+    def smallest_stored(self, matching: Callable[[K], bool]) -> V | None:
+        """The stored value of fewest bytes whose key ``matching`` accepts, or None.
+
+        Counts as a use of that entry (it moves to the most-recently-used end), not
+        as a hit or a miss. Scans every entry: for the miss path, not the hit path.
+        """
+        found: tuple[K, V] | None = None
+        for key, value in self._entries.items():
+            if matching(key) and (found is None or value.nbytes < found[1].nbytes):
+                found = key, value
+        if found is None:
+            return None
+        self._entries.move_to_end(found[0])
+        return found[1]
+
     def stats(self) -> CacheStats:
         return CacheStats(
             entries=len(self._entries),

@@ -8,6 +8,7 @@ a view of the tensor's memory.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.errors import InvalidRequest
 from kernelgen_server.wire import Payload
 
-__all__ = ["decode_conditioning", "decode_output_dtype", "itemsize", "to_payload"]
+__all__ = ["centre", "decode_conditioning", "decode_output_dtype", "itemsize", "to_payload"]
 
 if sys.byteorder != "little":  # pragma: no cover - no such host is supported
     raise ImportError("kernelgen_server needs a little-endian host")
@@ -62,6 +63,25 @@ def decode_conditioning(tensor: pb.Tensor) -> np.ndarray:
     if not np.isfinite(array).all():
         raise InvalidRequest("conditioning contains NaN or Inf")
     return array
+
+
+_NUMPY_DTYPES: dict[int, str] = {pb.DTYPE_FLOAT32: "<f4", pb.DTYPE_FLOAT16: "<f2", pb.DTYPE_BFLOAT16: "<u2"}
+
+
+def centre(kernel: Payload, spatial: Sequence[int]) -> Payload:
+    """The central ``spatial`` block of a ``[B, *S, C]`` kernel, as a new contiguous payload.
+
+    Every ``S_i - spatial_i`` must be even and >= 0: the kernel of ``seq_lens``
+    ``n`` is the centre of the kernel of any ``m >= n`` of the same model, since
+    its grid is the centre of the larger grid (``model.axis_coordinates``).
+    """
+    big = kernel.shape[1:-1]
+    if len(big) != len(spatial) or any(b < s or (b - s) % 2 for b, s in zip(big, spatial, strict=True)):
+        raise ValueError(f"no centred {list(spatial)} block in a kernel of shape {list(kernel.shape)}")
+    array = np.frombuffer(kernel.data, _NUMPY_DTYPES[kernel.dtype]).reshape(kernel.shape)
+    middle = [slice((b - s) // 2, (b + s) // 2) for b, s in zip(big, spatial, strict=True)]
+    block = array[(slice(None), *middle, slice(None))]
+    return Payload.from_array(np.ascontiguousarray(block), kernel.dtype)
 
 
 def to_payload(tensor: torch.Tensor) -> Payload:

@@ -4,14 +4,13 @@
 the servicer only decodes, calls it, encodes and maps errors to statuses.
 
 Invariants:
-- all tensor work for the device runs on one worker thread, in submission
-  order, so a GPU sees one ordered stream and the event loop never computes;
-- a batch leaves the device worker as a host tensor; with pipelining, its
-  encoding runs on one host thread (batches in order) while the device worker
-  runs the next batch, and each request's future settles when its batch's
-  encoding has;
+- all tensor work for the device runs on one worker thread (``Workers``), in
+  submission order, so a GPU sees one ordered stream and the event loop never
+  computes;
 - unconditioned kernels go through the byte-bounded cache, conditioned ones
   through the batcher (the ``submit`` seam); nothing else computes kernels;
+  a miss whose kernel is the centre of a cached larger one (same model and
+  dtype) is cut from it on the host thread instead of computed;
 - every limit is checked before any work is queued, so a refused request
   costs the others nothing.
 """
@@ -24,8 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -35,10 +33,9 @@ import torch
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
 from kernelgen_server.cache import ByteLRUCache
-from kernelgen_server.codec import decode_output_dtype, itemsize, to_payload
+from kernelgen_server.codec import centre, decode_output_dtype, itemsize, to_payload
 from kernelgen_server.engine import KernelEngine, is_oom
 from kernelgen_server.errors import (
-    Cancelled,
     ConditioningNotSupported,
     DeadlineExpired,
     Draining,
@@ -49,6 +46,7 @@ from kernelgen_server.metrics import Metrics
 from kernelgen_server.repository import LoadedModel, ModelRepository
 from kernelgen_server.settings import ServerSettings
 from kernelgen_server.wire import EncodedKernel, Payload, encode_kernel
+from kernelgen_server.workers import Workers
 
 __all__ = ["FlopReport", "KernelResult", "KernelService", "Submitter", "resolve_device"]
 
@@ -56,6 +54,7 @@ log = logging.getLogger("kernelgen.core")
 T = TypeVar("T")
 
 BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
+CacheKey = tuple[str, tuple[int, ...], int]  # (model content hash, seq_lens, wire dtype)
 
 
 class CondItem(NamedTuple):
@@ -121,29 +120,19 @@ class KernelService:
         self.metrics = metrics or Metrics()
         self.device = device or resolve_device(settings.device)
         self._clock = clock
-        threads = settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
-
-        def init_worker() -> None:
-            # The event loop needs a core of its own: with every core in torch's pool, its
-            # threads stall at barriers whenever gRPC takes one, and compute slows many-fold.
-            if self.device.type == "cpu":
-                torch.set_num_threads(threads)
-
-        init_worker()
-        self._worker = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kernelgen-device", initializer=init_worker
-        )
         cuda = self.device.type == "cuda"
-        self._pipelined = cuda if settings.pipeline_batches is None else settings.pipeline_batches
-        self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgen-host")
-        self._encoding: set[asyncio.Future[list[EncodedKernel]]] = set()
+        self._workers = Workers(
+            self.device,
+            cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1),
+            pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
+        )
         # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
         # per row and layer would waste the device, so batched GEMMs are the default there.
         batched = cuda if settings.batched_gemm is None else settings.batched_gemm
         self._engines = {
             m.name: KernelEngine(m.module, self.device, batched=batched) for m in repository.ready.values()
         }
-        self._cache: ByteLRUCache[Hashable, EncodedKernel] = ByteLRUCache(
+        self._cache: ByteLRUCache[CacheKey, EncodedKernel] = ByteLRUCache(
             int(settings.cache_bytes), observer=self.metrics
         )
         policy = BatchPolicy(
@@ -268,7 +257,7 @@ class KernelService:
         grid = None
         if return_grid:
             engine = self._engines[model.name]
-            grid = await self._on_device(lambda: to_payload(engine.grid(lens).contiguous()))
+            grid = await self._workers.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
         return KernelResult(kernel, grid, report)
 
     async def _unconditioned(
@@ -288,12 +277,28 @@ class KernelService:
             timing["compute_s"] = time.perf_counter() - start
             return encode_kernel(to_payload(tensor))
 
+        def cut(larger: EncodedKernel) -> EncodedKernel:
+            start = time.perf_counter()
+            kernel = encode_kernel(centre(larger.payload, engine.spatial_shape(lens)))
+            timing["compute_s"] = time.perf_counter() - start
+            return kernel
+
+        def covers(key: CacheKey) -> bool:
+            name, other, dtype = key
+            return name == model.content_hash and dtype == wire_dtype and other != lens and all(
+                m >= n for m, n in zip(other, lens, strict=True)
+            )
+
         accepted = self._clock()
 
         async def miss() -> EncodedKernel:
             # No deadline check in here: callers that join this computation have their own.
             timing["queue_s"] = self._clock() - accepted
-            return await self._on_device(compute)
+            larger = self._cache.smallest_stored(covers) if self.settings.cache_slicing else None
+            if larger is not None:
+                self.metrics.cache_slices.inc()
+                return await self._workers.on_host(functools.partial(cut, larger))
+            return await self._workers.on_device(compute)
 
         payload, hit = await self._cache.get_or_compute((model.content_hash, lens, wire_dtype), miss)
         if not hit and "compute_s" in timing:
@@ -313,38 +318,9 @@ class KernelService:
     ) -> list[asyncio.Future[EncodedKernel]]:
         """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
-        engine = self._engines[name]
-        out_dtype = decode_output_dtype(wire_dtype)
         conds = [item.conditioning for item in items]
-
-        def encode(out: torch.Tensor) -> list[EncodedKernel]:
-            # Each request's rows are a view of the one output buffer; encoding them is
-            # the only copy they get.
-            encoded, start = [], 0
-            for cond in conds:
-                rows = int(cond.shape[0])
-                encoded.append(encode_kernel(to_payload(out.narrow(0, start, rows))))
-                start += rows
-            return encoded
-
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[EncodedKernel]] = [loop.create_future() for _ in items]
-        if not self._pipelined:
-            encoded = await self._on_device(lambda: encode(engine.conditioned(lens, conds, out_dtype)))
-            for future, kernel in zip(futures, encoded, strict=True):
-                future.set_result(kernel)
-            return futures
-        out = await self._on_device(functools.partial(engine.conditioned, lens, conds, out_dtype))
-        # The device worker is free for the next batch from here on; this one's encoding
-        # overlaps it. ``_encoding`` holds the stage until it settles (close() waits for it).
-        stage = loop.run_in_executor(self._host, encode, out)
-        self._encoding.add(stage)
-        stage.add_done_callback(self._encoding.discard)
-        stage.add_done_callback(functools.partial(_settle, futures))
-        return futures
-
-    def _on_device(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
+        return await self._workers.run_batch(engine, lens, conds, dtype)
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._clock() >= deadline:
@@ -356,32 +332,16 @@ class KernelService:
         for model in self.repository.ready.values():
             engine = self._engines[model.name]
             lens = tuple(min(2, n) for n in model.module.L_cache)
-            await self._on_device(functools.partial(engine.unconditioned, lens, torch.float32))
+            await self._workers.on_device(functools.partial(engine.unconditioned, lens, torch.float32))
             cond_dim = model.module.cond_dim
             if cond_dim is not None:
                 conds = [torch.zeros(1, cond_dim)]
-                await self._on_device(functools.partial(engine.conditioned, lens, conds, torch.float32))
+                warm = functools.partial(engine.conditioned, lens, conds, torch.float32)
+                await self._workers.on_device(warm)
 
     async def close(self, drain: bool = True) -> None:
-        """Finish (or fail) queued batches, then stop the device worker."""
+        """Finish (or fail) queued batches, then stop the device worker and the host thread."""
         self.draining = True
         await self.submitter.close(drain=drain)
-        if self._encoding:
-            await asyncio.wait(set(self._encoding))
-        self._worker.shutdown(wait=True)
-        self._host.shutdown(wait=True)
+        await self._workers.close()
 
-
-def _settle(futures: list[asyncio.Future[EncodedKernel]], stage: asyncio.Future[list[EncodedKernel]]) -> None:
-    """Hand each request its part of a finished encoding stage (or the stage's error)."""
-    if stage.cancelled():
-        error: BaseException | None = Cancelled("the encoding of this batch was cancelled")
-    else:
-        error = stage.exception()
-    for i, future in enumerate(futures):
-        if future.done():  # its caller went away
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(stage.result()[i])

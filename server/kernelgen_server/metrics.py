@@ -96,6 +96,11 @@ class Metrics:
             "kernelgen_cache_misses", "Unconditioned-kernel cache misses.", registry=r
         )
         self.cache_evictions = Counter("kernelgen_cache_evictions", "Cache entries evicted.", registry=r)
+        self.cache_slices = Counter(
+            "kernelgen_cache_slices",
+            "Cache misses served as the centre of a cached larger kernel.",
+            registry=r,
+        )
         self.cache_bytes = Gauge("kernelgen_cache_bytes", "Bytes held by the cache.", registry=r)
         self.cache_entries = Gauge("kernelgen_cache_entries", "Entries held by the cache.", registry=r)
         self.models_ready = Gauge(

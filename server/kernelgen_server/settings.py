@@ -63,6 +63,11 @@ class ServerSettings(BaseSettings):
 
     # --- limits -----------------------------------------------------------------------------
     cache_bytes: ByteSize = Field(ByteSize(GiB), description="unconditioned-kernel cache budget in bytes")
+    cache_slicing: bool = Field(
+        True,
+        description="serve a smaller grid by cutting the centre out of a cached larger kernel of the same "
+        "model and dtype (its grid's centre is the smaller grid, bit for bit)",
+    )
     max_grid_points: int = Field(
         1 << 24, ge=1, description="largest grid (prod of 2*s-1) one request may ask"
     )

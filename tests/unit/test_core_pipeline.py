@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernelgen_server.core as core
+import kernelgen_server.workers as workers
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.core import KernelService
 from kernelgen_server.repository import ModelRepository, embedded_repository
@@ -46,7 +46,7 @@ class Timeline:
         self.encoded: list[float] = []
         self.threads: set[str] = set()
         engine = service._engines["hyena-2d"]
-        conditioned, encode = engine.conditioned, core.encode_kernel
+        conditioned, encode = engine.conditioned, workers.encode_kernel
 
         def timed_conditioned(*args: Any, **kwargs: Any) -> torch.Tensor:
             with self.lock:
@@ -61,7 +61,7 @@ class Timeline:
             return encode(payload)
 
         monkeypatch.setattr(engine, "conditioned", timed_conditioned)
-        monkeypatch.setattr(core, "encode_kernel", slow_encode)
+        monkeypatch.setattr(workers, "encode_kernel", slow_encode)
 
 
 def rows(seed: int, n: int = 1) -> np.ndarray:
@@ -129,7 +129,7 @@ async def test_batched_results_match_alone_either_way(repository: ModelRepositor
 async def test_an_encoding_error_fails_only_its_own_batch(
     pipelined: KernelService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encode = core.encode_kernel
+    encode = workers.encode_kernel
     poisoned = rows(99)
 
     def failing(payload: Any) -> Any:
@@ -140,9 +140,12 @@ async def test_an_encoding_error_fails_only_its_own_batch(
 
     engine = pipelined._engines["hyena-2d"]
     first_values = engine.conditioned(LENS, [torch.from_numpy(poisoned)], torch.float32).numpy().ravel()[:4]
-    monkeypatch.setattr(core, "encode_kernel", failing)
+    monkeypatch.setattr(workers, "encode_kernel", failing)
     outcomes = await asyncio.gather(
-        *(pipelined.generate("hyena-2d", LENS, c, pb.DTYPE_FLOAT32, False) for c in (rows(1), poisoned, rows(2))),
+        *(
+            pipelined.generate("hyena-2d", LENS, c, pb.DTYPE_FLOAT32, False)
+            for c in (rows(1), poisoned, rows(2))
+        ),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], RuntimeError)
