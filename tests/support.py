@@ -1,4 +1,4 @@
-"""Helpers for tests: an in-process server on port 0, and ``kernelgen serve`` as a process."""
+"""Helpers for tests: an in-process server on port 0, `kernelgen serve` as a process, kernel checks."""
 
 from __future__ import annotations
 
@@ -111,3 +111,16 @@ async def generate(stub: Any, request: Any, **kwargs: Any) -> tuple[Any, Any]:
     reply = await call
     trailers = dict(await call.trailing_metadata() or ())
     return reply, pb.ServerReport.FromString(trailers["kernelgen-report-bin"])
+
+
+def assert_same_kernel(got: Any, want: Any, *, bitwise: bool) -> None:
+    """Bitwise equal where the computation is batch-invariant (per-row GEMMs on CPU), else
+    equal to float32 rounding: max abs difference <= 1e-5 x max |kernel|."""
+    import numpy as np
+
+    got, want = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
+    assert got.shape == want.shape
+    if bitwise:
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

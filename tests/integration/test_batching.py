@@ -41,8 +41,10 @@ async def test_64_concurrent_mixed_requests_equal_their_unbatched_reference() ->
             kernel = np.frombuffer(reply.kernel.data, "<f4").reshape(tuple(reply.kernel.shape))
             assert kernel.shape == (cond.shape[0], 2 * shape[0] - 1, 2 * shape[1] - 1, 384)
             alone = engine.conditioned(shape, [torch.from_numpy(cond)], torch.float32).numpy()
-            # The same request computed alone by the same engine: bitwise equal.
-            np.testing.assert_array_equal(kernel, alone)
+            if engine.batched:  # batched GEMMs (the CUDA default): equal to float32 rounding
+                assert np.abs(kernel - alone).max() <= 1e-5 * np.abs(alone).max()
+            else:  # the same request computed alone by the same engine: bitwise equal
+                np.testing.assert_array_equal(kernel, alone)
             with torch.no_grad():
                 want = module(shape, torch.from_numpy(cond))[0].numpy()
             assert np.abs(kernel - want).max() <= 1e-5 * np.abs(want).max()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,12 @@ async def test_drain_finishes_calls_in_flight(server: Any, monkeypatch: pytest.M
     engine = server.service._engines["hyena-2d"]
     original = engine.conditioned
     started = asyncio.Event()
+    release = threading.Event()  # the batches wait on the device until the drain has begun
     loop = asyncio.get_running_loop()
 
     def slow(*args: Any, **kwargs: Any) -> torch.Tensor:
         loop.call_soon_threadsafe(started.set)
-        time.sleep(0.3)
+        release.wait(timeout=30)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(engine, "conditioned", slow)
@@ -101,6 +102,7 @@ async def test_drain_finishes_calls_in_flight(server: Any, monkeypatch: pytest.M
         stopping = asyncio.ensure_future(server.stop(grace=10))
         await asyncio.sleep(0.05)
         assert server.service.draining
+        release.set()
         replies = await asyncio.gather(*calls)  # none lost
         await stopping
     for request, reply in zip(requests, replies, strict=True):

@@ -19,6 +19,8 @@ from kernelgen_server.repository import ModelRepository, embedded_repository
 from kernelgen_server.settings import load_settings
 from kernelgen_server.wire import Payload
 
+from support import assert_same_kernel
+
 F32, F16, BF16 = pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16
 
 
@@ -108,8 +110,10 @@ async def test_a_smaller_grid_is_cut_from_a_cached_larger_kernel(
     assert slices(service) == 1
     assert not result.report.cache_hit
     engine = service._engines[model]
-    # Bitwise what computing it gives, here: the smaller grid is the larger grid's centre, bit for bit.
-    np.testing.assert_array_equal(array(result), engine.unconditioned(smaller).numpy())
+    # What computing it gives: the smaller grid is the larger grid's centre, bit for bit, and
+    # on CPU the GEMMs round each grid point alike whatever the grid's size.
+    bitwise = service.device.type == "cpu"
+    assert_same_kernel(array(result), engine.unconditioned(smaller).numpy(), bitwise=bitwise)
     with torch.no_grad():
         want = service.repository.ready[model].module(smaller)[0].numpy()
     assert np.abs(array(result)[0] - want).max() <= 1e-5 * np.abs(want).max()
@@ -126,7 +130,8 @@ async def test_only_the_same_model_and_dtype_and_a_covering_grid_are_cut(service
     bf = await service.generate("hyena-2d", (5, 5), None, F16, False)  # inside (20, 10) float16
     assert slices(service) == 1
     engine = service._engines["hyena-2d"]
-    np.testing.assert_array_equal(array(bf, "<f2"), engine.unconditioned((5, 5), torch.float16).numpy())
+    want = engine.unconditioned((5, 5), torch.float16).numpy()
+    assert_same_kernel(array(bf, "<f2"), want, bitwise=service.device.type == "cpu")
 
 
 async def test_the_smallest_covering_kernel_is_the_source(
