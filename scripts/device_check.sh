@@ -192,6 +192,7 @@ elif [ "${skipped:-0}" != 0 ]; then
 fi
 
 # -- b: the served path on the default device ("auto": CUDA there) ------------------------------
+# With the core's own tests of pipelined batches and cache slicing (also device "auto").
 # Not test_security.py (needs cryptography, which the GPU image lacks; device-independent).
 step "b integration tests" 180 "$TESTS_LOG" \
     "$PY" -m pytest -v -p no:cacheprovider --timeout 120 --junitxml "$WORK/service.xml" \
@@ -199,7 +200,8 @@ step "b integration tests" 180 "$TESTS_LOG" \
     tests/integration/test_status_codes.py tests/integration/test_lifecycle.py \
     tests/integration/test_client_sync.py tests/integration/test_client_async.py \
     tests/integration/test_client_errors.py tests/integration/test_client_cli.py \
-    tests/integration/test_loadtest.py
+    tests/integration/test_loadtest.py \
+    tests/unit/test_core_pipeline.py tests/unit/test_cache_slicing.py
 junit_summary "$WORK/service.xml" | grep -v '^cuda_skipped=\|CUDA tests: none found' | tee -a "$SUMMARY"
 
 # -- c: in-process engine vs reference forward --------------------------------------------------
