@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ from kernelgen_server.workers import Workers
 __all__ = ["FlopReport", "KernelResult", "KernelService", "Submitter", "resolve_device"]
 
 log = logging.getLogger("kernelgen.core")
-T = TypeVar("T")
 
 BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
 CacheKey = tuple[str, tuple[int, ...], int]  # (model content hash, seq_lens, wire dtype)
@@ -284,8 +283,8 @@ class KernelService:
             return kernel
 
         def covers(key: CacheKey) -> bool:
-            name, other, dtype = key
-            return name == model.content_hash and dtype == wire_dtype and other != lens and all(
+            digest, other, dtype = key
+            return digest == model.content_hash and dtype == wire_dtype and other != lens and all(
                 m >= n for m, n in zip(other, lens, strict=True)
             )
 
