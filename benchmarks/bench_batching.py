@@ -131,13 +131,19 @@ class Measured:
     step: Step
     server_cpu_s: float
     client_cpu_s: float
+    wall_s: float
 
 
 async def measure(server: ServerProcess, step_run: Awaitable[Step]) -> Measured:
     """Await ``step_run`` (a closed loop against ``server``) and account its CPU."""
-    server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+    server_cpu, client_cpu, start = server.cpu_seconds(), time.process_time(), time.perf_counter()
     step = await step_run
-    return Measured(step, server.cpu_seconds() - server_cpu, time.process_time() - client_cpu)
+    return Measured(
+        step,
+        server.cpu_seconds() - server_cpu,
+        time.process_time() - client_cpu,
+        time.perf_counter() - start,
+    )
 
 
 def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
@@ -146,6 +152,7 @@ def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
     rates = [m.step.rate for m in rounds]
     calls = max(1, step.calls)
     server_cpu = sum(m.server_cpu_s for m in rounds)
+    wall = sum(m.wall_s for m in rounds)
     client_cpu = sum(m.client_cpu_s for m in rounds)
     row = {
         **step.summary(),
@@ -153,8 +160,10 @@ def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
         "per_s_range": f"{min(rates):.0f}-{max(rates):.0f}",
         "server_cpu_ms": round(server_cpu / calls * 1000, 3),
         "client_cpu_ms": round(client_cpu / calls * 1000, 3),
-        # The machine's cores kept busy by the two processes (the rest is everything else).
-        "cores_busy": round((server_cpu + client_cpu) / sum(m.step.seconds + WARMUP for m in rounds), 2),
+        # Cores each process kept busy: near 1.0 for one whose Python threads share one GIL
+        # and do little outside it, the bound of that process.
+        "server_cores": round(server_cpu / wall, 2),
+        "client_cores": round(client_cpu / wall, 2),
     }
     reports = [r for r in step.reports if r is not None]
     if encode is None or not reports:
@@ -282,9 +291,9 @@ def report(result: dict[str, Any]) -> str:
         "request, closed loop. `per_s` is the median round's rate (`per_s_range` the slowest and fastest); "
         "latencies pool all rounds. Times are means per request; compute is the whole batch's device time. "
         "`server_cpu_ms` and `client_cpu_ms` are the CPU time each process spent per call, all threads; "
-        "`cores_busy` is both together per second of wall time. Where `cores_busy` is near the machine's "
-        "CPU count, the rate is bound by CPU shared between client and server, and only less CPU per call "
-        "(either side) raises it.",
+        "`server_cores` and `client_cores` the cores each kept busy. A Python process whose threads hold "
+        "the GIL for most of their work tops out near one core: where one of them is there, that process "
+        "bounds the rate, and only less CPU per call in it raises it.",
         "## Served",
         markdown_table(result["steps"]),
         "## Bare gRPC echo of the same response size (transport ceiling)",
