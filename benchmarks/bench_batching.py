@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import time
 from collections.abc import Awaitable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,16 +136,73 @@ class Measured:
     wall_s: float
 
 
-async def measure(server: ServerProcess, step_run: Awaitable[Step]) -> Measured:
-    """Await ``step_run`` (a closed loop against ``server``) and account its CPU."""
-    server_cpu, client_cpu, start = server.cpu_seconds(), time.process_time(), time.perf_counter()
-    step = await step_run
-    return Measured(
-        step,
-        server.cpu_seconds() - server_cpu,
-        time.process_time() - client_cpu,
-        time.perf_counter() - start,
-    )
+async def measure(server: ServerProcess, step_run: Awaitable[tuple[Step, float]]) -> Measured:
+    """Await ``step_run`` (a closed loop against ``server`` and its client CPU) and account it."""
+    server_cpu, start = server.cpu_seconds(), time.perf_counter()
+    step, client_cpu = await step_run
+    return Measured(step, server.cpu_seconds() - server_cpu, client_cpu, time.perf_counter() - start)
+
+
+def _step_in_process(
+    kind: str, target: str, dtype: int, concurrency: int, seconds: float
+) -> tuple[Step, float]:
+    """One closed-loop step in a client process of its own, and the CPU it took there."""
+    cpu = time.process_time()
+    if kind == "echo":
+        step = asyncio.run(echo(target, concurrency, seconds))
+    else:
+        step = asyncio.run(served(target, dtype, concurrency, seconds))
+    # Reports travel serialized: generated message classes do not pickle.
+    step.reports = [None if r is None else r.SerializeToString() for r in step.reports]
+    return step, time.process_time() - cpu
+
+
+class Clients:
+    """The load generator: ``processes`` client processes share each step's concurrency.
+
+    One process (the default) runs the steps in this one. On a machine with
+    cores to spare (a GPU host), several keep the client from being the limit.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool = None
+        if processes > 1:  # spawn: a forked gRPC process is not safe
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(processes, mp_context=context)
+
+    async def step(
+        self, kind: str, target: str, dtype: int, concurrency: int, seconds: float
+    ) -> tuple[Step, float]:
+        if self._pool is None:
+            cpu = time.process_time()
+            if kind == "echo":
+                step = await echo(target, concurrency, seconds)
+            else:
+                step = await served(target, dtype, concurrency, seconds)
+            return step, time.process_time() - cpu
+        p = self.processes
+        shares = [n for i in range(p) if (n := concurrency // p + (i < concurrency % p))]
+        loop = asyncio.get_running_loop()
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._pool, _step_in_process, kind, target, dtype, n, seconds)
+                for n in shares
+            )
+        )
+        # The processes ran side by side: one step of ``seconds`` with all their samples.
+        step = Step(concurrency, seconds)
+        for part, _ in parts:
+            step.latencies += part.latencies
+            step.reports += [None if r is None else pb.ServerReport.FromString(r) for r in part.reports]
+            step.nbytes += part.nbytes
+            step.errors += part.errors
+            step.calls += part.calls
+        return step, sum(cpu for _, cpu in parts)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
@@ -191,7 +250,9 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-async def run(seconds: float, levels: list[int], rounds: int, device: str) -> dict[str, Any]:
+async def run(
+    seconds: float, levels: list[int], rounds: int, device: str, clients: Clients
+) -> dict[str, Any]:
     import torch
 
     result: dict[str, Any] = {
@@ -199,6 +260,7 @@ async def run(seconds: float, levels: list[int], rounds: int, device: str) -> di
         "seconds_per_step": seconds,
         "rounds": rounds,
         "device": device,
+        "client_processes": clients.processes,
     }
     encodes = {
         d: encode_ms(t) for d, t in ((pb.DTYPE_FLOAT32, torch.float32), (pb.DTYPE_FLOAT16, torch.float16))
@@ -225,11 +287,13 @@ async def run(seconds: float, levels: list[int], rounds: int, device: str) -> di
                     for name in order:
                         if name == "echo":
                             server = echoes[dtype_name]
-                            measured = await measure(server, echo(server.target, level, seconds))
+                            run_step = clients.step("echo", server.target, 0, level, seconds)
+                            measured = await measure(server, run_step)
                             echo_runs.setdefault((dtype_name, level), []).append(measured)
                         else:
                             server = servers[name]
-                            measured = await measure(server, served(server.target, dtype, level, seconds))
+                            run_step = clients.step("served", server.target, dtype, level, seconds)
+                            measured = await measure(server, run_step)
                             served_runs.setdefault((name, dtype_name, level), []).append(measured)
                         print(
                             f"round {r + 1}/{rounds} {name} {dtype_name} c{level}: "
@@ -286,7 +350,8 @@ def report(result: dict[str, Any]) -> str:
         "# Batching benchmark",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, CUDA: {m['cuda']}; {m['date']}. "
         f"Server device: {result['device']}. {result['rounds']} interleaved rounds of "
-        f"{result['seconds_per_step']} s per step; client and server on the same machine.",
+        f"{result['seconds_per_step']} s per step; client ({result['client_processes']} process(es)) "
+        "and server on the same machine.",
         "Workload: hyena-2d, seq_lens 15x15 (29x29 grid, out_dim 384, 1.29 MB float32), one FiLM row per "
         "request, closed loop. `per_s` is the median round's rate (`per_s_range` the slowest and fastest); "
         "latencies pool all rounds. Times are means per request; compute is the whole batch's device time. "
@@ -319,6 +384,9 @@ def main() -> None:
         "--device", default="auto", help="the servers' and the engine's device (auto, cpu, cuda)"
     )
     parser.add_argument("--output", default="batching", help="results/<output>.json and .md")
+    parser.add_argument(
+        "--client-processes", type=int, default=1, help="client processes sharing each step's concurrency"
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     device = args.device
@@ -327,7 +395,11 @@ def main() -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
-    result = asyncio.run(run(args.seconds, levels, max(1, args.rounds), device))
+    clients = Clients(max(1, args.client_processes))
+    try:
+        result = asyncio.run(run(args.seconds, levels, max(1, args.rounds), device, clients))
+    finally:
+        clients.close()
     write_results(args.output, result, report(result))
     print(f"({time.time() - started:.0f} s)")
 

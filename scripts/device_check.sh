@@ -10,7 +10,7 @@
 #   a         tests/unit/test_engine.py; its CUDA tests must run, not skip
 #   b         the integration tests of the served path (in-process servers, device "auto")
 #   c         benchmarks/bench_engine.py, short, on the GPU
-#   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU
+#   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
 # Writes at most 8 files into $OUT (default reports/device): summary.txt (each step's exit
 # code and time, and whether the CUDA tests ran), env.txt (nvidia-smi, versions, the
 # requirement check), tests.log, bench.log, engine_<device>.json, batching_<device>.{json,md}.
@@ -210,40 +210,17 @@ step "c bench_engine.py ($DEVICE)" 90 "$BENCH_LOG" \
     --min-time 0.2 --json "$OUT/engine_$DEVICE.json"
 
 # -- d: the batching benchmark ------------------------------------------------------------------
-# Newer options only where this bench_batching.py has them; results under their own name where
-# it takes --output, and the tracked results/ files put back as they were either way.
-help=$("$PY" benchmarks/bench_batching.py --help 2>&1)
-extra=()
-grep -q -- "--rounds" <<<"$help" && extra+=(--rounds 1)
-grep -q -- "--device" <<<"$help" && extra+=(--device "$DEVICE")
-name=batching
-grep -q -- "--output" <<<"$help" && name=batching_$DEVICE && extra+=(--output "$name")
-RESULTS=benchmarks/results
-mkdir -p "$WORK/results"
-cp -p "$RESULTS"/batching* "$WORK/results/" 2>/dev/null
-touch "$WORK/marker"
-base=("$PY" benchmarks/bench_batching.py --seconds 1 --concurrency 1,8,32,64)
-step "d bench_batching.py ${extra[*]:-(no new options)}" 150 "$BENCH_LOG" "${base[@]}" "${extra[@]}"
-if [ "$RC" -eq 2 ] && [ ${#extra[@]} -gt 0 ] && tail -n 5 "$BENCH_LOG" | grep -q "unrecognized arguments"; then
-    name=batching
-    step "d bench_batching.py (plain)" 150 "$BENCH_LOG" "${base[@]}"
-fi
-copied=0
+# Results under their own name (results/batching_<device>.*), so the CPU results stay as they
+# are; four client processes, so that on a many-core host the client is not the limit.
+name=batching_$DEVICE
+step "d bench_batching.py ($DEVICE)" 150 "$BENCH_LOG" \
+    "$PY" benchmarks/bench_batching.py --seconds 1 --rounds 1 --concurrency 1,8,32,64 \
+    --device "$DEVICE" --client-processes 4 --output "$name"
 for ext in json md; do
-    file=$RESULTS/$name.$ext
-    if [ -f "$file" ] && [ "$file" -nt "$WORK/marker" ]; then
-        cp "$file" "$OUT/${name%_"$DEVICE"}_$DEVICE.$ext"
-        copied=$((copied + 1))
-    fi
-done
-[ "$copied" -eq 2 ] || note "  bench_batching wrote no fresh $RESULTS/$name.{json,md}"
-# Put the tracked results back: a GPU run must not replace the CPU results in the tree.
-for file in "$RESULTS"/batching*; do
-    [ "$file" -nt "$WORK/marker" ] || continue
-    if [ -f "$WORK/results/$(basename "$file")" ]; then
-        cp -p "$WORK/results/$(basename "$file")" "$file"
+    if [ -f "benchmarks/results/$name.$ext" ]; then
+        mv "benchmarks/results/$name.$ext" "$OUT/$name.$ext"
     else
-        rm -f "$file"
+        note "  bench_batching wrote no benchmarks/results/$name.$ext"
     fi
 done
 
