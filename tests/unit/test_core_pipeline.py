@@ -170,3 +170,21 @@ async def test_close_waits_for_encodings_in_flight(
     results = await asyncio.gather(*calls)  # every accepted request was answered
     assert len(results) == 4
     assert len(timeline.encoded) == 4
+
+
+async def test_a_caller_gone_during_encoding_harms_no_other(
+    pipelined: KernelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeline = Timeline(monkeypatch, pipelined, encode_s=0.15)
+    calls = [
+        asyncio.create_task(pipelined.generate("hyena-2d", LENS, rows(i), pb.DTYPE_FLOAT32, False))
+        for i in range(3)
+    ]
+    while not timeline.computed:  # the first batch is on the device, then encodes for 0.15 s
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    calls[0].cancel()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(outcomes[0], asyncio.CancelledError)
+    assert all(not isinstance(o, BaseException) for o in outcomes[1:])
+    assert len(timeline.encoded) == 3  # its encoding still finished, and was dropped
