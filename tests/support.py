@@ -124,3 +124,11 @@ def assert_same_kernel(got: Any, want: Any, *, bitwise: bool) -> None:
         np.testing.assert_array_equal(got, want)
     else:
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def kernel_service(repository: Any, **settings: Any) -> Any:
+    """A ``KernelService`` (the core, no gRPC) over ``repository``; metrics port off."""
+    from kernelgen_server.core import KernelService
+    from kernelgen_server.settings import load_settings
+
+    return KernelService(repository, load_settings({"metrics_port": 0, **settings}))

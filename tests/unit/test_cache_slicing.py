@@ -15,11 +15,10 @@ from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.cache import ByteLRUCache
 from kernelgen_server.codec import centre, to_payload
 from kernelgen_server.core import KernelService
-from kernelgen_server.repository import ModelRepository, embedded_repository
-from kernelgen_server.settings import load_settings
+from kernelgen_server.repository import ModelRepository
 from kernelgen_server.wire import Payload
 
-from support import assert_same_kernel
+from support import assert_same_kernel, kernel_service
 
 F32, F16, BF16 = pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16
 
@@ -71,14 +70,9 @@ async def test_smallest_stored_picks_the_lightest_match_and_marks_it_used() -> N
 
 
 # --- through the service ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def repository() -> ModelRepository:
-    return ModelRepository.load(embedded_repository())
-
-
 @pytest.fixture
-async def service(repository: ModelRepository) -> AsyncIterator[KernelService]:
-    service = KernelService(repository, load_settings({"metrics_port": 0}))
+async def service(embedded_models: ModelRepository) -> AsyncIterator[KernelService]:
+    service = kernel_service(embedded_models)
     yield service
     await service.close()
 
@@ -153,8 +147,8 @@ async def test_the_smallest_covering_kernel_is_the_source(
     assert sources == [(1, 15, 17, 384)]
 
 
-async def test_slicing_can_be_turned_off(repository: ModelRepository) -> None:
-    service = KernelService(repository, load_settings({"metrics_port": 0, "cache_slicing": False}))
+async def test_slicing_can_be_turned_off(embedded_models: ModelRepository) -> None:
+    service = kernel_service(embedded_models, cache_slicing=False)
     try:
         await service.generate("hyena-2d", (9, 9), None, F32, False)
         result = await service.generate("hyena-2d", (5, 5), None, F32, False)

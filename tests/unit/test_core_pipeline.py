@@ -15,26 +15,16 @@ import torch
 import kernelgen_server.workers as workers
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_server.core import KernelService
-from kernelgen_server.repository import ModelRepository, embedded_repository
-from kernelgen_server.settings import load_settings
+from kernelgen_server.repository import ModelRepository
 
-from support import assert_same_kernel
+from support import assert_same_kernel, kernel_service
 
 LENS = (6, 5)
 
 
-@pytest.fixture(scope="module")
-def repository() -> ModelRepository:
-    return ModelRepository.load(embedded_repository())
-
-
-def service_for(repository: ModelRepository, **settings: Any) -> KernelService:
-    return KernelService(repository, load_settings({"metrics_port": 0, **settings}))
-
-
 @pytest.fixture
-async def pipelined(repository: ModelRepository) -> AsyncIterator[KernelService]:
-    service = service_for(repository, pipeline_batches=True, max_batch_size=1)
+async def pipelined(embedded_models: ModelRepository) -> AsyncIterator[KernelService]:
+    service = kernel_service(embedded_models, pipeline_batches=True, max_batch_size=1)
     yield service
     await service.close()
 
@@ -95,9 +85,9 @@ async def test_next_batch_computes_while_the_previous_one_encodes(
 
 
 async def test_unpipelined_service_encodes_on_the_device_worker(
-    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+    embedded_models: ModelRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = service_for(repository, pipeline_batches=False, max_batch_size=1)
+    service = kernel_service(embedded_models, pipeline_batches=False, max_batch_size=1)
     try:
         timeline = Timeline(monkeypatch, service, encode_s=0.05)
         await asyncio.gather(
@@ -111,8 +101,10 @@ async def test_unpipelined_service_encodes_on_the_device_worker(
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
-async def test_batched_results_match_alone_either_way(repository: ModelRepository, pipeline: bool) -> None:
-    service = service_for(repository, pipeline_batches=pipeline, max_batch_size=16)
+async def test_batched_results_match_alone_either_way(
+    embedded_models: ModelRepository, pipeline: bool
+) -> None:
+    service = kernel_service(embedded_models, pipeline_batches=pipeline, max_batch_size=16)
     try:
         conds = [rows(10 + i, n=1 + i % 3) for i in range(12)]
         results = await asyncio.gather(
@@ -156,9 +148,9 @@ async def test_an_encoding_error_fails_only_its_own_batch(
 
 
 async def test_close_waits_for_encodings_in_flight(
-    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+    embedded_models: ModelRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = service_for(repository, pipeline_batches=True, max_batch_size=1)
+    service = kernel_service(embedded_models, pipeline_batches=True, max_batch_size=1)
     timeline = Timeline(monkeypatch, service, encode_s=0.1)
     calls = [
         asyncio.create_task(service.generate("hyena-2d", LENS, rows(i), pb.DTYPE_FLOAT32, False))

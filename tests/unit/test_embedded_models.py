@@ -56,32 +56,27 @@ EXPECTED: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def embedded() -> ModelRepository:
-    return ModelRepository.load(embedded_repository())
-
-
 def test_embedded_repository_lives_in_the_package() -> None:
     import kernelgen_server
 
     assert embedded_repository() == Path(kernelgen_server.__file__).resolve().parent / "models"
 
 
-def test_exactly_the_three_models_load(embedded: ModelRepository) -> None:
-    assert dict(embedded.failed) == {}
-    assert sorted(embedded.ready) == sorted(EXPECTED)
+def test_exactly_the_three_models_load(embedded_models: ModelRepository) -> None:
+    assert dict(embedded_models.failed) == {}
+    assert sorted(embedded_models.ready) == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_config_is_as_documented(embedded: ModelRepository, name: str) -> None:
-    model = embedded.get(name)
+def test_config_is_as_documented(embedded_models: ModelRepository, name: str) -> None:
+    model = embedded_models.get(name)
     assert model.config.to_json_dict() == EXPECTED[name]
     assert model.weights_format == "safetensors"
 
 
 @pytest.mark.parametrize("name", ["hyena-2d", "volume-3d"])
-def test_conditioning_visibly_changes_the_kernel(embedded: ModelRepository, name: str) -> None:
-    model = embedded.get(name)
+def test_conditioning_visibly_changes_the_kernel(embedded_models: ModelRepository, name: str) -> None:
+    model = embedded_models.get(name)
     assert model.config.cond_dim is not None
     conditioning = torch.randn(2, model.config.cond_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -95,16 +90,18 @@ def test_conditioning_visibly_changes_the_kernel(embedded: ModelRepository, name
     assert (modulated[0] - modulated[1]).abs().max() > 0.05 * scale
 
 
-def test_long_1d_serves_its_full_cache_length(embedded: ModelRepository) -> None:
+def test_long_1d_serves_its_full_cache_length(embedded_models: ModelRepository) -> None:
     with torch.no_grad():
-        kernel, grid = embedded.get("long-1d").module(4096)
+        kernel, grid = embedded_models.get("long-1d").module(4096)
     assert kernel.shape == (1, 2 * 4096 - 1, 256)
     assert grid[0, 0, 0] == -1.0
     assert grid[0, -1, 0] == 1.0
     assert torch.isfinite(kernel).all()
 
 
-def test_the_script_regenerates_the_committed_models(embedded: ModelRepository, tmp_path: Path) -> None:
+def test_the_script_regenerates_the_committed_models(
+    embedded_models: ModelRepository, tmp_path: Path
+) -> None:
     spec = importlib.util.spec_from_file_location(
         "make_embedded_models", ROOT / "scripts/make_embedded_models.py"
     )
@@ -115,6 +112,6 @@ def test_the_script_regenerates_the_committed_models(embedded: ModelRepository, 
     assert script.main(["--out", str(tmp_path)]) == 0
     regenerated = ModelRepository.load(tmp_path)
     assert sorted(regenerated.ready) == sorted(EXPECTED)
-    for name, model in embedded.ready.items():
+    for name, model in embedded_models.ready.items():
         assert regenerated.get(name).content_hash == model.content_hash, name
         assert (tmp_path / name / "config.json").read_bytes() == (model.path / "config.json").read_bytes()
