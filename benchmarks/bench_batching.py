@@ -143,18 +143,22 @@ async def measure(server: ServerProcess, step_run: Awaitable[tuple[Step, float]]
     return Measured(step, server.cpu_seconds() - server_cpu, client_cpu, time.perf_counter() - start)
 
 
-def _step_in_process(
-    kind: str, target: str, dtype: int, concurrency: int, seconds: float
-) -> tuple[Step, float]:
-    """One closed-loop step in a client process of its own, and the CPU it took there."""
+async def load(kind: str, target: str, dtype: int, concurrency: int, seconds: float) -> tuple[Step, float]:
+    """One closed-loop step (``kind`` "served" or "echo") and the CPU this process spent on it."""
     cpu = time.process_time()
     if kind == "echo":
-        step = asyncio.run(echo(target, concurrency, seconds))
+        step = await echo(target, concurrency, seconds)
     else:
-        step = asyncio.run(served(target, dtype, concurrency, seconds))
+        step = await served(target, dtype, concurrency, seconds)
+    return step, time.process_time() - cpu
+
+
+def _load_in_process(*args: Any) -> tuple[Step, float]:
+    """``load`` in a client process of its own."""
+    step, cpu = asyncio.run(load(*args))
     # Reports travel serialized: generated message classes do not pickle.
     step.reports = [None if r is None else r.SerializeToString() for r in step.reports]
-    return step, time.process_time() - cpu
+    return step, cpu
 
 
 class Clients:
@@ -175,29 +179,21 @@ class Clients:
         self, kind: str, target: str, dtype: int, concurrency: int, seconds: float
     ) -> tuple[Step, float]:
         if self._pool is None:
-            cpu = time.process_time()
-            if kind == "echo":
-                step = await echo(target, concurrency, seconds)
-            else:
-                step = await served(target, dtype, concurrency, seconds)
-            return step, time.process_time() - cpu
+            return await load(kind, target, dtype, concurrency, seconds)
         p = self.processes
         shares = [n for i in range(p) if (n := concurrency // p + (i < concurrency % p))]
         loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, _step_in_process, kind, target, dtype, n, seconds)
+                loop.run_in_executor(self._pool, _load_in_process, kind, target, dtype, n, seconds)
                 for n in shares
             )
         )
-        # The processes ran side by side: one step of ``seconds`` with all their samples.
-        step = Step(concurrency, seconds)
         for part, _ in parts:
-            step.latencies += part.latencies
-            step.reports += [None if r is None else pb.ServerReport.FromString(r) for r in part.reports]
-            step.nbytes += part.nbytes
-            step.errors += part.errors
-            step.calls += part.calls
+            part.reports = [None if r is None else pb.ServerReport.FromString(r) for r in part.reports]
+        # The processes ran side by side: one step of ``seconds`` with all their samples.
+        step = merge([part for part, _ in parts], seconds=seconds)
+        step.concurrency = concurrency
         return step, sum(cpu for _, cpu in parts)
 
     def close(self) -> None:

@@ -205,9 +205,14 @@ async def closed_loop(
     return step
 
 
-def merge(steps: list[Step]) -> Step:
-    """One step of all the rounds' samples (for rates and pooled percentiles)."""
-    out = Step(steps[0].concurrency, sum(s.seconds for s in steps))
+def merge(steps: list[Step], seconds: float | None = None) -> Step:
+    """One step of all the steps' samples (for rates and pooled percentiles).
+
+    ``seconds``: the time they cover; by default their sum (steps run one after
+    another), else e.g. one step's length for steps run side by side.
+    """
+    covered = sum(s.seconds for s in steps) if seconds is None else seconds
+    out = Step(steps[0].concurrency, covered)
     for step in steps:
         out.latencies += step.latencies
         out.reports += step.reports
