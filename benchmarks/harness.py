@@ -53,9 +53,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[subprocess.Popen[str]]:
-    """Run ``command`` until a line matching ``ready`` appears; SIGTERM it on exit."""
+def start_process(command: list[str], ready: str, timeout: float = 90.0) -> subprocess.Popen[str]:
+    """Start ``command``; return once it prints a line matching ``ready``.
+
+    Raises RuntimeError, with what it printed, if it exits or ``timeout`` passes first.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -64,11 +66,19 @@ def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[s
     for line in proc.stdout:
         lines.append(line)
         if re.search(ready, line):
-            break
+            return proc
         if time.monotonic() > deadline:
-            break
-    else:
-        raise RuntimeError(f"{command[:4]} exited:\n{''.join(lines)}")
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{command[:4]} not ready in {timeout:g} s:\n{''.join(lines)}")
+    proc.wait()
+    raise RuntimeError(f"{command[:4]} exited:\n{''.join(lines)}")
+
+
+@contextmanager
+def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[subprocess.Popen[str]]:
+    """Run ``command`` until a line matching ``ready`` appears; SIGTERM it on exit."""
+    proc = start_process(command, ready, timeout)
     try:
         yield proc
     finally:
@@ -77,6 +87,25 @@ def process(command: list[str], ready: str, timeout: float = 90.0) -> Iterator[s
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def serve_command(host: str, port: int, *args: str, metrics_port: int = 0) -> list[str]:
+    """``kernelgen serve`` on ``host:port`` with warnings-only logs (metrics off by default)."""
+    return [
+        sys.executable,
+        "-m",
+        "kernelgen_client.cli",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--log-level",
+        "WARNING",
+        *args,
+    ]
 
 
 @dataclass(frozen=True)
@@ -101,22 +130,7 @@ class ServerProcess:
 def kernelgen_server(*args: str) -> Iterator[ServerProcess]:
     """``kernelgen serve`` on a free loopback port."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kernelgen_client.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--log-level",
-        "WARNING",
-        *args,
-    ]
-    with process(command, r"listening on") as proc:
+    with process(serve_command("127.0.0.1", port, *args), r"listening on") as proc:
         yield ServerProcess(f"127.0.0.1:{port}", proc.pid)
 
 

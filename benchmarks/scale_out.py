@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from harness import write_results
+from harness import serve_command, start_process, write_results
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
@@ -62,32 +62,8 @@ class Replica:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "kernelgen_client.cli",
-            "serve",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--log-level",
-            "WARNING",
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            if "listening on" in line:
-                return
-            if time.monotonic() > deadline:
-                break
-        raise RuntimeError(f"replica {self.target} did not start")
+        command = serve_command(self.host, self.port, metrics_port=self.metrics_port)
+        self.proc = start_process(command, r"listening on", timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
