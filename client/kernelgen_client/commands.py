@@ -224,6 +224,7 @@ def _generate(args: argparse.Namespace) -> int:
                     "compute_ms": report.compute_ms,
                     "elapsed_ms": result.elapsed_ms,
                     "model_hash": report.model_hash,
+                    "worker": report.worker,
                     "out": str(args.out) if args.out else None,
                 }
             )

@@ -183,6 +183,8 @@ class ServerReport:
     compute_ms: float
     #: Content hash of the model that produced the kernel.
     model_hash: str
+    #: Index of the server worker process that answered (0 for a one-process server).
+    worker: int = 0
 
     @classmethod
     def from_pb(cls, message: pb.ServerReport) -> ServerReport:
@@ -193,6 +195,7 @@ class ServerReport:
             queue_ms=float(message.queue_ms),
             compute_ms=float(message.compute_ms),
             model_hash=message.model_hash,
+            worker=int(message.worker),
         )
 
 

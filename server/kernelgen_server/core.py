@@ -21,7 +21,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,8 +112,11 @@ class KernelService:
         metrics: Metrics | None = None,
         device: torch.device | None = None,
         clock: Callable[[], float] = time.monotonic,
+        worker: int = 0,
     ) -> None:
         self.repository = repository
+        #: This process's index among the server's worker processes; every report carries it.
+        self.worker = worker
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.device = device or resolve_device(settings.device)
@@ -122,7 +124,7 @@ class KernelService:
         cuda = self.device.type == "cuda"
         self._workers = Workers(
             self.device,
-            cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1),
+            cpu_threads=settings.torch_threads(),
             pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
         )
         # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
@@ -253,6 +255,7 @@ class KernelService:
                 compute_ms=outcome.compute_s * 1000.0,
             )
         report.model_hash = model.content_hash
+        report.worker = self.worker
         grid = None
         if return_grid:
             engine = self._engines[model.name]

@@ -1,5 +1,10 @@
 """Prometheus metrics of one server, on a registry of its own (no globals).
 
+Under ``kernelgen serve --workers N`` each worker process records into
+prometheus_client's multiprocess files and the supervisor serves their sum;
+each gauge's ``multiprocess_mode`` says how the workers' values combine
+(outside that mode it is ignored).
+
 The cache and the batcher report through small observer protocols; the
 adapters here bind those to counters and histograms, so neither component
 knows about Prometheus.
@@ -50,7 +55,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("kernelgen_inflight_requests", "Calls in progress.", registry=r)
+        self.inflight = Gauge(
+            "kernelgen_inflight_requests", "Calls in progress.", registry=r, multiprocess_mode="livesum"
+        )
         self.queue_time = Histogram(
             "kernelgen_queue_time_seconds",
             "Time a conditioned request waited for its batch.",
@@ -78,6 +85,7 @@ class Metrics:
             "Requests waiting, by batch bucket (model/seq_lens/dtype).",
             ["bucket"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.oom_splits = Counter(
             "kernelgen_oom_splits",
@@ -101,13 +109,18 @@ class Metrics:
             "Cache misses served as the centre of a cached larger kernel.",
             registry=r,
         )
-        self.cache_bytes = Gauge("kernelgen_cache_bytes", "Bytes held by the cache.", registry=r)
-        self.cache_entries = Gauge("kernelgen_cache_entries", "Entries held by the cache.", registry=r)
+        self.cache_bytes = Gauge(
+            "kernelgen_cache_bytes", "Bytes held by the cache.", registry=r, multiprocess_mode="livesum"
+        )
+        self.cache_entries = Gauge(
+            "kernelgen_cache_entries", "Entries held by the cache.", registry=r, multiprocess_mode="livesum"
+        )
         self.models_ready = Gauge(
             "kernelgen_model_ready",
-            "1 when the model is loaded and serving.",
+            "1 when the model is loaded and serving (in every live worker).",
             ["model"],
             registry=r,
+            multiprocess_mode="livemin",
         )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

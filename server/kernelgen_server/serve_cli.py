@@ -64,6 +64,15 @@ def _run(args: argparse.Namespace) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.workers > 1:
+        # The supervisor loads no torch: each worker process does, and holds the device.
+        from kernelgen_server.supervisor import supervise
+
+        try:
+            return asyncio.run(supervise(settings))
+        except (OSError, RuntimeError) as exc:
+            print(f"kernelgen serve: {exc}", file=sys.stderr)
+            return 1
     from kernelgen_server.server import ModelsFailedError, serve  # torch loads here
 
     try:

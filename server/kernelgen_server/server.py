@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from grpc import aio
@@ -25,7 +26,7 @@ from kernelgen_server.security import BearerTokenInterceptor, load_tokens, serve
 from kernelgen_server.servicer import SERVICE_NAME, KernelServicer
 from kernelgen_server.settings import ServerSettings
 
-__all__ = ["KernelServer", "ModelsFailedError", "create_server"]
+__all__ = ["KernelServer", "ModelsFailedError", "create_server", "serve"]
 
 log = logging.getLogger("kernelgen.server")
 
@@ -127,13 +128,17 @@ def create_server(
     *,
     repository: ModelRepository | None = None,
     metrics: Metrics | None = None,
+    worker: int = 0,
+    reuse_port: bool = False,
 ) -> tuple[KernelServer, int]:
     """Build the server and bind its port; returns it (not started) and the bound port.
 
-    Must be called with an event loop running (grpc.aio binds to it).
+    ``worker`` is this process's index under a supervisor, and ``reuse_port`` lets it
+    share the port with its sibling workers (SO_REUSEPORT); a server on its own refuses
+    to share. Must be called with an event loop running (grpc.aio binds to it).
     """
     repository = repository or _load_repository(settings)
-    service = KernelService(repository, settings, metrics=metrics)
+    service = KernelService(repository, settings, metrics=metrics, worker=worker)
     interceptors: list[aio.ServerInterceptor] = []
     if settings.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(load_tokens(settings.auth_token_file)))
@@ -144,8 +149,9 @@ def create_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
-        # Never share a port with another process: a second server must fail to bind.
-        ("grpc.so_reuseport", 0),
+        # A lone server never shares its port: a second one started by mistake must fail to
+        # bind. Only the workers of one supervisor share theirs (supervisor.py).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     grpc_server = aio.server(
         interceptors=interceptors,
@@ -171,18 +177,30 @@ def create_server(
     return KernelServer(settings, service, grpc_server, health, port), port
 
 
-async def serve(settings: ServerSettings) -> int:
-    """Run until SIGTERM or SIGINT, then drain; the exit code of ``kernelgen serve``."""
+async def serve(
+    settings: ServerSettings,
+    *,
+    worker: int = 0,
+    reuse_port: bool = False,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> int:
+    """Run until SIGTERM, SIGINT or ``stop``, then drain; the exit code of ``kernelgen serve``.
+
+    ``on_ready(port)`` runs once the server is SERVING; by default it prints the listening line.
+    """
     if settings.tune_malloc:
         tune_malloc()
-    server, port = create_server(settings)
+    server, port = create_server(settings, worker=worker, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    scheme = "grpcs" if settings.tls_cert else "grpc"
-    print(f"kernelgen: listening on {scheme}://{settings.host}:{port}", flush=True)
+    if on_ready is None:
+        print(f"kernelgen: listening on {settings.url(port)}", flush=True)
+    else:
+        on_ready(port)
     await stop.wait()
     await server.stop()
     return 0

@@ -42,8 +42,18 @@ class ServerSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0 disables)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port (Linux SO_REUSEPORT spreads connections over "
+        "them); each has its own device context, batcher and cache of --cache-bytes",
+    )
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads for CPU compute (default: CPUs - 1, leaving one for gRPC)"
+        None,
+        ge=1,
+        description="torch threads per worker for CPU compute (default: the CPUs left after one per "
+        "worker for gRPC, shared among the workers)",
     )
     batched_gemm: bool | None = Field(
         None,
@@ -98,6 +108,21 @@ class ServerSettings(BaseSettings):
         None, description="PEM CA bundle; clients must present a cert it signed"
     )
     auth_token_file: Path | None = Field(None, description="file of accepted bearer tokens, one per line")
+
+    def url(self, port: int) -> str:
+        """Where clients reach this server once bound to ``port``: ``grpc[s]://host:port``."""
+        return f"{'grpcs' if self.tls_cert else 'grpc'}://{self.host}:{port}"
+
+    def torch_threads(self, cpus: int | None = None) -> int:
+        """Torch intra-op threads for one worker: ``cpu_threads``, else its share of the spare CPUs.
+
+        Each worker's event loop needs a core of its own: with every core in torch's pool, its
+        threads stall at barriers whenever gRPC takes one, and compute slows many-fold.
+        """
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        cpus = cpus or os.cpu_count() or 2
+        return max(1, (cpus - self.workers) // self.workers)
 
     @field_validator("device")
     @classmethod

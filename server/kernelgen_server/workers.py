@@ -37,8 +37,7 @@ class Workers:
 
     def __init__(self, device: torch.device, *, cpu_threads: int, pipelined: bool) -> None:
         def init_device_worker() -> None:
-            # The event loop needs a core of its own: with every core in torch's pool, its
-            # threads stall at barriers whenever gRPC takes one, and compute slows many-fold.
+            # cpu_threads leaves the event loop a core (ServerSettings.torch_threads).
             if device.type == "cpu":
                 torch.set_num_threads(cpu_threads)
 
