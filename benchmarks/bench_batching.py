@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,14 +74,30 @@ def requests(dtype: int, count: int = 256) -> list[bytes]:
     return out
 
 
-async def served(target: str, dtype: int, concurrency: int, seconds: float) -> Step:
+@contextlib.asynccontextmanager
+async def unary_methods(target: str, path: str, connections: int) -> AsyncIterator[list[Any]]:
+    """``connections`` channels to ``target``, each on a TCP connection of its own, as raw methods.
+
+    A server of several worker processes is spread over by connection (SO_REUSEPORT),
+    so a client that wants them all needs several connections.
+    """
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(target, options=options))
+            for _ in range(connections)
+        ]
+        yield [c.unary_unary(path, request_serializer=raw, response_deserializer=raw) for c in channels]
+
+
+async def served(target: str, dtype: int, concurrency: int, seconds: float, connections: int = 1) -> Step:
     bodies = requests(dtype)
     counter = iter(range(1 << 60))
-    async with grpc.aio.insecure_channel(target) as channel:
-        method = channel.unary_unary(GENERATE, request_serializer=raw, response_deserializer=raw)
+    async with unary_methods(target, GENERATE, connections) as methods:
 
         async def call() -> tuple[int, Any]:
-            rpc = method(bodies[next(counter) % len(bodies)])
+            n = next(counter)
+            rpc = methods[n % len(methods)](bodies[n % len(bodies)])
             data = await rpc
             trailers = dict(await rpc.trailing_metadata() or ())
             return len(data), pb.ServerReport.FromString(trailers[REPORT_KEY])
@@ -88,12 +105,12 @@ async def served(target: str, dtype: int, concurrency: int, seconds: float) -> S
         return await closed_loop(call, concurrency, seconds, WARMUP)
 
 
-async def echo(target: str, concurrency: int, seconds: float) -> Step:
-    async with grpc.aio.insecure_channel(target) as channel:
-        method = channel.unary_unary("/bench.Echo/Unary", request_serializer=raw, response_deserializer=raw)
+async def echo(target: str, concurrency: int, seconds: float, connections: int = 1) -> Step:
+    counter = iter(range(1 << 60))
+    async with unary_methods(target, "/bench.Echo/Unary", connections) as methods:
 
         async def call() -> tuple[int, Any]:
-            return len(await method(b"")), None
+            return len(await methods[next(counter) % len(methods)](b"")), None
 
         return await closed_loop(call, concurrency, seconds, WARMUP)
 
@@ -143,13 +160,15 @@ async def measure(server: ServerProcess, step_run: Awaitable[tuple[Step, float]]
     return Measured(step, server.cpu_seconds() - server_cpu, client_cpu, time.perf_counter() - start)
 
 
-async def load(kind: str, target: str, dtype: int, concurrency: int, seconds: float) -> tuple[Step, float]:
+async def load(
+    kind: str, target: str, dtype: int, concurrency: int, seconds: float, connections: int = 1
+) -> tuple[Step, float]:
     """One closed-loop step (``kind`` "served" or "echo") and the CPU this process spent on it."""
     cpu = time.process_time()
     if kind == "echo":
-        step = await echo(target, concurrency, seconds)
+        step = await echo(target, concurrency, seconds, connections)
     else:
-        step = await served(target, dtype, concurrency, seconds)
+        step = await served(target, dtype, concurrency, seconds, connections)
     return step, time.process_time() - cpu
 
 
@@ -166,10 +185,12 @@ class Clients:
 
     One process (the default) runs the steps in this one. On a machine with
     cores to spare (a GPU host), several keep the client from being the limit.
+    Each process opens ``connections`` connections.
     """
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, connections: int = 1) -> None:
         self.processes = processes
+        self.connections = connections
         self._pool = None
         if processes > 1:  # spawn: a forked gRPC process is not safe
             context = multiprocessing.get_context("spawn")
@@ -179,13 +200,15 @@ class Clients:
         self, kind: str, target: str, dtype: int, concurrency: int, seconds: float
     ) -> tuple[Step, float]:
         if self._pool is None:
-            return await load(kind, target, dtype, concurrency, seconds)
+            return await load(kind, target, dtype, concurrency, seconds, self.connections)
         p = self.processes
         shares = [n for i in range(p) if (n := concurrency // p + (i < concurrency % p))]
         loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, _load_in_process, kind, target, dtype, n, seconds)
+                loop.run_in_executor(
+                    self._pool, _load_in_process, kind, target, dtype, n, seconds, self.connections
+                )
                 for n in shares
             )
         )

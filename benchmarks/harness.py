@@ -116,14 +116,29 @@ class ServerProcess:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of all its threads so far (Linux ``/proc``; NaN elsewhere)."""
+        """User + system CPU time so far of all its threads and those of its running children
+        (the workers of ``serve --workers N``); Linux ``/proc``, NaN elsewhere."""
         try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            return sum(_cpu_seconds(pid) for pid in _tree(self.pid))
         except OSError:
             return float("nan")
-        # Fields 14 and 15 of proc(5), utime and stime, in clock ticks.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return [pid, *(p for child in children for p in _tree(child))]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5), utime and stime, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

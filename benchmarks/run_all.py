@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 6 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 8 minutes)
     python benchmarks/run_all.py --quick    # a smoke run (about 2 minutes)
 
 Runs on this machine, one after another:
@@ -8,7 +8,8 @@ Runs on this machine, one after another:
 1. ``bench_service.py``: cache hit/miss, unary vs streamed transport, served vs in-process;
 2. ``bench_batching.py``: dynamic batching on/off against a bare gRPC echo;
 3. ``bench_engine.py``: the inference engine against the reference forward, in-process;
-4. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+4. ``bench_workers.py``: ``kernelgen serve --workers 2`` against one server process;
+5. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -183,6 +184,7 @@ def page(
     info: dict[str, Any], runs: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: float
 ) -> str:
     service, batching, engine = load("service.json"), load("batching.json"), load("engine.json")
+    workers = load("workers.json")
     service_ratios = {}
     if service:
         cache, transport = service["cache"], service["transport_16MB"]
@@ -196,6 +198,7 @@ def page(
         }
     ratios = ratio_rows(service_ratios, "bench_service", service["machine"]["date"] if service else "")
     ratios += ratio_rows(batching, "bench_batching", batching["machine"]["date"] if batching else "")
+    ratios += ratio_rows(workers, "bench_workers", workers["machine"]["date"] if workers else "")
     client_bound = sorted(
         {s["level"] for d in runs.values() for s in d["steps"] if s["client"]["bottleneck"]}
     )
@@ -221,9 +224,9 @@ def page(
         '"client-bound": the load tester itself was the limit at that step (a client process near one '
         "core, see `kernelgen loadtest` docs)"
         + (f"; here at concurrency {', '.join(f'{v:g}' for v in client_bound)}." if client_bound else "."),
-        "## Ratios and targets of the service and batching benchmarks",
+        "## Ratios and targets of the service, batching and workers benchmarks",
         markdown_table(ratios) if ratios else "(not run)",
-        "Details: [service.md](service.md), [batching.md](batching.md).",
+        "Details: [service.md](service.md), [batching.md](batching.md), [workers.md](workers.md).",
         "## In-process engine vs reference forward (no transport, one torch thread)",
         engine_rows(engine),
         "## Not measured here",
@@ -244,7 +247,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default=None, help="sweep levels (1,4,16,64; quick: 1,16)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes (1)")
     parser.add_argument(
-        "--only", default="service,batching,engine,sweep", help="comma-separated parts to run (all)"
+        "--only", default="service,batching,engine,workers,sweep", help="comma-separated parts to run (all)"
     )
     args = parser.parse_args()
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
@@ -273,6 +276,10 @@ def main() -> None:
         # threads on a shared 2-core machine measure the contention, not the engine.
         engine = [sys.executable, str(BENCH / "bench_engine.py"), "--json", str(RESULTS / "engine.json")]
         run([*engine, "--repeats", repeats, "--threads", "1"])
+    if "workers" in parts:
+        levels, rounds = ("32", "1") if args.quick else ("8,32,64", "3")
+        workers = [sys.executable, str(BENCH / "bench_workers.py"), "--concurrency", levels]
+        run([*workers, "--rounds", rounds, "--seconds", str(min(args.seconds, 2.0))])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():
