@@ -7,9 +7,10 @@ cache live here.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kernelgen_client._channel import (
@@ -29,7 +30,7 @@ from kernelgen_client._health import CHECK_METHOD
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_client.types import ModelInfo
 
-__all__ = ["METHODS", "ClientConfig", "Method", "ModelCache", "bind_methods", "open_channel"]
+__all__ = ["METHODS", "Channels", "ClientConfig", "Method", "ModelCache", "bind_methods", "open_channel"]
 
 
 def _raw(data: bytes) -> bytes:
@@ -115,6 +116,33 @@ def open_channel(config: ClientConfig, api: Any) -> Any:
     if config.credentials is None:
         return api.insecure_channel(config.target, options=config.options)
     return api.secure_channel(config.target, config.credentials, options=config.options)
+
+
+class Channels:
+    """A client's ``connections`` channels; each call takes the next one in turn.
+
+    One channel holds one HTTP/2 connection per server address. A server of several
+    worker processes (``kernelgen serve --workers N``) is balanced by connection, so a
+    client reaches all of its workers only over several channels, each with a
+    subchannel pool of its own (gRPC would otherwise share one connection among them).
+    """
+
+    def __init__(self, config: ClientConfig, api: Any, connections: int = 1) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections!r}")
+        if connections > 1:
+            config = replace(config, options=[*config.options, ("grpc.use_local_subchannel_pool", 1)])
+        self.channels = [open_channel(config, api) for _ in range(connections)]
+        # cycle's next() is one C call: safe to share among threads (KernelClient).
+        self._turns = itertools.cycle([bind_methods(channel) for channel in self.channels])
+
+    def unary(self, name: str) -> Any:
+        """The next channel's callable for the unary method ``name``."""
+        return next(self._turns)[0][name]
+
+    def stream(self) -> Any:
+        """The next channel's ``StreamKernel`` callable."""
+        return next(self._turns)[1]
 
 
 def bind_methods(channel: Any) -> tuple[dict[str, Any], Any]:

@@ -14,7 +14,7 @@ import grpc
 import numpy.typing as npt
 from grpc import aio
 
-from kernelgen_client._base import ClientConfig, ModelCache, bind_methods, open_channel
+from kernelgen_client._base import Channels, ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
@@ -48,6 +48,9 @@ class AsyncKernelClient:
         retries: a ``RetryPolicy``, a number of attempts, or ``None`` for none.
         load_balancing: ``"round_robin"`` (default) or ``"pick_first"``.
         options: extra gRPC channel arguments (they win over the client's own).
+        connections: channels the client's calls take in turn, each a connection of its
+            own to every server address (1). Raise it to reach every worker process of a
+            ``kernelgen serve --workers N`` server, which Linux balances by connection.
 
     Example::
 
@@ -70,6 +73,7 @@ class AsyncKernelClient:
         retries: RetryPolicy | int | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         load_balancing: str = "round_robin",
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         self._config = ClientConfig.build(
             target,
@@ -81,8 +85,7 @@ class AsyncKernelClient:
             load_balancing=load_balancing,
             options=options,
         )
-        self._channel = open_channel(self._config, aio)
-        self._unary, self._stream = bind_methods(self._channel)
+        self._channels = Channels(self._config, aio, connections)
         self._models = ModelCache()
 
     @property
@@ -92,8 +95,8 @@ class AsyncKernelClient:
 
     # --- life cycle ---------------------------------------------------------------------------
     async def close(self) -> None:
-        """Close the channel; calls in progress are cancelled."""
-        await self._channel.close()
+        """Close the channels; calls in progress are cancelled."""
+        await asyncio.gather(*(channel.close() for channel in self._channels.channels))
 
     async def __aenter__(self) -> AsyncKernelClient:
         return self
@@ -107,9 +110,10 @@ class AsyncKernelClient:
         return f"AsyncKernelClient({self.target!r})"
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until a connection is up; ``ConnectionFailed`` after ``timeout`` seconds."""
+        """Wait until every channel is connected; ``ConnectionFailed`` after ``timeout`` seconds."""
+        ready = asyncio.gather(*(channel.channel_ready() for channel in self._channels.channels))
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            await asyncio.wait_for(ready, timeout)
         except TimeoutError:
             raise ConnectionFailed(
                 f"no server became reachable at {self.target} within {timeout} s"
@@ -118,7 +122,7 @@ class AsyncKernelClient:
     # --- plumbing -----------------------------------------------------------------------------
     async def _call(self, name: str, request: Any, deadline: Deadline, metadata: MetadataLike | None) -> Any:
         try:
-            return await self._unary[name](
+            return await self._channels.unary(name)(
                 request,
                 timeout=deadline.remaining(),
                 metadata=self._config.call_metadata(metadata),
@@ -130,7 +134,7 @@ class AsyncKernelClient:
     async def _unary_kernel(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._unary["GenerateKernel"](
+        call = self._channels.unary("GenerateKernel")(
             request,
             timeout=deadline.remaining(),
             metadata=self._config.call_metadata(metadata),
@@ -146,7 +150,7 @@ class AsyncKernelClient:
     async def _streamed(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._stream(
+        call = self._channels.stream()(
             request,
             timeout=deadline.remaining(),
             metadata=self._config.call_metadata(metadata),

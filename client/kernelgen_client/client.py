@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import grpc
 import numpy.typing as npt
 
-from kernelgen_client._base import ClientConfig, ModelCache, bind_methods, open_channel
+from kernelgen_client._base import Channels, ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
@@ -43,6 +44,9 @@ class KernelClient:
         retries: a ``RetryPolicy``, a number of attempts, or ``None`` for none.
         load_balancing: ``"round_robin"`` (default) or ``"pick_first"``.
         options: extra gRPC channel arguments (they win over the client's own).
+        connections: channels the client's calls take in turn, each a connection of its
+            own to every server address (1). Raise it to reach every worker process of a
+            ``kernelgen serve --workers N`` server, which Linux balances by connection.
 
     Example::
 
@@ -64,6 +68,7 @@ class KernelClient:
         retries: RetryPolicy | int | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         load_balancing: str = "round_robin",
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         self._config = ClientConfig.build(
             target,
@@ -75,8 +80,7 @@ class KernelClient:
             load_balancing=load_balancing,
             options=options,
         )
-        self._channel = open_channel(self._config, grpc)
-        self._unary, self._stream = bind_methods(self._channel)
+        self._channels = Channels(self._config, grpc, connections)
         self._models = ModelCache()
 
     @property
@@ -86,8 +90,9 @@ class KernelClient:
 
     # --- life cycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the channel; calls in progress are cancelled."""
-        self._channel.close()
+        """Close the channels; calls in progress are cancelled."""
+        for channel in self._channels.channels:
+            channel.close()
 
     def __enter__(self) -> KernelClient:
         return self
@@ -101,9 +106,12 @@ class KernelClient:
         return f"KernelClient({self.target!r})"
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until a connection is up; ``ConnectionFailed`` after ``timeout`` seconds."""
+        """Block until every channel is connected; ``ConnectionFailed`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            for channel in self._channels.channels:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                grpc.channel_ready_future(channel).result(timeout=left)
         except grpc.FutureTimeoutError:
             raise ConnectionFailed(
                 f"no server became reachable at {self.target} within {timeout} s"
@@ -112,7 +120,7 @@ class KernelClient:
     # --- plumbing -----------------------------------------------------------------------------
     def _call(self, name: str, request: Any, deadline: Deadline, metadata: MetadataLike | None) -> Any:
         try:
-            return self._unary[name](
+            return self._channels.unary(name)(
                 request,
                 timeout=deadline.remaining(),
                 metadata=self._config.call_metadata(metadata),
@@ -125,7 +133,7 @@ class KernelClient:
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
         try:
-            raw, call = self._unary["GenerateKernel"].with_call(
+            raw, call = self._channels.unary("GenerateKernel").with_call(
                 request,
                 timeout=deadline.remaining(),
                 metadata=self._config.call_metadata(metadata),
@@ -138,7 +146,7 @@ class KernelClient:
     def _streamed(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._stream(
+        call = self._channels.stream()(
             request,
             timeout=deadline.remaining(),
             metadata=self._config.call_metadata(metadata),

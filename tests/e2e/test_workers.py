@@ -1,17 +1,20 @@
 """``kernelgen serve --workers 2``: two real server processes behind one port.
 
 Connections spread over the workers and every kernel equals the model's; the
-supervisor's /metrics sums both workers; a killed worker is restarted while the
-other keeps serving; SIGTERM drains both and exits 0.
+supervisor's /metrics sums both workers; the client and the load tester reach
+both over several connections; a killed worker is restarted while the other
+keeps serving; SIGTERM drains both and exits 0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,8 +22,10 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from kernelgen_client import KernelClient
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2_grpc as pb_grpc
+from kernelgen_client.cli import main as cli_main
 from kernelgen_server.repository import ModelRepository
 
 from support import ServeProcess, assert_same_kernel, serve_process
@@ -105,6 +110,35 @@ def test_two_workers_share_the_port_and_serve_the_models_kernels(
     assert values[("kernelgen_workers", ())] == 2
     assert values[("kernelgen_model_ready", (("model", "hyena-2d"),))] == 1
     assert values[("kernelgen_inflight_requests", ())] == 0
+
+
+def test_a_client_reaches_every_worker_only_over_several_connections(
+    served: tuple[ServeProcess, int],
+) -> None:
+    proc, _ = served
+    rows = np.random.default_rng(5).standard_normal((1, 384)).astype(np.float32)
+    with KernelClient(proc.target, timeout=30) as one:
+        seen = {one.generate("hyena-2d", LENS, rows, with_report=True).report.worker for _ in range(12)}
+    assert len(seen) == 1  # one channel, one connection, one worker
+    with KernelClient(proc.target, timeout=30, connections=16) as many:
+        many.wait_ready(30)
+        seen = {many.generate("hyena-2d", LENS, rows, with_report=True).report.worker for _ in range(32)}
+    assert seen == {0, 1}  # all 16 connections on one worker: probability 2^-15
+
+
+def test_loadtest_connections_spread_over_the_workers(
+    served: tuple[ServeProcess, int], tmp_path: Path
+) -> None:
+    proc, _ = served
+    out = tmp_path / "workers.json"
+    argv = ["loadtest", "hyena-2d", "--seq-lens", "6,5", "--target", proc.target, "--concurrency", "8"]
+    argv += ["--requests", "64", "--warmup", "0.2", "--connections", "16", "--quiet", "--json", str(out)]
+    assert cli_main(argv) == 0
+    document = json.loads(out.read_text())
+    assert document["settings"]["connections"] == 16
+    by_worker = document["steps"][0]["server"]["responses_by_worker"]
+    assert set(by_worker) == {"0", "1"}
+    assert sum(by_worker.values()) == document["steps"][0]["ok"]
 
 
 def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(served: tuple[ServeProcess, int]) -> None:

@@ -137,3 +137,62 @@ def test_docstring_examples(module: str) -> None:
 
     failures, _tried = doctest.testmod(importlib.import_module(module))
     assert failures == 0
+
+
+# --- several connections ----------------------------------------------------------------------
+class _FakeChannel:
+    def __init__(self, number: int, options: list[tuple[str, object]]) -> None:
+        self.number, self.options = number, options
+
+    def unary_unary(self, path: str, **_: object) -> tuple[int, str]:
+        return self.number, path
+
+    def unary_stream(self, path: str, **_: object) -> tuple[int, str]:
+        return self.number, path
+
+
+class _FakeApi:
+    def __init__(self) -> None:
+        self.opened: list[_FakeChannel] = []
+
+    def insecure_channel(self, target: str, options: list[tuple[str, object]]) -> _FakeChannel:
+        self.opened.append(_FakeChannel(len(self.opened), options))
+        return self.opened[-1]
+
+
+def _config() -> object:
+    from kernelgen_client._base import ClientConfig
+
+    return ClientConfig.build(
+        "127.0.0.1:1", timeout=None, tls=None, token=None, metadata=None, retries=None,
+        load_balancing="round_robin", options=(),
+    )  # fmt: skip
+
+
+def test_one_connection_shares_grpcs_subchannel_pool() -> None:
+    from kernelgen_client._base import Channels
+
+    api = _FakeApi()
+    channels = Channels(_config(), api)  # type: ignore[arg-type]
+    assert len(channels.channels) == 1
+    assert ("grpc.use_local_subchannel_pool", 1) not in api.opened[0].options
+    assert channels.unary("GenerateKernel") == (0, "/kernelgen.v1.KernelGenerator/GenerateKernel")
+
+
+def test_calls_take_the_connections_in_turn() -> None:
+    from kernelgen_client._base import Channels
+
+    api = _FakeApi()
+    channels = Channels(_config(), api, connections=3)  # type: ignore[arg-type]
+    # Each channel has a subchannel pool of its own: a TCP connection of its own.
+    assert all(("grpc.use_local_subchannel_pool", 1) in c.options for c in api.opened)
+    used = [channels.unary("GenerateKernel")[0] for _ in range(4)] + [channels.stream()[0]]
+    assert used == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("connections", [0, -1])
+def test_connections_below_one_are_refused(connections: int) -> None:
+    from kernelgen_client import KernelClient
+
+    with pytest.raises(ValueError, match="connections must be at least 1"):
+        KernelClient("127.0.0.1:1", connections=connections)

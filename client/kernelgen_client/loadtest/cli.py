@@ -129,6 +129,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--workers", type=_number(1, 256, integer=True), default=1, metavar="N",
         help="client processes sharing the load, for when one process is the bottleneck (1)",
     )  # fmt: skip
+    load.add_argument(
+        "--connections", type=_number(1, 256, integer=True), default=1, metavar="N",
+        help="connections per client process, taken in turn by its calls; more than one reaches "
+        "every worker of a `kernelgen serve --workers N` server (1)",
+    )  # fmt: skip
 
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, metavar="PATH", help="write every step's results as JSON")

@@ -120,7 +120,7 @@ class Session:
             return EXIT_USAGE
         workload = self.workload()
         plans = self.plans()
-        client_kwargs = commands._client_kwargs(args)
+        client_kwargs = {**commands._client_kwargs(args), "connections": args.connections}
         resolved = resolve(workload, self._models(client_kwargs, workload))
         checker = Checker(args.model_repo) if args.check_correctness else None
 
@@ -177,6 +177,7 @@ class Session:
                 "distribution": args.distribution if args.rate else None,
                 "max_inflight": args.max_inflight,
                 "workers": args.workers,
+                "connections": args.connections,
                 "timeout_s": args.timeout,
                 "max_error_rate": args.max_error_rate,
                 "slo_p99_ms": args.slo_p99_ms,

@@ -70,6 +70,8 @@ class Samples:
     batch_requests: list[int] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
+    #: Successful responses by the server worker process that answered (``ServerReport.worker``).
+    workers: Counter[int] = field(default_factory=Counter)
     #: Length of the measurement window (the longest of the processes').
     window_s: float = 0.0
     #: CPU seconds / wall seconds of each process over its window (cores).
@@ -111,6 +113,7 @@ class Samples:
         ):
             getattr(self, name).extend(getattr(other, name))
         self.errors.update(other.errors)
+        self.workers.update(other.workers)
         for code, message in other.error_examples.items():
             self.error_examples.setdefault(code, message)
 
@@ -179,6 +182,9 @@ class ServerStats:
     cache_hits: int
     #: Hits among the unconditioned (cacheable) requests; NaN without any.
     cache_hit_rate: float
+    #: Responses by the index of the server worker process that answered, in index order
+    #: (one entry, "0", for a server of one process).
+    responses_by_worker: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,7 @@ def _server(samples: Samples) -> ServerStats:
         unconditioned=samples.unconditioned,
         cache_hits=samples.cache_hits,
         cache_hit_rate=samples.cache_hits / samples.unconditioned if samples.unconditioned else math.nan,
+        responses_by_worker={str(w): n for w, n in sorted(samples.workers.items())},
     )
 
 
