@@ -269,18 +269,36 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-async def run(
-    seconds: float, levels: list[int], rounds: int, device: str, clients: Clients
-) -> dict[str, Any]:
-    import torch
+def per_round(a: list[Measured], b: list[Measured]) -> dict[str, float]:
+    """The spread of ``a``'s rate over ``b``'s, taken round by round (same rounds, same order)."""
+    return spread([x.step.rate / y.step.rate for x, y in zip(a, b, strict=True)])
 
-    result: dict[str, Any] = {
+
+def ratio_rows(ratios: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    return [
+        {"ratio": k, "median": round(v["median"], 2), "min": round(v["min"], 2), "max": round(v["max"], 2)}
+        for k, v in ratios.items()
+    ]
+
+
+def header(seconds: float, rounds: int, device: str, clients: Clients) -> dict[str, Any]:
+    """What a result of interleaved rounds opens with: the machine and how it was measured."""
+    return {
         "machine": machine(),
         "seconds_per_step": seconds,
         "rounds": rounds,
         "device": device,
         "client_processes": clients.processes,
+        "connections_per_process": clients.connections,
     }
+
+
+async def run(
+    seconds: float, levels: list[int], rounds: int, device: str, clients: Clients
+) -> dict[str, Any]:
+    import torch
+
+    result = header(seconds, rounds, device, clients)
     encodes = {
         d: encode_ms(t) for d, t in ((pb.DTYPE_FLOAT32, torch.float32), (pb.DTYPE_FLOAT16, torch.float16))
     }
@@ -332,10 +350,6 @@ async def run(
     result["engine_kernels_per_s"] = engine_rates(levels, seconds, device)
 
     ref = 32 if 32 in levels else levels[-1]
-
-    def per_round(a: list[Measured], b: list[Measured]) -> dict[str, float]:
-        return spread([x.step.rate / y.step.rate for x, y in zip(a, b, strict=True)])
-
     result["ratios"] = {
         f"batching on / off, float32, concurrency {ref}": per_round(
             served_runs["on", "float32", ref], served_runs["off", "float32", ref]
@@ -361,10 +375,6 @@ async def run(
 def report(result: dict[str, Any]) -> str:
     m = result["machine"]
     engine = [{"batch": b, "kernels_per_s": round(r, 1)} for b, r in result["engine_kernels_per_s"].items()]
-    ratios = [
-        {"ratio": k, "median": round(v["median"], 2), "min": round(v["min"], 2), "max": round(v["max"], 2)}
-        for k, v in result["ratios"].items()
-    ]
     parts = [
         "# Batching benchmark",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, CUDA: {m['cuda']}; {m['date']}. "
@@ -385,7 +395,7 @@ def report(result: dict[str, Any]) -> str:
         "## In-process engine (no transport)",
         markdown_table(engine),
         "## Ratios (per round, same run)",
-        markdown_table(ratios),
+        markdown_table(ratio_rows(result["ratios"])),
         "## Targets (median ratios)",
         markdown_table([{"target": k, "met": v} for k, v in result["targets"].items()]),
     ]

@@ -25,8 +25,19 @@ import contextlib
 from collections import Counter
 from typing import Any
 
-from bench_batching import BATCHING, Clients, Measured, encode_ms, measure, response_size, spread, summarize
-from harness import echo_server, kernelgen_server, machine, markdown_table, write_results
+from bench_batching import (
+    BATCHING,
+    Clients,
+    Measured,
+    encode_ms,
+    header,
+    measure,
+    per_round,
+    ratio_rows,
+    response_size,
+    summarize,
+)
+from harness import echo_server, kernelgen_server, markdown_table, write_results
 
 from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
 
@@ -43,14 +54,7 @@ async def run(
 ) -> dict[str, Any]:
     import torch
 
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "seconds_per_step": seconds,
-        "rounds": rounds,
-        "device": device,
-        "client_processes": clients.processes,
-        "connections_per_process": clients.connections,
-    }
+    result = header(seconds, rounds, device, clients)
     encode = encode_ms(torch.float32)
     served: dict[tuple[int, int], list[Measured]] = {}
     echoes: dict[int, list[Measured]] = {}
@@ -79,9 +83,6 @@ async def run(
     ]
     result["echo"] = [summarize(runs, None) for _level, runs in sorted(echoes.items())]
 
-    def per_round(a: list[Measured], b: list[Measured]) -> dict[str, float]:
-        return spread([x.step.rate / y.step.rate for x, y in zip(a, b, strict=True)])
-
     base = workers[0]
     ratios: dict[str, dict[str, float]] = {}
     for level in levels:
@@ -99,10 +100,6 @@ async def run(
 
 def report(result: dict[str, Any]) -> str:
     m = result["machine"]
-    ratios = [
-        {"ratio": k, "median": round(v["median"], 2), "min": round(v["min"], 2), "max": round(v["max"], 2)}
-        for k, v in result["ratios"].items()
-    ]
     parts = [
         "# Worker processes benchmark",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, CUDA: {m['cuda']}; {m['date']}. "
@@ -118,7 +115,7 @@ def report(result: dict[str, Any]) -> str:
         "## Bare gRPC echo of the same response size (one process)",
         markdown_table(result["echo"]),
         "## Ratios (per round, same run)",
-        markdown_table(ratios),
+        markdown_table(ratio_rows(result["ratios"])),
     ]
     return "\n\n".join(parts) + "\n"
 
