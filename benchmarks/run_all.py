@@ -205,7 +205,13 @@ def page(
     parts = [
         "# Benchmark results",
         f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` (`make bench`) on "
-        f"{info['date']}, in {wall_s / 60:.0f} minutes.",
+        f"{info['date']}, in {wall_s / 60:.0f} minutes."
+        + (
+            f" This run measured only `--only {args.only}`; the other figures come from earlier runs "
+            "of this suite (each ratio row gives its date)."
+            if args.only != ALL_PARTS
+            else ""
+        ),
         f"**Machine:** {info['cpus']} x {info['cpu']} ({info['platform']}), Python {info['python']}, "
         f"torch {info['torch']}, CUDA: {info['cuda'] or 'none'}. Load average before: "
         f"{info['load_average_before']}, after: {info['load_average_after']}.",
@@ -237,6 +243,9 @@ def page(
     return "\n\n".join(parts) + "\n"
 
 
+ALL_PARTS = "service,batching,engine,workers,sweep"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,7 +256,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default=None, help="sweep levels (1,4,16,64; quick: 1,16)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes (1)")
     parser.add_argument(
-        "--only", default="service,batching,engine,workers,sweep", help="comma-separated parts to run (all)"
+        "--only", default=ALL_PARTS, help="comma-separated parts to run (all)"
     )
     args = parser.parse_args()
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
