@@ -166,7 +166,9 @@ class Supervisor:
                 resources.callback(shutil.rmtree, self._metrics_dir, ignore_errors=True)
                 resources.enter_context(self._serve_metrics())
             try:
-                await self._start_all()
+                if not await self._start_all(stop):
+                    log.info("stopped while the workers were starting")
+                    return 0
                 log.info("%d workers serving on port %d", len(self._workers), self.port)
                 if on_ready is not None:
                     on_ready(self.port)
@@ -175,14 +177,25 @@ class Supervisor:
                 await self._stop_all()
         return 0
 
-    async def _start_all(self) -> None:
-        """Start every worker; the first to fail before SERVING fails the start."""
+    async def _start_all(self, stop: asyncio.Event) -> bool:
+        """Start every worker; False if ``stop`` came first (a model warm-up can take minutes).
+
+        The first worker to fail before SERVING fails the start.
+        """
         starts = [asyncio.ensure_future(self._start(w)) for w in self._workers]
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            done, _ = await asyncio.wait(starts, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            pending: set[asyncio.Future[Any]] = set(starts)
+            while pending:
+                done, waiting = await asyncio.wait({*pending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    return False
+                for task in done:
+                    task.result()
+                pending = waiting - {stopping}
+            return True
         finally:
+            stopping.cancel()
             for task in starts:
                 task.cancel()
 
@@ -203,7 +216,8 @@ class Supervisor:
         assert process.stdout is not None
         # stdin stays open: the worker drains when it reads end-of-file (this process is gone).
         process.stdin.write(self._handshake(worker.index).encode() + b"\n")
-        await process.stdin.drain()
+        with contextlib.suppress(ConnectionError):  # it died at once: its exit code says why, below
+            await process.stdin.drain()
         log.info("worker %d started (pid %d)", worker.index, process.pid)
         while True:
             line = await process.stdout.readline()

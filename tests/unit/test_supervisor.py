@@ -24,9 +24,12 @@ from kernelgen_server.supervisor import Supervisor, WorkerExit, reserve_port
 
 # A stand-in worker. FAKE_MODE: "serve" (default); "fail-start": worker 1 exits before
 # READY; "crash-once": worker 1 exits right after its first READY; "crash-always":
-# worker 1 exits after every READY.
+# worker 1 exits after every READY; "slow-start": no worker ever gets to READY;
+# "die-at-once": every worker exits before reading its handshake.
 FAKE_WORKER = r"""
 import json, os, signal, sys, pathlib
+if os.environ.get("FAKE_MODE") == "die-at-once":
+    os._exit(5)
 handshake = json.loads(sys.stdin.readline())
 i = handshake["index"]
 state = pathlib.Path(os.environ["FAKE_STATE"])
@@ -34,6 +37,9 @@ mode = os.environ.get("FAKE_MODE", "serve")
 (state / f"handshake-{i}-{os.getpid()}.json").write_text(json.dumps(handshake))
 if mode == "fail-start" and i == 1:
     sys.exit(4)
+if mode == "slow-start":
+    signal.signal(signal.SIGTERM, lambda *_: ((state / f"stopped-starting-{i}").touch(), sys.exit(0)))
+    sys.stdin.read()  # never READY
 print(f"worker {i} says hello", flush=True)
 print(f"READY {i}", flush=True)
 if i == 1 and (mode == "crash-always" or (mode == "crash-once" and not (state / "crashed").exists())):
@@ -231,6 +237,29 @@ async def test_a_worker_that_fails_to_start_fails_the_start(
     with pytest.raises(WorkerExit, match="worker 1 exited with code 4 before serving"):
         await asyncio.wait_for(sup.run(asyncio.Event()), 60)
     assert sup.live_workers == 0  # worker 0 did not outlive the failed start
+
+
+async def test_a_worker_dead_before_its_handshake_fails_the_start_clearly(
+    fake: Callable[..., Supervisor],
+) -> None:
+    sup = fake(mode="die-at-once")
+    with pytest.raises(WorkerExit, match="exited with code 5 before serving"):
+        await asyncio.wait_for(sup.run(asyncio.Event()), 60)
+
+
+async def test_a_stop_while_the_workers_start_stops_them_at_once(
+    fake: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = fake(mode="slow-start")
+    stop = asyncio.Event()
+    ready: list[int] = []
+    run = asyncio.create_task(sup.run(stop, on_ready=ready.append))
+    await wait_for(lambda: len(files(tmp_path, "handshake-")) == 2)
+    stop.set()
+    assert await asyncio.wait_for(run, 30) == 0
+    assert ready == []
+    assert len(files(tmp_path, "stopped-starting-")) == 2
+    assert sup.live_workers == 0
 
 
 async def test_workers_drain_when_the_supervisor_is_gone(
