@@ -11,14 +11,17 @@
 #   b         the integration tests of the served path (in-process servers, device "auto")
 #   c         benchmarks/bench_engine.py, short, on the GPU
 #   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
+#   e         benchmarks/bench_workers.py: serve --workers 4 against 1 on the GPU (last: it gets
+#             what time is left)
 # Writes at most 8 files into $OUT (default reports/device): summary.txt (each step's exit
 # code and time, and whether the CUDA tests ran), env.txt (nvidia-smi, versions, the
-# requirement check), tests.log, bench.log, engine_<device>.json, batching_<device>.{json,md}.
+# requirement check), tests.log, bench.log, engine_<device>.json, batching_<device>.{json,md},
+# workers_<device>.md.
 # Exit status: 0 only when every step passed and the CUDA tests ran (REQUIRE_CUDA=0: skipped
 # CUDA tests on a machine without CUDA are not a failure, for a dry run on a CPU machine).
 #
 # Settings (environment): PYTHON (python3), WHEELS (.whl), SITE (/tmp/site), OUT,
-# REQUIRE_CUDA (1), CHECK_BUDGET_S (330: all steps together stop by then).
+# REQUIRE_CUDA (1), CHECK_BUDGET_S (360: all steps together stop by then).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,7 +30,7 @@ WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-reports/device}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}
-BUDGET_S=${CHECK_BUDGET_S:-330}
+BUDGET_S=${CHECK_BUDGET_S:-360}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
@@ -200,7 +203,7 @@ step "b integration tests" 180 "$TESTS_LOG" \
     tests/integration/test_status_codes.py tests/integration/test_lifecycle.py \
     tests/integration/test_client_sync.py tests/integration/test_client_async.py \
     tests/integration/test_client_errors.py tests/integration/test_client_cli.py \
-    tests/integration/test_loadtest.py \
+    tests/integration/test_loadtest.py tests/e2e/test_workers.py \
     tests/unit/test_core_pipeline.py tests/unit/test_cache_slicing.py
 junit_summary "$WORK/service.xml" | grep -v '^cuda_skipped=\|CUDA tests: none found' | tee -a "$SUMMARY"
 
@@ -223,6 +226,20 @@ for ext in json md; do
         note "  bench_batching wrote no benchmarks/results/$name.$ext"
     fi
 done
+
+# -- e: worker processes on a many-core GPU host -------------------------------------------------
+# Four workers against one, sharing the GPU; the client in 4 processes of 8 connections each.
+# Only the markdown comes back (it holds every table): the file limit.
+name=workers_$DEVICE
+step "e bench_workers.py ($DEVICE)" 90 "$BENCH_LOG" \
+    "$PY" benchmarks/bench_workers.py --workers 1,4 --seconds 1 --rounds 1 --concurrency 32,64 \
+    --device "$DEVICE" --client-processes 4 --connections 8 --output "$name"
+if [ -f "benchmarks/results/$name.md" ]; then
+    mv "benchmarks/results/$name.md" "$OUT/$name.md"
+    rm -f "benchmarks/results/$name.json"
+else
+    note "  bench_workers wrote no benchmarks/results/$name.md"
+fi
 
 # -- verdict ------------------------------------------------------------------------------------
 files=$(find "$OUT" -type f | wc -l)
