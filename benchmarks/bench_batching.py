@@ -133,6 +133,66 @@ def engine_rates(batch_sizes: list[int], seconds: float, device: str) -> dict[in
     return rates
 
 
+async def _core_loop(service: Any, concurrency: int, seconds: float) -> tuple[float, float]:
+    """Kernels/s and CPU microseconds per call of ``service.generate`` in a closed loop."""
+    rng = np.random.default_rng(0)
+    conds = [rng.standard_normal((1, OUT_DIM)).astype(np.float32) for _ in range(64)]
+    calls = 0
+
+    async def caller(i: int, stop: float) -> None:
+        nonlocal calls
+        while time.perf_counter() < stop:
+            await service.generate("hyena-2d", SEQ_LENS, conds[i % len(conds)], pb.DTYPE_FLOAT32, False)
+            calls += 1
+
+    await asyncio.gather(*(caller(i, time.perf_counter() + WARMUP) for i in range(concurrency)))
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
+    await asyncio.gather(*(caller(i, start + seconds) for i in range(concurrency)))
+    return calls / (time.perf_counter() - start), (time.process_time() - cpu) / max(calls, 1) * 1e6
+
+
+def core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str, Any]]:
+    """The service core without gRPC: ``KernelService.generate`` in a closed loop, batching
+    on and off, as the server runs it (its malloc tuning, its torch threads).
+
+    What batching gains once no transport shares the machine: the bound of on / off.
+    Run in a process of its own (the malloc tuning is process-wide).
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_core_rates, levels, seconds, device).result()
+
+
+def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str, Any]]:
+    from kernelgen_server.core import KernelService
+    from kernelgen_server.malloc import tune_malloc
+    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.settings import load_settings
+
+    tune_malloc()
+    repository = ModelRepository.load(embedded_repository())
+    rows = []
+
+    async def measure_all() -> None:
+        for name, flags in BATCHING.items():
+            settings = {"metrics_port": 0, "device": device, "max_batch_size": int(flags[1])}
+            service = KernelService(repository, load_settings(settings))
+            for level in levels:
+                rate, cpu_us = await _core_loop(service, level, seconds)
+                rows.append(
+                    {
+                        "batching": name,
+                        "concurrency": level,
+                        "per_s": round(rate, 1),
+                        "cpu_us_per_call": round(cpu_us),
+                    }
+                )
+            await service.close()
+
+    asyncio.run(measure_all())
+    return rows
+
+
 def encode_ms(dtype: Any) -> float:
     import torch
 
@@ -348,6 +408,7 @@ async def run(
         for (dtype_name, _level), runs in sorted(echo_runs.items())
     ]
     result["engine_kernels_per_s"] = engine_rates(levels, seconds, device)
+    result["core"] = core_rates(levels, seconds, device)
 
     ref = 32 if 32 in levels else levels[-1]
     result["ratios"] = {
@@ -364,6 +425,10 @@ async def run(
             served_runs["on", "float16", ref], echo_runs["float16", ref]
         ),
     }
+    core = {(row["batching"], row["concurrency"]): row["per_s"] for row in result["core"]}
+    result["ratios"][f"in-process core (no gRPC), batching on / off, concurrency {ref}"] = spread(
+        [core["on", ref] / core["off", ref]]
+    )
     on_off, on_echo = (result["ratios"][k]["median"] for k in list(result["ratios"])[:2])
     result["targets"] = {
         "batching on >= 1.5x off at concurrency 32": on_off >= 1.5,
@@ -394,6 +459,11 @@ def report(result: dict[str, Any]) -> str:
         markdown_table(result["echo"]),
         "## In-process engine (no transport)",
         markdown_table(engine),
+        "## In-process service core (no gRPC)",
+        "`KernelService.generate` in a closed loop in a process of its own, as the server runs it (malloc "
+        "tuned, its torch threads), float32, one round: what batching gains once no transport shares the "
+        "machine.",
+        markdown_table(result["core"]),
         "## Ratios (per round, same run)",
         markdown_table(ratio_rows(result["ratios"])),
         "## Targets (median ratios)",
