@@ -39,6 +39,7 @@ from harness import (
     closed_loop,
     echo_server,
     kernelgen_server,
+    load_generator,
     machine,
     markdown_table,
     median_rate,
@@ -164,8 +165,8 @@ def core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str,
 
 
 def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str, Any]]:
+    from kernelgen_client.malloc import tune_malloc
     from kernelgen_server.core import KernelService
-    from kernelgen_server.malloc import tune_malloc
     from kernelgen_server.repository import ModelRepository, embedded_repository
     from kernelgen_server.settings import load_settings
 
@@ -224,6 +225,7 @@ async def load(
     kind: str, target: str, dtype: int, concurrency: int, seconds: float, connections: int = 1
 ) -> tuple[Step, float]:
     """One closed-loop step (``kind`` "served" or "echo") and the CPU this process spent on it."""
+    load_generator()
     cpu = time.process_time()
     if kind == "echo":
         step = await echo(target, concurrency, seconds, connections)

@@ -29,6 +29,7 @@ from harness import (
     closed_loop,
     echo_server,
     kernelgen_server,
+    load_generator,
     machine,
     markdown_table,
     median_rate,
@@ -221,6 +222,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per step")
     args = parser.parse_args()
+    load_generator()
     result = asyncio.run(run(args.seconds))
     write_results("service", result, report(result))
 

@@ -36,6 +36,7 @@ from kernelgen_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from kernelgen_client.malloc import tune_malloc
 from kernelgen_client.types import (
     FiLMConfig,
     FlopReport,
@@ -84,6 +85,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "tune_malloc",
 ]
 
 _LAZY = {"KernelClient": "kernelgen_client.client", "AsyncKernelClient": "kernelgen_client.aio"}

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from kernelgen_client.malloc import tune_malloc
 from kernelgen_server.core import KernelService
-from kernelgen_server.malloc import tune_malloc
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.repository import ModelRepository, embedded_repository
 from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials

@@ -46,7 +46,7 @@ def test_summary_rates_latency_and_server_figures() -> None:
     # One batch of 4 rows from 4 requests, and 2 single-row batches: 3 batches, 6 rows.
     s.batch_rows, s.batch_requests = [4, 4, 4, 4, 1, 1], [4, 4, 4, 4, 1, 1]
     s.queue_ms, s.compute_ms = [1.0] * 6, [2.0, 2.0, 2.0, 2.0, 5.0, 5.0]
-    s.workers = Counter({1: 40, 0: 60})
+    s.server_workers = Counter({1: 40, 0: 60})
     result = summarise(s, "closed", 8)
     assert (result.sent, result.ok, result.error_count, result.scheduled) == (104, 100, 4, 104)
     assert result.errors == {"DEADLINE_EXCEEDED": 1, "UNAVAILABLE": 3}
@@ -91,10 +91,10 @@ def test_merge_is_the_union_of_processes() -> None:
     )
     b.latencies_s = [v + 0.05 for v in b.latencies_s]  # 51..100 ms
     b.cpu_util = [0.6]
-    a.workers, b.workers = Counter({0: 30, 1: 20}), Counter({1: 50})
+    a.server_workers, b.server_workers = Counter({0: 30, 1: 20}), Counter({1: 50})
     a.merge(b)
     assert a.sent == a.scheduled == 104 and a.ok == 100
-    assert a.workers == Counter({0: 30, 1: 70})
+    assert a.server_workers == Counter({0: 30, 1: 70})
     assert a.errors == Counter({"UNAVAILABLE": 3, "INTERNAL": 1})
     assert (a.late, a.max_lag_s, a.window_s, a.cpu_util) == (3, 0.009, 2.1, [0.3, 0.6])
     assert a.lag_s == pytest.approx(0.03)

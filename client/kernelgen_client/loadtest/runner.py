@@ -289,7 +289,7 @@ class _Step:
         samples.bytes += result.nbytes
         samples.kernels += result.shape[0] if result.shape else 1
         report = result.report
-        samples.workers[report.worker] += 1
+        samples.server_workers[report.worker] += 1
         if request.conditioning is None:
             samples.unconditioned += 1
             samples.cache_hits += report.cache_hit

@@ -71,7 +71,7 @@ class Samples:
     queue_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
     #: Successful responses by the server worker process that answered (``ServerReport.worker``).
-    workers: Counter[int] = field(default_factory=Counter)
+    server_workers: Counter[int] = field(default_factory=Counter)
     #: Length of the measurement window (the longest of the processes').
     window_s: float = 0.0
     #: CPU seconds / wall seconds of each process over its window (cores).
@@ -113,7 +113,7 @@ class Samples:
         ):
             getattr(self, name).extend(getattr(other, name))
         self.errors.update(other.errors)
-        self.workers.update(other.workers)
+        self.server_workers.update(other.server_workers)
         for code, message in other.error_examples.items():
             self.error_examples.setdefault(code, message)
 
@@ -277,7 +277,7 @@ def _server(samples: Samples) -> ServerStats:
         unconditioned=samples.unconditioned,
         cache_hits=samples.cache_hits,
         cache_hit_rate=samples.cache_hits / samples.unconditioned if samples.unconditioned else math.nan,
-        responses_by_worker={str(w): n for w, n in sorted(samples.workers.items())},
+        responses_by_worker={str(w): n for w, n in sorted(samples.server_workers.items())},
     )
 
 

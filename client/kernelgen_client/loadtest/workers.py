@@ -46,6 +46,11 @@ class Driver(Protocol):
 
 async def _client(kwargs: Mapping[str, Any]) -> Any:
     from kernelgen_client.aio import AsyncKernelClient
+    from kernelgen_client.malloc import tune_malloc
+
+    # Batched responses arrive together: with glibc's defaults each would start on fresh
+    # pages, and this process, not the server, would set the pace.
+    tune_malloc()
 
     # No retries: the tester counts every failure as the server answered it.
     return AsyncKernelClient(**kwargs, retries=None)
