@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"KERNELGEN_{name.upper()}"
         help_text = f"{field.description or name.replace('_', ' ')} [{env}]"
-        if field.annotation is bool:
+        # Tri-state switches (bool | None: unset picks a default by device) take the flag form too.
+        if field.annotation in (bool, bool | None):
             parser.add_argument(
                 flag,
                 dest=name,

@@ -90,3 +90,25 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert s.log_level == "DEBUG"
     assert s.strict is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "batched_gemm", "pipeline_batches"),
+    [
+        ([], None, None),  # unset: the device picks
+        (["--batched-gemm"], True, None),
+        (["--no-batched-gemm", "--pipeline-batches"], False, True),
+        (["--no-pipeline-batches"], None, False),
+    ],
+)
+def test_tri_state_switches_take_the_flag_form(
+    argv: list[str], batched_gemm: bool | None, pipeline_batches: bool | None
+) -> None:
+    from kernelgen_client.cli import build_parser
+    from kernelgen_server.settings import ServerSettings
+
+    args = build_parser().parse_args(["serve", *argv])
+    values = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    settings = load_settings(values)
+    assert settings.batched_gemm is batched_gemm
+    assert settings.pipeline_batches is pipeline_batches
