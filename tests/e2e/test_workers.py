@@ -120,10 +120,10 @@ def test_a_client_reaches_every_worker_only_over_several_connections(
     with KernelClient(proc.target, timeout=30) as one:
         seen = {one.generate("hyena-2d", LENS, rows, with_report=True).report.worker for _ in range(12)}
     assert len(seen) == 1  # one channel, one connection, one worker
-    with KernelClient(proc.target, timeout=30, connections=16) as many:
+    with KernelClient(proc.target, timeout=30, connections=32) as many:
         many.wait_ready(30)
         seen = {many.generate("hyena-2d", LENS, rows, with_report=True).report.worker for _ in range(32)}
-    assert seen == {0, 1}  # all 16 connections on one worker: probability 2^-15
+    assert seen == {0, 1}  # all 32 connections on one worker: probability 2^-31
 
 
 def test_loadtest_connections_spread_over_the_workers(
@@ -132,10 +132,10 @@ def test_loadtest_connections_spread_over_the_workers(
     proc, _ = served
     out = tmp_path / "workers.json"
     argv = ["loadtest", "hyena-2d", "--seq-lens", "6,5", "--target", proc.target, "--concurrency", "8"]
-    argv += ["--requests", "64", "--warmup", "0.2", "--connections", "16", "--quiet", "--json", str(out)]
+    argv += ["--requests", "64", "--warmup", "0.2", "--connections", "32", "--quiet", "--json", str(out)]
     assert cli_main(argv) == 0
     document = json.loads(out.read_text())
-    assert document["settings"]["connections"] == 16
+    assert document["settings"]["connections"] == 32
     by_worker = document["steps"][0]["server"]["responses_by_worker"]
     assert set(by_worker) == {"0", "1"}
     assert sum(by_worker.values()) == document["steps"][0]["ok"]
