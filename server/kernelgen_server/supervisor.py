@@ -12,7 +12,7 @@ no torch, holds no device and answers no call:
   incoming *connections* over them;
 - it prints the listening line once every worker reports SERVING, and serves
   the workers' summed metrics on ``--metrics-port`` (prometheus_client's
-  multiprocess mode) together with its own (workers up, restarts);
+  multiprocess mode) together with its own (workers serving, restarts);
 - a worker that exits while the server runs is restarted under its index;
   more than ``restart_limit`` exits within ``restart_window_s`` stop the
   server instead (a worker that cannot stay up would only loop);
