@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import pytest
 
 from kernelgen_client import KernelClient, RetryPolicy
 
-from support import ServeProcess, serve_process
+from support import ServeProcess, free_port, serve_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,11 +101,6 @@ def test_a_streamed_kernel_over_64_mib_costs_about_one_copy(served: ServeProcess
     scale = float(expected.abs().max())
     assert float(np.abs(result.kernel - expected.numpy()).max()) <= 1e-4 * scale
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_calls_ride_out_a_server_restart() -> None:

@@ -17,7 +17,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,12 +48,6 @@ def load_deploy_helpers() -> ModuleType:
 
 deploy = load_deploy_helpers()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def seconds(duration: str) -> float:

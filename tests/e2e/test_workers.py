@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,18 +27,13 @@ from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2_grpc as pb_grpc
 from kernelgen_client.cli import main as cli_main
 from kernelgen_server.repository import ModelRepository
 
-from support import ServeProcess, assert_same_kernel, serve_process
+from support import ServeProcess, assert_same_kernel, free_port, serve_process
 
 pytestmark = pytest.mark.slow
 
 REPORT_KEY = "kernelgen-report-bin"
 LENS = (6, 5)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:
