@@ -108,6 +108,11 @@ class _Worker:
     #: Monotonic times of this worker's unexpected exits.
     exits: list[float] = field(default_factory=list)
 
+    @property
+    def running(self) -> asyncio.subprocess.Process | None:
+        """Its process while that has not exited, else None."""
+        return self.process if self.process is not None and self.process.returncode is None else None
+
 
 class Supervisor:
     """Starts, watches, restarts and drains the worker processes of one server."""
@@ -136,18 +141,16 @@ class Supervisor:
     @property
     def live_workers(self) -> int:
         """Workers running, serving or starting."""
-        return sum(1 for w in self._workers if w.process is not None and w.process.returncode is None)
+        return sum(1 for w in self._workers if w.running)
 
     @property
     def serving_workers(self) -> int:
-        return sum(
-            1 for w in self._workers if w.serving and w.process is not None and w.process.returncode is None
-        )
+        return sum(1 for w in self._workers if w.serving and w.running)
 
     @property
     def pids(self) -> list[int]:
         """Worker pids by index (0 for one not running)."""
-        return [w.process.pid if w.process and w.process.returncode is None else 0 for w in self._workers]
+        return [p.pid if (p := w.running) else 0 for w in self._workers]
 
     # --- life cycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None) -> int:
@@ -296,7 +299,7 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         """SIGTERM every running worker, wait for their drain, then kill what is left."""
-        running = [w.process for w in self._workers if w.process is not None and w.process.returncode is None]
+        running = [p for w in self._workers if (p := w.running)]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
