@@ -48,7 +48,7 @@ from harness import (
     write_results,
 )
 
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 REPORT_KEY = "kernelgen-report-bin"
 SEQ_LENS = (15, 15)
@@ -165,10 +165,10 @@ def core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str,
 
 
 def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str, Any]]:
-    from kernelgen_client.malloc import tune_malloc
-    from kernelgen_server.core import KernelService
     from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.service import KernelService
     from kernelgen_server.settings import load_settings
+    from kernelgen_wire.malloc import tune_malloc
 
     tune_malloc()
     repository = ModelRepository.load(embedded_repository())
@@ -197,8 +197,8 @@ def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str
 def encode_ms(dtype: Any) -> float:
     import torch
 
-    from kernelgen_server.codec import to_payload
-    from kernelgen_server.wire import encode_kernel
+    from kernelgen_server.tensors import to_payload
+    from kernelgen_wire.kernel_messages import encode_kernel
 
     tensor = torch.randn(1, 29, 29, OUT_DIM).to(dtype)
     return 1000.0 / median_rate(lambda: encode_kernel(to_payload(tensor)), 0.5)

@@ -38,7 +38,7 @@ from harness import (
     write_results,
 )
 
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 BIG = 64 << 20
 ROUNDS = 5

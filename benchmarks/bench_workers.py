@@ -39,7 +39,7 @@ from bench_batching import (
 )
 from harness import echo_server, kernelgen_server, markdown_table, write_results
 
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 
 def worker_share(rounds: list[Measured]) -> str:

@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 SERVICE = "kernelgen.v1.KernelGenerator"
 REPORT_KEY = "kernelgen-report-bin"
-EMBEDDED = Path(__file__).resolve().parents[1] / "server" / "kernelgen_server" / "models"
+EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "kernelgen_server" / "models"
 ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 
 

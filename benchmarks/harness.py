@@ -54,7 +54,7 @@ def load_generator() -> None:
     fresh pages, and the client, not the server under test, would set the pace (measured:
     0.9-1.4 ms of client CPU per 1.29 MB kernel instead of 0.5). Idempotent.
     """
-    from kernelgen_client.malloc import tune_malloc
+    from kernelgen_wire.malloc import tune_malloc
 
     tune_malloc()
 

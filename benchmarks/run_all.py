@@ -37,7 +37,7 @@ from typing import Any
 
 from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, process
 
-from kernelgen_client.loadtest.report import plot
+from kernelgen_loadtest.report import plot
 
 SERVERS = {
     "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with an NVIDIA GPU, from a copy of the repository whose .whl/
 # holds the wheels of scripts/device_wheels.sh (the machine has no network; kernelgen is not
-# pip-installed there: client/ and server/ go on PYTHONPATH).
+# pip-installed there: src/ goes on PYTHONPATH).
 #
 #   bash scripts/device_check.sh
 #
 # Steps, each under its own time budget, each run whatever the others did:
 #   install   the wheels into $SITE (ahead of the image's packages on PYTHONPATH)
-#   a         tests/unit/test_engine.py; its CUDA tests must run, not skip
+#   a         tests/server/test_engine.py; its CUDA tests must run, not skip
 #   b         the integration tests of the served path (in-process servers, device "auto")
 #   c         benchmarks/bench_engine.py, short, on the GPU
 #   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
@@ -117,7 +117,10 @@ fi
 step "install ${#wheels[@]} wheels" 120 "$TESTS_LOG" \
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "${wheels[@]}"
-export PYTHONPATH="$SITE:$ROOT/client:$ROOT/server${PYTHONPATH:+:$PYTHONPATH}"
+# kernelgen runs from src/; its entry points (the server's subcommands, the load tester's
+# reference model) need package metadata, written next to the wheels.
+"$PY" scripts/write_dist_info.py "$SITE" >>"$TESTS_LOG" 2>&1 || note "write_dist_info.py failed"
+export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # -- environment --------------------------------------------------------------------------------
 {
@@ -135,8 +138,8 @@ import sys
 
 print("python", platform.python_version(), sys.executable)
 for name in ("torch", "numpy", "grpc", "google.protobuf", "pydantic", "pydantic_settings", "grpc_health",
-             "prometheus_client", "safetensors", "pytest", "pytest_asyncio", "kernelgen_client",
-             "kernelgen_server"):
+             "prometheus_client", "safetensors", "pytest", "pytest_asyncio", "kernelgen_wire",
+             "kernelgen_client", "kernelgen_server"):
     try:
         module = importlib.import_module(name)
     except Exception as exc:  # recorded, not fatal: the steps below will say what it breaks
@@ -152,7 +155,7 @@ try:
     if torch.cuda.is_available():
         print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
               "count", torch.cuda.device_count())
-    from kernelgen_server.core import resolve_device
+    from kernelgen_server.service import resolve_device
 
     print('kernelgen resolve_device("auto") ->', resolve_device("auto"))
 except Exception as exc:
@@ -177,7 +180,7 @@ fi
 
 # -- a: engine unit tests, the CUDA ones included ----------------------------------------------
 step "a test_engine.py" 120 "$TESTS_LOG" \
-    "$PY" -m pytest tests/unit/test_engine.py -v -p no:cacheprovider --timeout 120 \
+    "$PY" -m pytest tests/server/test_engine.py -v -p no:cacheprovider --timeout 120 \
     --junitxml "$WORK/engine.xml"
 junit_summary "$WORK/engine.xml" >"$WORK/engine.txt"
 grep -v '^cuda_skipped=' "$WORK/engine.txt" | tee -a "$SUMMARY"
@@ -199,12 +202,12 @@ fi
 # Not test_security.py (needs cryptography, which the GPU image lacks; device-independent).
 step "b integration tests" 180 "$TESTS_LOG" \
     "$PY" -m pytest -v -p no:cacheprovider --timeout 120 --junitxml "$WORK/service.xml" \
-    tests/integration/test_batching.py tests/integration/test_service.py \
-    tests/integration/test_status_codes.py tests/integration/test_lifecycle.py \
-    tests/integration/test_client_sync.py tests/integration/test_client_async.py \
-    tests/integration/test_client_errors.py tests/integration/test_client_cli.py \
-    tests/integration/test_loadtest.py tests/e2e/test_workers.py \
-    tests/unit/test_core_pipeline.py tests/unit/test_cache_slicing.py
+    tests/server/test_batching_served.py tests/server/test_service_rpc.py \
+    tests/server/test_status_codes.py tests/server/test_lifecycle.py \
+    tests/client/test_sync_client.py tests/client/test_async_client.py \
+    tests/client/test_client_errors_served.py tests/client/test_client_cli_commands.py \
+    tests/loadtest/test_loadtest_served.py tests/e2e/test_workers.py \
+    tests/server/test_service_pipeline.py tests/server/test_cache_slicing.py
 junit_summary "$WORK/service.xml" | grep -v '^cuda_skipped=\|CUDA tests: none found' | tee -a "$SUMMARY"
 
 # -- c: in-process engine vs reference forward --------------------------------------------------

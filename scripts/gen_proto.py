@@ -1,13 +1,16 @@
-"""Generate the Python protobuf and gRPC modules from proto/ into the client package.
+"""Generate the Python protobuf and gRPC modules of proto/ into the contract package.
 
 python scripts/gen_proto.py          # regenerate
 python scripts/gen_proto.py --check  # fail when the committed modules are stale
+
+``proto/kernelgen/v1/*.proto`` becomes ``src/kernelgen_wire/v1/*_pb2*.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,37 +19,36 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
-OUT = ROOT / "client" / "kernelgen_client" / "_proto"
 PACKAGE_DIR = Path("kernelgen") / "v1"
+OUT = ROOT / "src" / "kernelgen_wire" / "v1"
+INIT_TEXT = '"""Messages and stubs of ``kernelgen.v1``, generated from proto/ by scripts/gen_proto.py."""\n'
 
 
 def generate(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the generated modules of ``proto/kernelgen/v1`` (and their ``__init__``) into ``out``."""
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
-    rc = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{include}",
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            *protos,
-        ]
-    )
-    if rc != 0:
-        raise SystemExit(f"protoc failed with exit code {rc}")
-    # protoc writes absolute imports rooted at proto/; the modules live inside
-    # kernelgen_client, so make the cross-module imports relative.
-    for path in (out / PACKAGE_DIR).glob("*.py"):
-        text = path.read_text()
-        fixed = text.replace("from kernelgen.v1 import ", "from . import ")
-        path.write_text(fixed)
-    for folder in (out, out / "kernelgen", out / PACKAGE_DIR):
-        (folder / "__init__.py").write_text(
-            '"""Generated from proto/ by scripts/gen_proto.py; do not edit."""\n'
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{include}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                *protos,
+            ]
         )
+        if rc != 0:
+            raise SystemExit(f"protoc failed with exit code {rc}")
+        out.mkdir(parents=True, exist_ok=True)
+        # protoc writes imports rooted at proto/ ("from kernelgen.v1 import ..."); the
+        # modules live in one folder of the contract package, so make them relative.
+        for path in sorted((Path(tmp) / PACKAGE_DIR).glob("*.py*")):
+            text = path.read_text().replace("from kernelgen.v1 import ", "from . import ")
+            (out / path.name).write_text(text)
+    (out / "__init__.py").write_text(INIT_TEXT)
 
 
 def main() -> int:
@@ -58,17 +60,22 @@ def main() -> int:
     )
     args = parser.parse_args()
     if not args.check:
+        for stale in OUT.glob("*_pb2*.py*"):
+            stale.unlink()
         generate(OUT)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp)
+        fresh = Path(tmp) / "v1"
         generate(fresh)
-        stale = [
-            str(p.relative_to(fresh))
-            for p in sorted(fresh.rglob("*.py*"))
-            if not (OUT / p.relative_to(fresh)).exists()
-            or not filecmp.cmp(p, OUT / p.relative_to(fresh), shallow=False)
-        ]
+        names = {p.name for p in fresh.iterdir()} | {p.name for p in OUT.glob("*.py*")}
+        stale = sorted(
+            name
+            for name in names
+            if not (fresh / name).exists()
+            or not (OUT / name).exists()
+            or not filecmp.cmp(fresh / name, OUT / name, shallow=False)
+        )
+        shutil.rmtree(fresh)
     if stale:
         print("generated protobuf modules are stale; run python scripts/gen_proto.py:", *stale, sep="\n  ")
         return 1

@@ -1,4 +1,4 @@
-"""Regenerate the embedded model repository, ``server/kernelgen_server/models``.
+"""Regenerate the embedded model repository, ``src/kernelgen_server/models``.
 
 Each model is written by ``kernelgen init`` with a fixed seed, so running this
 again reproduces the committed files (same torch version: the initialisation

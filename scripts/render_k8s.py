@@ -20,7 +20,7 @@ outside what is checked:
   containers of pod templates;
 - output order: kustomize's legacy kind order, then group/version/kind, namespace, name.
 
-Where a real ``kubectl`` or ``kustomize`` is on PATH, tests/unit/test_deploy.py
+Where a real ``kubectl`` or ``kustomize`` is on PATH, tests/deploy/test_deploy.py
 checks that both give the same objects.
 """
 

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def run_server(**overrides: Any) -> AsyncIterator[Any]:
-    """A started in-process ``KernelServer`` on 127.0.0.1 and a free port; drained on exit."""
+    """A started in-process ``Server`` on 127.0.0.1 and a free port; drained on exit."""
     from kernelgen_server.server import create_server
     from kernelgen_server.settings import load_settings
 
@@ -113,7 +113,7 @@ def serve_process(
 
 async def generate(stub: Any, request: Any, **kwargs: Any) -> tuple[Any, Any]:
     """A GenerateKernel call through a raw aio stub: (response, ServerReport from the trailer)."""
-    from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
+    from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
     call = stub.GenerateKernel(request, **kwargs)
     reply = await call
@@ -136,7 +136,7 @@ def assert_same_kernel(got: Any, want: Any, *, bitwise: bool) -> None:
 
 def kernel_service(repository: Any, **settings: Any) -> Any:
     """A ``KernelService`` (the core, no gRPC) over ``repository``; metrics port off."""
-    from kernelgen_server.core import KernelService
+    from kernelgen_server.service import KernelService
     from kernelgen_server.settings import load_settings
 
     return KernelService(repository, load_settings({"metrics_port": 0, **settings}))

@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_deploy_helpers() -> ModuleType:
-    """The Dockerfile parser of tests/unit/test_deploy.py."""
+    """The Dockerfile parser of tests/deploy/test_deploy.py."""
     name = "_kernelgen_deploy_helpers"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "unit" / "test_deploy.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "deploy" / "test_deploy.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

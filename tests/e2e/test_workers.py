@@ -22,10 +22,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kernelgen_client import KernelClient
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2 as pb
-from kernelgen_client._proto.kernelgen.v1 import kernelgen_pb2_grpc as pb_grpc
 from kernelgen_client.cli import main as cli_main
 from kernelgen_server.repository import ModelRepository
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 
 from support import ServeProcess, assert_same_kernel, free_port, serve_process
 

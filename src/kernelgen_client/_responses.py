@@ -1,0 +1,113 @@
+"""Kernel responses as the client receives them: one message, or a stream into one buffer.
+
+``read_unary`` reads a ``GenerateKernel`` response and its trailers; a
+``Reassembler`` takes a ``StreamKernel`` stream. Both give a ``ResponseView``
+whose tensors view the received bytes, and every malformed response is a
+``MalformedResponse``. For a stream, the header says how many bytes follow (kernel, then grid); the buffer is
+allocated once at that size and every chunk is copied straight to its
+``offset``, so a kernel of N bytes costs N bytes plus one chunk in flight,
+never a growing concatenation.
+
+Invariants checked (a violation is ``MalformedResponse``): the header comes
+first and only once; its byte counts match its shapes and dtypes; every chunk
+lies inside the buffer; at the end the chunks cover the buffer exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from kernelgen_client.errors import MalformedResponse
+from kernelgen_wire.dtypes import DTYPE_NAMES, itemsize
+from kernelgen_wire.kernel_messages import ResponseView, TensorView, parse_chunk, parse_response
+from kernelgen_wire.protowire import WireFormatError
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+__all__ = ["Reassembler", "read_unary"]
+
+
+def read_unary(raw: bytes, trailers: Iterable[Any] | None) -> ResponseView:
+    """A ``GenerateKernel`` response, its report read from the trailers."""
+    try:
+        return parse_response(raw, trailers)
+    except WireFormatError as exc:
+        raise MalformedResponse(f"a kernel response does not decode: {exc}") from None
+
+
+class Reassembler:
+    """Feed it each serialized ``KernelChunk`` with ``add``; ``finish`` gives the kernel.
+
+    >>> r = Reassembler()  # doctest: +SKIP
+    >>> for message in stream: r.add(message)  # doctest: +SKIP
+    >>> view = r.finish()  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._header: pb.KernelHeader | None = None
+        self._buffer: memoryview | None = None
+        self._pieces: list[tuple[int, int]] = []  # (offset, length) of every chunk written
+
+    def add(self, message: bytes | memoryview) -> None:
+        try:
+            chunk = parse_chunk(message)
+        except WireFormatError as exc:
+            raise MalformedResponse(f"a stream message does not decode: {exc}") from None
+        if chunk.header is not None:
+            if self._header is not None:
+                raise MalformedResponse("the stream sent a second header")
+            self._start(chunk.header)
+        elif self._header is None:
+            raise MalformedResponse("the stream sent data before its header")
+        if chunk.data.nbytes:
+            self._write(chunk.offset, chunk.data)
+
+    def _start(self, header: pb.KernelHeader) -> None:
+        if header.kernel_dtype not in DTYPE_NAMES and header.kernel_dtype != pb.DTYPE_UNSPECIFIED:
+            raise MalformedResponse(f"the stream announces an unknown dtype {header.kernel_dtype}")
+        kernel_bytes = math.prod(header.kernel_shape) * itemsize(header.kernel_dtype)
+        grid_bytes = math.prod(header.grid_shape) * 4 if header.grid_shape else 0
+        if header.kernel_bytes != kernel_bytes or header.grid_bytes != grid_bytes:
+            raise MalformedResponse(
+                f"stream header announces {header.kernel_bytes}+{header.grid_bytes} bytes but its "
+                f"shapes need {kernel_bytes}+{grid_bytes}"
+            )
+        self._header = header
+        # numpy.empty: allocated once, not zero-filled; every byte is written by a chunk.
+        self._buffer = np.empty(kernel_bytes + grid_bytes, dtype=np.uint8).data
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        assert self._buffer is not None
+        end = offset + data.nbytes
+        if end > self._buffer.nbytes:
+            raise MalformedResponse(
+                f"a chunk at offset {offset} ({data.nbytes} bytes) runs past the "
+                f"{self._buffer.nbytes}-byte kernel"
+            )
+        self._buffer[offset:end] = data
+        self._pieces.append((offset, data.nbytes))
+
+    def finish(self) -> ResponseView:
+        """The whole kernel (and grid); raises ``MalformedResponse`` when bytes are missing."""
+        header, buffer = self._header, self._buffer
+        if header is None or buffer is None:
+            raise MalformedResponse("the stream ended before its header")
+        position = 0
+        for offset, length in sorted(self._pieces):
+            if offset != position:
+                what = "overlap" if offset < position else "gap"
+                raise MalformedResponse(f"the stream's chunks {what} at byte {min(offset, position)}")
+            position += length
+        if position != buffer.nbytes:
+            raise MalformedResponse(f"the stream ended after {position} of {buffer.nbytes} bytes")
+        split = int(header.kernel_bytes)
+        kernel = TensorView(tuple(header.kernel_shape), int(header.kernel_dtype), buffer[:split])
+        grid = (
+            TensorView(tuple(header.grid_shape), pb.DTYPE_FLOAT32, buffer[split:])
+            if header.grid_shape
+            else None
+        )
+        return ResponseView(kernel, grid, header.report)

@@ -1,0 +1,411 @@
+"""``KernelClient``: the blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import grpc
+import numpy.typing as npt
+
+from kernelgen_client._base import Channels, ClientConfig, ModelCache
+from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
+from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
+from kernelgen_client._health import decode_response, encode_request
+from kernelgen_client._responses import Reassembler, read_unary
+from kernelgen_client.errors import ConnectionFailed, KernelServiceError, ModelNotFound, from_rpc_error
+from kernelgen_client.tensors import ConditioningLike, DTypeLike
+from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
+from kernelgen_wire.kernel_messages import ResponseView
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["KernelClient"]
+
+SeqLens = int | Sequence[int]
+NDArray = npt.NDArray[Any]
+
+
+class KernelClient:
+    """A blocking client of a kernelgen server; thread-safe, one channel per client.
+
+    Args:
+        target: ``"host:port"``, several of them (a list or ``"h1:p1,h2:p2"``,
+            balanced round robin), or a gRPC URI such as ``"dns:///name:50051"``.
+            Default: ``$KERNELGEN_TARGET``, else ``127.0.0.1:50051``.
+        timeout: default deadline of every call, in seconds (``None``: none).
+        tls: ``True`` for TLS with the system's roots, or a ``TLSConfig``.
+        token: a bearer token, sent as ``authorization: Bearer <token>``.
+        metadata: metadata sent with every call.
+        retries: a ``RetryPolicy``, a number of attempts, or ``None`` for none.
+        load_balancing: ``"round_robin"`` (default) or ``"pick_first"``.
+        options: extra gRPC channel arguments (they win over the client's own).
+        connections: channels the client's calls take in turn, each a connection of its
+            own to every server address (1). Raise it to reach every worker process of a
+            ``kernelgen serve --workers N`` server, which Linux balances by connection.
+
+    Example::
+
+        from kernelgen_client import KernelClient
+
+        with KernelClient("127.0.0.1:50051", timeout=30) as client:
+            kernel = client.generate("hyena-2d", [29, 29])      # numpy [1, 57, 57, 384]
+            print(client.flop_count("hyena-2d", [29, 29]).flops)
+    """
+
+    def __init__(
+        self,
+        target: TargetLike | None = None,
+        *,
+        timeout: float | None = None,
+        tls: TLSConfig | bool | None = None,
+        token: str | None = None,
+        metadata: MetadataLike | None = None,
+        retries: RetryPolicy | int | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
+        load_balancing: str = "round_robin",
+        options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
+    ) -> None:
+        self._config = ClientConfig.build(
+            target,
+            timeout=timeout,
+            tls=tls,
+            token=token,
+            metadata=metadata,
+            retries=retries,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        self._channels = Channels(self._config, grpc, connections)
+        self._models = ModelCache()
+
+    @property
+    def target(self) -> str:
+        """The gRPC target the channel connects to."""
+        return self._config.target
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the channels; calls in progress are cancelled."""
+        for channel in self._channels.channels:
+            channel.close()
+
+    def __enter__(self) -> KernelClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KernelClient({self.target!r})"
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every channel is connected; ``ConnectionFailed`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for channel in self._channels.channels:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                grpc.channel_ready_future(channel).result(timeout=left)
+        except grpc.FutureTimeoutError:
+            raise ConnectionFailed(
+                f"no server became reachable at {self.target} within {timeout} s"
+            ) from None
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def _call(self, name: str, request: Any, deadline: Deadline, metadata: MetadataLike | None) -> Any:
+        try:
+            return self._channels.unary(name)(
+                request,
+                timeout=deadline.remaining(),
+                metadata=self._config.call_metadata(metadata),
+                wait_for_ready=self._config.retries.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from exc
+
+    def _unary_kernel(
+        self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
+    ) -> ResponseView:
+        try:
+            raw, call = self._channels.unary("GenerateKernel").with_call(
+                request,
+                timeout=deadline.remaining(),
+                metadata=self._config.call_metadata(metadata),
+                wait_for_ready=self._config.retries.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from exc
+        return read_unary(raw, call.trailing_metadata())
+
+    def _streamed(
+        self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
+    ) -> ResponseView:
+        call = self._channels.stream()(
+            request,
+            timeout=deadline.remaining(),
+            metadata=self._config.call_metadata(metadata),
+            wait_for_ready=self._config.retries.wait_for_ready,
+        )
+        assembler = Reassembler()
+        try:
+            for message in call:
+                assembler.add(message)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from exc
+        except BaseException:
+            call.cancel()
+            raise
+        return assembler.finish()
+
+    def _info(self, model: str, deadline: Deadline, metadata: MetadataLike | None) -> ModelInfo:
+        info = self._models.get(model)
+        if info is None:
+            info = ModelInfo.from_pb(
+                self._call("GetModel", pb.GetModelRequest(model=model), deadline, metadata)
+            )
+            self._models.put(info)
+        return info
+
+    # --- metadata calls -----------------------------------------------------------------------
+    def list_models(
+        self, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> list[ModelInfo]:
+        """Every model of the server's repository, ready or not, by name."""
+        reply = self._call(
+            "ListModels", pb.ListModelsRequest(), Deadline(self._config.call_timeout(timeout)), metadata
+        )
+        infos = [ModelInfo.from_pb(m) for m in reply.models]
+        for info in infos:
+            self._models.put(info)
+        return infos
+
+    def get_model(
+        self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> ModelInfo:
+        """One model; ``ModelNotFound`` when the server has none of that name."""
+        reply = self._call(
+            "GetModel", pb.GetModelRequest(model=name), Deadline(self._config.call_timeout(timeout)), metadata
+        )
+        info = ModelInfo.from_pb(reply)
+        self._models.put(info)
+        return info
+
+    def flop_count(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        inference: bool = False,
+        *,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> FlopReport:
+        """The reference model's FLOP count for a grid, and the kernel's size."""
+        request = pb.FlopCountRequest(model=model, seq_lens=check_seq_lens(seq_lens), inference=inference)
+        reply = self._call("FlopCount", request, Deadline(self._config.call_timeout(timeout)), metadata)
+        return FlopReport.from_pb(reply)
+
+    def health(
+        self, model: str | None = None, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> HealthStatus:
+        """The server's serving status, or one model's; ``SERVICE_UNKNOWN`` for an unknown model."""
+        try:
+            reply = self._call(
+                "Check", encode_request(model or ""), Deadline(self._config.call_timeout(timeout)), metadata
+            )
+        except ModelNotFound:
+            return HealthStatus.SERVICE_UNKNOWN
+        return decode_response(reply)
+
+    # --- generate -----------------------------------------------------------------------------
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> NDArray: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[True],
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> tuple[NDArray, NDArray]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> torch.Tensor: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[True],
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: bool = False,
+        as_torch: Literal[False] = False,
+        with_report: Literal[True],
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> KernelResult[NDArray]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: bool = False,
+        as_torch: Literal[True],
+        with_report: Literal[True],
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> KernelResult[torch.Tensor]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: bool = False,
+        as_torch: bool = False,
+        with_report: bool = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> Any: ...
+
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: bool = False,
+        as_torch: bool = False,
+        with_report: bool = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> Any:
+        """Generate one kernel: ``[1 | B, 2*s_0-1, ..., out_dim]``.
+
+        Args:
+            model: the model's name on the server.
+            seq_lens: one length per spatial axis (an int for 1-D models).
+            conditioning: ``[B, cond_dim]`` (or ``[cond_dim]``) FiLM conditioning:
+                a numpy array, nested lists, or a torch tensor. ``None``: the
+                unconditioned kernel, which the server caches.
+            dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on the wire.
+                numpy has no bfloat16, so numpy results of bfloat16 are float32;
+                ``as_torch=True`` keeps ``torch.bfloat16``, and
+                ``with_report=True`` gives the raw bytes as ``result.raw``.
+            return_grid: also return the ``[1, *spatial, data_dim]`` coordinate grid.
+            as_torch: return torch tensors (needs torch installed).
+            with_report: return a ``KernelResult`` (kernel, grid, server report, timings).
+            copy: return arrays that own their memory. By default numpy results
+                are zero-copy views of the received bytes, read-only for kernels
+                that came in one message (under ~3.5 MiB), writable for streamed ones.
+            stream: force (``True``) or forbid (``False``) streaming; by default
+                kernels predicted above ~3.5 MiB are streamed.
+            timeout: deadline for the whole call in seconds (default: the client's).
+            metadata: extra metadata for this call.
+
+        Returns:
+            The kernel; ``(kernel, grid)`` with ``return_grid``; a ``KernelResult`` with ``with_report``.
+
+        Example::
+
+            kernel = client.generate("hyena-2d", [29, 29], np.zeros((4, 384)), dtype="bfloat16")
+            kernel.shape, kernel.dtype   # ((4, 57, 57, 384), dtype('float32'))
+        """
+        call = prepare(
+            model,
+            seq_lens,
+            conditioning,
+            dtype=dtype,
+            return_grid=return_grid,
+            as_torch=as_torch,
+            copy=copy,
+            with_report=with_report,
+            stream=stream,
+        )
+        deadline = Deadline(self._config.call_timeout(timeout))
+        info = self._info(call.model, deadline, metadata) if call.stream is None else None
+        return self._generate(call, info, deadline, metadata)
+
+    def _generate(
+        self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
+    ) -> Any:
+        if call.use_stream(info):
+            return call.finish(self._streamed(call.request, deadline, metadata), streamed=True)
+        try:
+            response = self._unary_kernel(call.request, deadline, metadata)
+        except KernelServiceError as exc:
+            if call.stream is False or not call.wants_stream(exc):
+                raise
+            return call.finish(self._streamed(call.request, deadline, metadata), streamed=True)
+        return call.finish(response, streamed=False)

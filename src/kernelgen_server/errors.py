@@ -1,0 +1,98 @@
+"""The server's one error hierarchy; each class carries its gRPC status code.
+
+Core components (repository, cache, batcher, engine) raise these; the servicer
+maps them to a status in one place (``KernelGenError.code``). Anything that is
+not a ``KernelGenError`` is a bug and reaches the caller as INTERNAL with a
+generic message, its details going to the log only.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kernelgen_wire.metadata import Reason
+
+__all__ = [
+    "Cancelled",
+    "ConditioningNotSupported",
+    "DeadlineExpired",
+    "Draining",
+    "InvalidRequest",
+    "KernelGenError",
+    "ModelNotFound",
+    "ModelNotReady",
+    "QueueFull",
+    "TooLarge",
+]
+
+
+class KernelGenError(Exception):
+    """A failure the caller should see, with its status code and a readable message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: Machine-readable tag sent in the ``kernelgen-reason`` trailer.
+    reason: Reason = Reason.INTERNAL
+    #: gRPC retry pushback: None sends none, a negative value forbids a retry,
+    #: a positive value asks the client to retry after that many milliseconds.
+    retry_pushback_ms: int | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(KernelGenError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = Reason.INVALID_ARGUMENT
+
+
+class ModelNotFound(KernelGenError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = Reason.MODEL_NOT_FOUND
+
+
+class ModelNotReady(KernelGenError):
+    """The model exists in the repository but failed to load."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.MODEL_NOT_READY
+
+
+class ConditioningNotSupported(KernelGenError):
+    """Conditioning was sent to a model without a FiLM generator."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.NO_FILM
+
+
+class QueueFull(KernelGenError):
+    """Back-pressure: retryable after a short pause."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.QUEUE_FULL
+    retry_pushback_ms = 50
+
+
+class TooLarge(KernelGenError):
+    """The request is over a configured size limit; retrying cannot help."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.TOO_LARGE
+    retry_pushback_ms = -1
+
+
+class DeadlineExpired(KernelGenError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = Reason.DEADLINE_EXCEEDED
+
+
+class Cancelled(KernelGenError):
+    code = grpc.StatusCode.CANCELLED
+    reason = Reason.CANCELLED
+
+
+class Draining(KernelGenError):
+    """The server is shutting down and takes no new work."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.DRAINING

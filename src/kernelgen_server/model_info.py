@@ -1,0 +1,33 @@
+"""``ModelInfo`` messages for the models of a repository."""
+
+from __future__ import annotations
+
+from kernelgen_server.config import ModelConfig
+from kernelgen_server.repository import LoadedModel, ModelRepository
+from kernelgen_wire.model_config import config_message as values_message
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+__all__ = ["config_message", "model_info"]
+
+
+def config_message(config: ModelConfig) -> pb.ModelConfig:
+    return values_message(config.to_json_dict())
+
+
+def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
+    """One message per model, ready or not, in name order."""
+    infos = []
+    for entry in repository.entries():
+        if isinstance(entry, LoadedModel):
+            infos.append(
+                pb.ModelInfo(
+                    name=entry.name,
+                    ready=True,
+                    config=config_message(entry.config),
+                    content_hash=entry.content_hash,
+                    parameter_count=entry.parameter_count,
+                )
+            )
+        else:
+            infos.append(pb.ModelInfo(name=entry.name, ready=False, reason=entry.reason))
+    return infos

@@ -1,0 +1,207 @@
+"""Assembles a kernelgen gRPC server and runs its life cycle.
+
+``create_server(settings)`` builds everything and binds the port (0 picks a
+free one, so tests can run many servers); ``Server.start()`` warms the
+models and turns health SERVING; ``Server.stop()`` drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from kernelgen_server.generator_servicer import KernelGeneratorServicer
+from kernelgen_server.metrics import Metrics
+from kernelgen_server.repository import ModelRepository, embedded_repository
+from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials
+from kernelgen_server.service import KernelService
+from kernelgen_server.settings import ServerSettings
+from kernelgen_wire.malloc import tune_malloc
+from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME
+
+__all__ = ["ModelsFailedError", "Server", "create_server", "serve"]
+
+log = logging.getLogger("kernelgen.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Room for the protobuf envelope around the largest payload a message may carry.
+_ENVELOPE_BYTES = 64 * 1024
+
+
+class ModelsFailedError(RuntimeError):
+    """``--strict`` and at least one model failed to load."""
+
+
+class Server:
+    """A bound, not yet started server with its core, health and metrics."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        service: KernelService,
+        grpc_server: aio.Server,
+        health: health_aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.grpc_server = grpc_server
+        self.health = health
+        self.port = port
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def repository(self) -> ModelRepository:
+        return self.service.repository
+
+    async def start(self) -> None:
+        """Listen, warm every model, then report SERVING (overall and per ready model)."""
+        for name in self.repository.names():
+            await self.health.set(name, NOT_SERVING)
+        await self.health.set("", NOT_SERVING)
+        await self.grpc_server.start()
+        if self.settings.metrics_port:
+            self.metrics_port = self.service.metrics.serve(self.settings.metrics_port, self.settings.host)
+        if self.settings.warmup:
+            await self.service.warmup()
+        for name in self.repository.ready:
+            await self.health.set(name, SERVING)
+            self.service.metrics.models_ready.labels(name).set(1)
+        for name in self.repository.failed:
+            self.service.metrics.models_ready.labels(name).set(0)
+        await self.health.set(SERVICE_NAME, SERVING)
+        await self.health.set("", SERVING)
+        log.info(
+            "kernelgen serving %d model(s) on %s:%d (device %s%s)",
+            len(self.repository.ready),
+            self.settings.host,
+            self.port,
+            self.service.device,
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, finish in-flight ones within ``grace`` seconds."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_s if grace is None else grace
+        log.info("draining (grace %.1f s)", grace)
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        # grpc refuses new calls at once and waits up to `grace` for those in flight;
+        # their batches keep running because the batcher is closed only afterwards.
+        await self.grpc_server.stop(grace)
+        await self.service.close(drain=True)
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def _load_repository(settings: ServerSettings) -> ModelRepository:
+    root = settings.model_repo if settings.model_repo is not None else embedded_repository()
+    repository = ModelRepository.load(root)
+    if repository.failed and settings.strict:
+        reasons = "; ".join(f"{f.name}: {f.reason}" for f in repository.failed.values())
+        raise ModelsFailedError(f"--strict: {len(repository.failed)} model(s) failed to load: {reasons}")
+    return repository
+
+
+def _receive_limit(repository: ModelRepository, settings: ServerSettings) -> int:
+    """Largest legal request: the widest conditioning at the row limit, float32."""
+    widest = max((m.module.cond_dim or 0 for m in repository.ready.values()), default=0)
+    return settings.max_conditioning_rows * widest * 4 + _ENVELOPE_BYTES
+
+
+def create_server(
+    settings: ServerSettings,
+    *,
+    repository: ModelRepository | None = None,
+    metrics: Metrics | None = None,
+    worker: int = 0,
+    reuse_port: bool = False,
+) -> tuple[Server, int]:
+    """Build the server and bind its port; returns it (not started) and the bound port.
+
+    ``worker`` is this process's index under a supervisor, and ``reuse_port`` lets it
+    share the port with its sibling workers (SO_REUSEPORT); a server on its own refuses
+    to share. Must be called with an event loop running (grpc.aio binds to it).
+    """
+    repository = repository or _load_repository(settings)
+    service = KernelService(repository, settings, metrics=metrics, worker=worker)
+    interceptors: list[aio.ServerInterceptor] = []
+    if settings.auth_token_file is not None:
+        interceptors.append(BearerTokenInterceptor(load_tokens(settings.auth_token_file)))
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", int(settings.max_message_bytes) + _ENVELOPE_BYTES),
+        ("grpc.max_receive_message_length", _receive_limit(repository, settings)),
+        # Clients may ping every 20 s, even between calls, to keep idle connections alive.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A lone server never shares its port: a second one started by mistake must fail to
+        # bind. Only the workers of one supervisor share theirs (supervisor.py).
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+    grpc_server = aio.server(
+        interceptors=interceptors,
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    servicer = KernelGeneratorServicer(service)
+    grpc_server.add_generic_rpc_handlers((servicer.handler(),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        port = grpc_server.add_secure_port(address, creds)
+    else:
+        port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return Server(settings, service, grpc_server, health, port), port
+
+
+async def serve(
+    settings: ServerSettings,
+    *,
+    worker: int = 0,
+    reuse_port: bool = False,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> int:
+    """Run until SIGTERM, SIGINT or ``stop``, then drain; the exit code of ``kernelgen serve``.
+
+    ``on_ready(port)`` runs once the server is SERVING; by default it prints the listening line.
+    """
+    if settings.tune_malloc:
+        tune_malloc()
+    server, port = create_server(settings, worker=worker, reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if on_ready is None:
+        print(f"kernelgen: listening on {settings.url(port)}", flush=True)
+    else:
+        on_ready(port)
+    await stop.wait()
+    await server.stop()
+    return 0

@@ -1,0 +1,353 @@
+"""The service core: validation, cache, batching and compute, without gRPC.
+
+``KernelService`` answers in Python values and raises ``KernelGenError``s;
+the servicer only decodes, calls it, encodes and maps errors to statuses.
+
+Invariants:
+- all tensor work for the device runs on one device thread (``ServiceThreads``),
+  in submission order, so a GPU sees one ordered stream and the event loop never
+  computes;
+- unconditioned kernels go through the byte-bounded cache, conditioned ones
+  through the batcher (the ``submit`` seam); nothing else computes kernels;
+  a miss whose kernel is the centre of a cached larger one (same model and
+  dtype) is cut from it on the host thread instead of computed;
+- every limit is checked before any work is queued, so a refused request
+  costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from kernelgen_server.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
+from kernelgen_server.cache import ByteLRUCache
+from kernelgen_server.engine import KernelEngine, is_oom
+from kernelgen_server.errors import (
+    ConditioningNotSupported,
+    DeadlineExpired,
+    Draining,
+    InvalidRequest,
+    TooLarge,
+)
+from kernelgen_server.metrics import Metrics
+from kernelgen_server.repository import LoadedModel, ModelRepository
+from kernelgen_server.settings import ServerSettings
+from kernelgen_server.tensors import centre, decode_output_dtype, itemsize, to_payload
+from kernelgen_server.threads import ServiceThreads
+from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+__all__ = ["FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
+
+log = logging.getLogger("kernelgen.core")
+
+BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
+CacheKey = tuple[str, tuple[int, ...], int]  # (model content hash, seq_lens, wire dtype)
+
+
+class CondItem(NamedTuple):
+    """One conditioned request in a batch bucket: its ``[B, C]`` rows and output size."""
+
+    conditioning: torch.Tensor
+    nbytes: int
+
+
+class Submitter(Protocol):
+    """The seam conditioned requests go through: one request in, its rows out."""
+
+    async def submit(
+        self, key: BucketKey, item: CondItem, *, deadline: float | None = None
+    ) -> BatchOutcome[asyncio.Future[EncodedKernel]]: ...
+
+    async def close(self, drain: bool = True) -> None: ...
+
+
+@dataclass(frozen=True)
+class GeneratedKernel:
+    """One kernel as the service made it: its encoded message, the grid if asked, the report."""
+
+    kernel: EncodedKernel
+    grid: Payload | None
+    report: pb.ServerReport
+
+    @property
+    def nbytes(self) -> int:
+        return self.kernel.nbytes + (0 if self.grid is None else self.grid.nbytes)
+
+
+@dataclass(frozen=True)
+class FlopSummary:
+    """What ``FlopCount`` answers: the reference count, the grid's size and the kernel's."""
+
+    flops: int
+    grid_points: int
+    kernel_bytes: int
+    cacheable: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for but CUDA is not available")
+    return device
+
+
+class KernelService:
+    """Serves the ready models of a repository on one device."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: ServerSettings,
+        *,
+        metrics: Metrics | None = None,
+        device: torch.device | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        worker: int = 0,
+    ) -> None:
+        self.repository = repository
+        #: This process's index among the server's worker processes; every report carries it.
+        self.worker = worker
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.device = device or resolve_device(settings.device)
+        self._clock = clock
+        cuda = self.device.type == "cuda"
+        self._threads = ServiceThreads(
+            self.device,
+            cpu_threads=settings.torch_threads(),
+            pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
+        )
+        # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
+        # per row and layer would waste the device, so batched GEMMs are the default there.
+        batched = cuda if settings.batched_gemm is None else settings.batched_gemm
+        self._engines = {
+            m.name: KernelEngine(m.module, self.device, batched=batched) for m in repository.ready.values()
+        }
+        self._cache: ByteLRUCache[CacheKey, EncodedKernel] = ByteLRUCache(
+            int(settings.cache_bytes), observer=self.metrics
+        )
+        policy = BatchPolicy(
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            max_batch_bytes=int(settings.max_batch_bytes),
+        )
+        self.submitter: Submitter = DynamicBatcher(
+            self._run_batch,
+            policy,
+            rows_of=lambda item: int(item.conditioning.shape[0]),
+            bytes_of=lambda item: item.nbytes,
+            is_oom=is_oom,
+            clock=clock,
+            observer=self.metrics,
+        )
+        self.draining = False
+
+    # --- lookups ------------------------------------------------------------------------------
+    def model(self, name: str) -> LoadedModel:
+        if not name:
+            raise InvalidRequest("model name is empty")
+        return self.repository.get(name)
+
+    def seq_lens(self, model: LoadedModel, values: Sequence[int]) -> tuple[int, ...]:
+        data_dim = model.module.data_dim
+        if len(values) != data_dim:
+            raise InvalidRequest(
+                f"model {model.name!r} is {data_dim}-D: seq_lens needs {data_dim} entries, got {len(values)}"
+            )
+        if any(v < 1 for v in values):
+            raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
+        lens = tuple(int(v) for v in values)
+        points = math.prod(2 * n - 1 for n in lens)
+        if points > self.settings.max_grid_points:
+            raise TooLarge(
+                f"a grid of {points} points (seq_lens {list(lens)}) is over the limit of "
+                f"{self.settings.max_grid_points} points"
+            )
+        return lens
+
+    # --- FlopCount / models -------------------------------------------------------------------
+    def flop_count(self, name: str, seq_lens: Sequence[int], inference: bool) -> FlopSummary:
+        model = self.model(name)
+        lens = self.seq_lens(model, seq_lens)
+        points = math.prod(2 * n - 1 for n in lens)
+        module = model.module
+        return FlopSummary(
+            flops=module.flop_count(lens, inference=inference),
+            grid_points=points,
+            kernel_bytes=points * module.out_dim * 4,
+            cacheable=module.film_generator is None,
+        )
+
+    # --- GenerateKernel -----------------------------------------------------------------------
+    async def generate(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        return_grid: bool,
+        *,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
+    ) -> GeneratedKernel:
+        """Compute (or fetch) one kernel. ``max_bytes`` bounds the whole response (unary calls)."""
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        model = self.model(name)
+        lens = self.seq_lens(model, seq_lens)
+        out_dtype = decode_output_dtype(dtype)
+        wire_dtype = int(dtype) or pb.DTYPE_FLOAT32
+        module = model.module
+        rows = 1
+        if conditioning is not None:
+            if module.film_generator is None:
+                raise ConditioningNotSupported(
+                    f"model {name!r} has no FiLM generator and takes no conditioning; omit it"
+                )
+            if conditioning.shape[1] != module.film_generator.cond_dim:
+                raise InvalidRequest(
+                    f"model {name!r} takes conditioning of width {module.film_generator.cond_dim}, "
+                    f"got {conditioning.shape[1]}"
+                )
+            rows = int(conditioning.shape[0])
+            if rows > self.settings.max_conditioning_rows:
+                raise TooLarge(
+                    f"{rows} conditioning rows is over the limit of {self.settings.max_conditioning_rows}"
+                )
+        points = math.prod(2 * n - 1 for n in lens)
+        kernel_bytes = rows * points * module.out_dim * itemsize(out_dtype)
+        grid_bytes = points * module.data_dim * 4 if return_grid else 0
+        if kernel_bytes > self.settings.max_kernel_bytes:
+            raise TooLarge(
+                f"the kernel would be {kernel_bytes} bytes, over the limit of "
+                f"{int(self.settings.max_kernel_bytes)} bytes"
+            )
+        if max_bytes is not None and kernel_bytes + grid_bytes > max_bytes:
+            raise TooLarge(
+                f"the response would be {kernel_bytes + grid_bytes} bytes, over the unary limit of "
+                f"{max_bytes} bytes; use StreamKernel for large kernels"
+            )
+        self._check_deadline(deadline)
+
+        if conditioning is None:
+            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, deadline)
+        else:
+            cond = torch.from_numpy(conditioning.copy())
+            key: BucketKey = (model.name, lens, wire_dtype)
+            outcome = await self.submitter.submit(key, CondItem(cond, kernel_bytes), deadline=deadline)
+            kernel = await outcome.result
+            report = pb.ServerReport(
+                cache_hit=False,
+                batch_size=outcome.batch_rows,
+                batch_requests=outcome.batch_requests,
+                queue_ms=outcome.queue_s * 1000.0,
+                compute_ms=outcome.compute_s * 1000.0,
+            )
+        report.model_hash = model.content_hash
+        report.worker = self.worker
+        grid = None
+        if return_grid:
+            engine = self._engines[model.name]
+            grid = await self._threads.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
+        return GeneratedKernel(kernel, grid, report)
+
+    async def _unconditioned(
+        self,
+        model: LoadedModel,
+        lens: tuple[int, ...],
+        out_dtype: torch.dtype,
+        wire_dtype: int,
+        deadline: float | None,
+    ) -> tuple[EncodedKernel, pb.ServerReport]:
+        engine = self._engines[model.name]
+        timing: dict[str, float] = {}
+
+        def compute() -> EncodedKernel:
+            start = time.perf_counter()
+            tensor = engine.unconditioned(lens, out_dtype)
+            timing["compute_s"] = time.perf_counter() - start
+            return encode_kernel(to_payload(tensor))
+
+        def cut(larger: EncodedKernel) -> EncodedKernel:
+            start = time.perf_counter()
+            kernel = encode_kernel(centre(larger.payload, engine.spatial_shape(lens)))
+            timing["compute_s"] = time.perf_counter() - start
+            return kernel
+
+        def covers(key: CacheKey) -> bool:
+            digest, other, dtype = key
+            return digest == model.content_hash and dtype == wire_dtype and other != lens and all(
+                m >= n for m, n in zip(other, lens, strict=True)
+            )
+
+        accepted = self._clock()
+
+        async def miss() -> EncodedKernel:
+            # No deadline check in here: callers that join this computation have their own.
+            timing["queue_s"] = self._clock() - accepted
+            larger = self._cache.smallest_stored(covers) if self.settings.cache_slicing else None
+            if larger is not None:
+                self.metrics.cache_slices.inc()
+                return await self._threads.on_host(functools.partial(cut, larger))
+            return await self._threads.on_device(compute)
+
+        payload, hit = await self._cache.get_or_compute((model.content_hash, lens, wire_dtype), miss)
+        if not hit and "compute_s" in timing:
+            self.metrics.compute_time.labels(model.name).observe(timing["compute_s"])
+        # A caller that waited on another's miss did no compute of its own: report it as a hit.
+        computed_here = not hit and "compute_s" in timing
+        return payload, pb.ServerReport(
+            cache_hit=not computed_here,
+            batch_size=1 if computed_here else 0,
+            batch_requests=1 if computed_here else 0,
+            queue_ms=timing.get("queue_s", 0.0) * 1000.0,
+            compute_ms=timing.get("compute_s", 0.0) * 1000.0,
+        )
+
+    async def _run_batch(
+        self, key: BucketKey, items: list[CondItem]
+    ) -> list[asyncio.Future[EncodedKernel]]:
+        """Compute one batch; returns once the device is free, with a future per request."""
+        name, lens, wire_dtype = key
+        conds = [item.conditioning for item in items]
+        engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
+        return await self._threads.run_batch(engine, lens, conds, dtype)
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        if deadline is not None and self._clock() >= deadline:
+            raise DeadlineExpired("the deadline passed before the kernel was computed")
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def warmup(self) -> None:
+        """Run every model once on a small grid so the first real call pays no start-up cost."""
+        for model in self.repository.ready.values():
+            engine = self._engines[model.name]
+            lens = tuple(min(2, n) for n in model.module.L_cache)
+            await self._threads.on_device(functools.partial(engine.unconditioned, lens, torch.float32))
+            cond_dim = model.module.cond_dim
+            if cond_dim is not None:
+                conds = [torch.zeros(1, cond_dim)]
+                warm = functools.partial(engine.conditioned, lens, conds, torch.float32)
+                await self._threads.on_device(warm)
+
+    async def close(self, drain: bool = True) -> None:
+        """Finish (or fail) queued batches, then stop the device thread and the host thread."""
+        self.draining = True
+        await self.submitter.close(drain=drain)
+        await self._threads.close()
+

@@ -1,0 +1,22 @@
+"""The wire contract of kernelgen, shared by the client and the server.
+
+Everything both ends must agree on lives here and only here:
+
+- ``kernelgen_wire.v1``: the generated protobuf messages and gRPC stubs of
+  ``proto/kernelgen/v1/kernelgen.proto`` (the source of truth);
+- ``rpc``: the service's name and its method paths;
+- ``metadata``: the metadata keys (the per-call report trailer, the reason
+  trailer, gRPC's retry pushback) and the reason strings;
+- ``dtypes``: the wire dtypes' names, sizes and numpy layouts;
+- ``protowire``: proto3 wire-format primitives (varints, field keys, a field
+  reader) for the messages that are encoded and read by hand;
+- ``kernel_messages``: ``GenerateKernelResponse`` and ``KernelChunk``
+  serialized straight from tensor memory and read back as views, without
+  copying the kernel bytes;
+- ``model_config``: ``config.json`` values to and from ``ModelConfig``;
+- ``malloc``: the allocator tuning every process that moves large kernel
+  buffers applies.
+
+This package depends on protobuf, grpcio's stubs and numpy only; it imports
+neither ``kernelgen_client`` nor ``kernelgen_server``.
+"""

@@ -1,0 +1,252 @@
+"""Kernel responses on the wire, written from tensor memory and read back as views.
+
+``GenerateKernelResponse`` and ``KernelChunk`` are mostly one large ``bytes``
+field. The server writes them by hand (``encode_kernel``, ``encode_response``,
+``encode_chunks``): the few header bytes are joined with the payload buffer,
+one copy of the kernel in all, and a cached kernel is kept in that serialized
+form and sent as it is (so the per-call report travels in trailing metadata).
+The client reads them by hand (``parse_response``, ``parse_chunk``): the
+payload comes back as a ``memoryview`` of the received buffer, no copy beyond
+the one gRPC made when it handed the message over.
+
+The written bytes are exactly what ``SerializeToString`` of the equivalent
+message yields, and the reader accepts any valid encoding (unpacked shapes,
+unknown fields), so either side can talk to a protobuf-built peer; tests check
+both. Malformed input raises ``WireFormatError``. Field numbers follow
+``proto/kernelgen/v1/kernelgen.proto``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernelgen_wire.metadata import REPORT_TRAILER
+from kernelgen_wire.protowire import (
+    VARINT,
+    WireFormatError,
+    fields,
+    key,
+    length_delimited,
+    read_varint,
+    signed64,
+    varint,
+)
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+__all__ = [
+    "ChunkView",
+    "EncodedKernel",
+    "Payload",
+    "ResponseView",
+    "TensorView",
+    "encode_chunks",
+    "encode_kernel",
+    "encode_response",
+    "parse_chunk",
+    "parse_response",
+    "report_from_trailers",
+]
+
+
+# --- writing ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Payload:
+    """A tensor ready for the wire: shape, wire dtype and its raw little-endian bytes.
+
+    ``data`` is any C-contiguous buffer (a numpy array's memory, bytes); it is
+    never modified, so one Payload may be shared by many responses (the cache).
+    """
+
+    shape: tuple[int, ...]
+    dtype: int  # a kernelgen.v1.DType value
+    data: memoryview
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, dtype: int) -> Payload:
+        if not array.flags.c_contiguous:
+            raise ValueError("payload arrays must be C-contiguous")
+        view = array.data.cast("B")
+        return cls(tuple(int(n) for n in array.shape), dtype, view.toreadonly())
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def tensor_header(self) -> bytes:
+        """Bytes of a ``Tensor`` message up to (and including) the length of its ``data``."""
+        shape = b"".join(varint(n) for n in self.shape)
+        parts = [length_delimited(1, len(shape)), shape] if self.shape else []
+        if self.dtype:
+            parts += [key(2, VARINT), varint(self.dtype)]
+        if self.nbytes:
+            parts.append(length_delimited(3, self.nbytes))
+        return b"".join(parts)
+
+
+def _tensor_field(field: int, payload: Payload) -> list[bytes | memoryview]:
+    header = payload.tensor_header()
+    return [length_delimited(field, len(header) + payload.nbytes), header, payload.data]
+
+
+@dataclass(frozen=True)
+class EncodedKernel:
+    """A kernel as a serialized ``GenerateKernelResponse`` holding just that kernel.
+
+    ``message`` is sent as it is for a unary call; ``payload`` is a view of the
+    kernel bytes inside it, for streaming. Immutable, so the cache shares it.
+    """
+
+    message: bytes
+    payload: Payload
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.message)
+
+
+def encode_kernel(kernel: Payload) -> EncodedKernel:
+    """Serialize once (the one copy of the kernel bytes); every later use is a view."""
+    message = b"".join(_tensor_field(1, kernel))
+    start = len(message) - kernel.nbytes
+    view = memoryview(message)[start:]
+    return EncodedKernel(message, Payload(kernel.shape, kernel.dtype, view))
+
+
+def encode_response(kernel: EncodedKernel, grid: Payload | None = None) -> bytes:
+    """A serialized ``GenerateKernelResponse``; without a grid it is ``kernel.message`` itself."""
+    if grid is None:
+        return kernel.message
+    return b"".join([kernel.message, *_tensor_field(2, grid)])
+
+
+def encode_chunks(
+    kernel: Payload, grid: Payload | None, report: pb.ServerReport, chunk_bytes: int
+) -> Iterator[bytes]:
+    """Serialized ``KernelChunk`` messages: the header, then ``chunk_bytes`` payload slices.
+
+    The payload is the kernel bytes followed by the grid bytes; each chunk's
+    ``offset`` is its position in that concatenation.
+    """
+    header = pb.KernelHeader(
+        kernel_shape=kernel.shape,
+        kernel_dtype=kernel.dtype,  # type: ignore[arg-type]
+        kernel_bytes=kernel.nbytes,
+        grid_shape=grid.shape if grid is not None else (),
+        grid_bytes=grid.nbytes if grid is not None else 0,
+        report=report,
+    )
+    yield pb.KernelChunk(header=header).SerializeToString()
+    offset = 0
+    buffers: Sequence[memoryview] = [kernel.data] if grid is None else [kernel.data, grid.data]
+    for buffer in buffers:
+        for start in range(0, buffer.nbytes, chunk_bytes):
+            piece = buffer[start : start + chunk_bytes]
+            parts: list[bytes | memoryview] = []
+            if offset:
+                parts += [key(2, VARINT), varint(offset)]
+            parts += [length_delimited(3, piece.nbytes), piece]
+            yield b"".join(parts)
+            offset += piece.nbytes
+
+
+# --- reading ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorView:
+    """A wire tensor whose ``data`` is a view of the buffer it was read from."""
+
+    shape: tuple[int, ...]
+    dtype: int  # a kernelgen.v1.DType value
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class ResponseView:
+    kernel: TensorView
+    grid: TensorView | None
+    report: pb.ServerReport
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    header: pb.KernelHeader | None
+    offset: int
+    data: memoryview
+
+
+def _tensor(buf: memoryview) -> TensorView:
+    shape: list[int] = []
+    dtype = 0
+    data = memoryview(b"")
+    for number, _wire_type, value in fields(buf):
+        if number == 1:  # repeated int64 shape: packed, or one varint per element
+            if isinstance(value, memoryview):
+                pos = 0
+                while pos < len(value):
+                    item, pos = read_varint(value, pos)
+                    shape.append(signed64(item))
+            else:
+                shape.append(signed64(value))
+        elif number == 2 and isinstance(value, int):
+            dtype = value
+        elif number == 3 and isinstance(value, memoryview):
+            data = value
+    return TensorView(tuple(shape), dtype, data)
+
+
+def report_from_trailers(trailers: Iterable[Any] | None) -> pb.ServerReport | None:
+    """The ``ServerReport`` a unary call carries in its ``kernelgen-report-bin`` trailer."""
+    for pair in trailers or ():
+        name, value = pair[0], pair[1]
+        if name == REPORT_TRAILER:
+            data = value if isinstance(value, bytes) else str(value).encode("latin-1")
+            try:
+                report: pb.ServerReport = pb.ServerReport.FromString(data)
+            except Exception as exc:  # protobuf's DecodeError, whose module varies by backend
+                raise WireFormatError(f"the {REPORT_TRAILER} trailer does not decode: {exc}") from None
+            return report
+    return None
+
+
+def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = None) -> ResponseView:
+    """A serialized ``GenerateKernelResponse``, its tensors viewing ``raw``.
+
+    The report comes from the call's ``kernelgen-report-bin`` trailer (field 3
+    of the message is reserved).
+    """
+    buf = memoryview(raw).cast("B")
+    kernel: TensorView | None = None
+    grid: TensorView | None = None
+    report = report_from_trailers(trailers) or pb.ServerReport()
+    for number, _wire_type, value in fields(buf):
+        if not isinstance(value, memoryview):
+            continue
+        if number == 1:
+            kernel = _tensor(value)
+        elif number == 2:
+            grid = _tensor(value)
+    if kernel is None:
+        raise WireFormatError("the response carries no kernel")
+    return ResponseView(kernel, grid, report)
+
+
+def parse_chunk(raw: bytes | memoryview) -> ChunkView:
+    """A serialized ``KernelChunk``, its data viewing ``raw``."""
+    buf = memoryview(raw).cast("B")
+    header: pb.KernelHeader | None = None
+    offset = 0
+    data = memoryview(b"")
+    for number, _wire_type, value in fields(buf):
+        if number == 1 and isinstance(value, memoryview):
+            try:
+                header = pb.KernelHeader.FromString(bytes(value))
+            except Exception as exc:  # protobuf's DecodeError, whose module varies by backend
+                raise WireFormatError(f"a stream header does not decode: {exc}") from None
+        elif number == 2 and isinstance(value, int):
+            offset = value
+        elif number == 3 and isinstance(value, memoryview):
+            data = value
+    return ChunkView(header, offset, data)

@@ -1,0 +1,38 @@
+"""Metadata keys and reason strings of the kernelgen status contract.
+
+A failed call carries its machine-readable reason in the ``kernelgen-reason``
+trailer, refining the status code (RESOURCE_EXHAUSTED is ``queue-full``, which
+a client may retry, or ``too-large``, which it never should); gRPC's own
+``grpc-retry-pushback-ms`` trailer says when (a positive delay) or whether
+(negative: never) to retry. A successful ``GenerateKernel`` call carries its
+serialized ``ServerReport`` in the ``kernelgen-report-bin`` trailer, so that a
+cached kernel's message can be sent as the cache holds it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["REASON_TRAILER", "REPORT_TRAILER", "RETRY_PUSHBACK_TRAILER", "Reason"]
+
+#: Trailer of a unary ``GenerateKernel`` call: its serialized ``ServerReport``.
+REPORT_TRAILER = "kernelgen-report-bin"
+#: Trailer of a failed call: a ``Reason`` value.
+REASON_TRAILER = "kernelgen-reason"
+#: gRPC's retry pushback trailer, in milliseconds; negative forbids a retry.
+RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+
+
+class Reason(enum.StrEnum):
+    """Every value of the ``kernelgen-reason`` trailer, with the status it refines."""
+
+    INVALID_ARGUMENT = "invalid-argument"  # INVALID_ARGUMENT
+    MODEL_NOT_FOUND = "model-not-found"  # NOT_FOUND
+    MODEL_NOT_READY = "model-not-ready"  # FAILED_PRECONDITION: the model failed to load
+    NO_FILM = "no-film"  # FAILED_PRECONDITION: conditioning for a model without FiLM
+    QUEUE_FULL = "queue-full"  # RESOURCE_EXHAUSTED, retryable after the pushback
+    TOO_LARGE = "too-large"  # RESOURCE_EXHAUSTED, never retryable
+    DEADLINE_EXCEEDED = "deadline-exceeded"  # DEADLINE_EXCEEDED
+    CANCELLED = "cancelled"  # CANCELLED
+    DRAINING = "draining"  # UNAVAILABLE: the server is shutting down
+    INTERNAL = "internal"  # INTERNAL
