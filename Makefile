@@ -25,6 +25,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/python scripts/gen_sync_client.py --check
 	$(BIN)/mypy
 
 test: lint

@@ -48,9 +48,9 @@ from harness import (
     write_results,
 )
 
+from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-REPORT_KEY = "kernelgen-report-bin"
 SEQ_LENS = (15, 15)
 POINTS = 29 * 29
 OUT_DIM = 384
@@ -101,7 +101,7 @@ async def served(target: str, dtype: int, concurrency: int, seconds: float, conn
             rpc = methods[n % len(methods)](bodies[n % len(bodies)])
             data = await rpc
             trailers = dict(await rpc.trailing_metadata() or ())
-            return len(data), pb.ServerReport.FromString(trailers[REPORT_KEY])
+            return len(data), pb.ServerReport.FromString(trailers[REPORT_TRAILER])
 
         return await closed_loop(call, concurrency, seconds, WARMUP)
 

@@ -23,42 +23,21 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from kernelgen_wire.dtypes import itemsize
+from kernelgen_wire.metadata import REPORT_TRAILER
+from kernelgen_wire.model_config import config_message
+from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-SERVICE = "kernelgen.v1.KernelGenerator"
-REPORT_KEY = "kernelgen-report-bin"
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "kernelgen_server" / "models"
-ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 
 
 def model_infos(repo: Path) -> dict[str, pb.ModelInfo]:
     infos = {}
     for config_path in sorted(repo.glob("*/config.json")):
-        config = json.loads(config_path.read_text())
-        cache = config["L_cache"]
-        film = config.get("film")
-        infos[config_path.parent.name] = pb.ModelInfo(
-            name=config_path.parent.name,
-            ready=True,
-            content_hash="echo",
-            config=pb.ModelConfig(
-                out_dim=config["out_dim"],
-                data_dim=config["data_dim"],
-                mlp_hidden_dim=config["mlp_hidden_dim"],
-                num_layers=config["num_layers"],
-                embedding_dim=config["embedding_dim"],
-                omega_0=config["omega_0"],
-                L_cache=cache if isinstance(cache, list) else [cache],
-                use_bias=config["use_bias"],
-                hidden_omega_0=config.get("hidden_omega_0", 1.0),
-                film_after_pos_embed=config.get("film_after_pos_embed", False),
-                film=None
-                if film is None
-                else pb.FiLMConfig(
-                    cond_dim=film["cond_dim"], film_hidden_dim=film.get("film_hidden_dim", 64)
-                ),
-            ),
-        )
+        name = config_path.parent.name
+        config = config_message(json.loads(config_path.read_text()))
+        infos[name] = pb.ModelInfo(name=name, ready=True, content_hash="echo", config=config)
     return infos
 
 
@@ -84,7 +63,7 @@ async def main() -> None:
         body = responses.get(key)
         if body is None:
             shape = [rows, *(2 * n - 1 for n in request.seq_lens), info.config.out_dim]
-            data = bytes(math.prod(shape) * ITEMSIZE[dtype])
+            data = bytes(math.prod(shape) * itemsize(dtype))
             body = pb.GenerateKernelResponse(
                 kernel=pb.Tensor(shape=shape, dtype=dtype, data=data)
             ).SerializeToString()
@@ -92,7 +71,7 @@ async def main() -> None:
         trailer = trailers.get(rows)
         if trailer is None:
             report = pb.ServerReport(batch_size=rows, batch_requests=1, model_hash="echo")
-            trailer = trailers[rows] = ((REPORT_KEY, report.SerializeToString()),)
+            trailer = trailers[rows] = ((REPORT_TRAILER, report.SerializeToString()),)
         context.set_trailing_metadata(trailer)
         return body
 
@@ -108,7 +87,7 @@ async def main() -> None:
         return data
 
     handler = grpc.method_handlers_generic_handler(
-        SERVICE,
+        SERVICE_NAME,
         {
             "GenerateKernel": grpc.unary_unary_rpc_method_handler(
                 generate, pb.GenerateKernelRequest.FromString, raw

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernelgen_wire.rpc import method_path
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-GENERATE = "/kernelgen.v1.KernelGenerator/GenerateKernel"
-STREAM = "/kernelgen.v1.KernelGenerator/StreamKernel"
+GENERATE = method_path("GenerateKernel")
+STREAM = method_path("StreamKernel")
 
 
 def raw(data: bytes) -> bytes:

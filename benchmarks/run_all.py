@@ -237,8 +237,9 @@ def page(
         engine_rows(engine),
         "## Not measured here",
         "Triton Inference Server with its dynamic batcher on the same workload served 69 kernels/s at "
-        "concurrency 1 and 199/s at concurrency 32 (p99 477 ms), per DESIGN.md section 5; this suite does "
-        "not run Triton, so those figures are a reference from an earlier measurement, not from this run.",
+        "concurrency 1 and 199/s at concurrency 32 (p99 477 ms) in an earlier measurement "
+        '(docs/architecture.md, "Measured facts"); this suite does not run Triton, so those figures '
+        "are a reference, not from this run.",
     ]
     return "\n\n".join(parts) + "\n"
 

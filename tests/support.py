@@ -113,12 +113,13 @@ def serve_process(
 
 async def generate(stub: Any, request: Any, **kwargs: Any) -> tuple[Any, Any]:
     """A GenerateKernel call through a raw aio stub: (response, ServerReport from the trailer)."""
+    from kernelgen_wire.metadata import REPORT_TRAILER
     from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
     call = stub.GenerateKernel(request, **kwargs)
     reply = await call
     trailers = dict(await call.trailing_metadata() or ())
-    return reply, pb.ServerReport.FromString(trailers["kernelgen-report-bin"])
+    return reply, pb.ServerReport.FromString(trailers[REPORT_TRAILER])
 
 
 def assert_same_kernel(got: Any, want: Any, *, bitwise: bool) -> None:

@@ -1,24 +1,30 @@
-"""``AsyncKernelClient``: the asyncio client (grpc.aio), method for method like ``KernelClient``."""
+"""``AsyncKernelClient``: the asyncio client (grpc.aio).
+
+This module is the one definition of both clients' methods, signatures and
+docstrings: ``client.py`` (``KernelClient``, blocking) is generated from it by
+``scripts/gen_sync_client.py``, which drops ``async``/``await`` and swaps the
+names of the asyncio transport for the blocking one (``_transport``). Edit
+this file, then run the script; ``make test`` fails when they differ.
+"""
 
 # ``timeout`` is each call's gRPC deadline, the same parameter as on the sync client.
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import grpc
 import numpy.typing as npt
-from grpc import aio
 
-from kernelgen_client._base import Channels, ClientConfig, ModelCache
+from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Reassembler, read_unary
+from kernelgen_client._transport import AsyncChannels
 from kernelgen_client.errors import ConnectionFailed, KernelServiceError, ModelNotFound, from_rpc_error
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
@@ -35,7 +41,7 @@ NDArray = npt.NDArray[Any]
 
 
 class AsyncKernelClient:
-    """An asyncio client of a kernelgen server; one channel per client, for one event loop.
+    """An asyncio client of a kernelgen server, for one event loop.
 
     Args:
         target: ``"host:port"``, several of them (a list or ``"h1:p1,h2:p2"``,
@@ -57,9 +63,14 @@ class AsyncKernelClient:
         from kernelgen_client import AsyncKernelClient
 
         async with AsyncKernelClient("127.0.0.1:50051", timeout=30) as client:
-            kernels = await asyncio.gather(
-                *(client.generate("hyena-2d", [29, 29], row) for row in np.eye(8, 384))
-            )
+            kernel = await client.generate("hyena-2d", [29, 29])  # numpy [1, 57, 57, 384]
+            report = await client.flop_count("hyena-2d", [29, 29])
+
+    Calls run concurrently on the client's event loop, and the server batches them::
+
+        kernels = await asyncio.gather(
+            *(client.generate("hyena-2d", [29, 29], row) for row in np.eye(8, 384))
+        )
     """
 
     def __init__(
@@ -85,7 +96,7 @@ class AsyncKernelClient:
             load_balancing=load_balancing,
             options=options,
         )
-        self._channels = Channels(self._config, aio, connections)
+        self._channels = AsyncChannels(self._config, connections)
         self._models = ModelCache()
 
     @property
@@ -96,7 +107,7 @@ class AsyncKernelClient:
     # --- life cycle ---------------------------------------------------------------------------
     async def close(self) -> None:
         """Close the channels; calls in progress are cancelled."""
-        await asyncio.gather(*(channel.close() for channel in self._channels.channels))
+        await self._channels.close()
 
     async def __aenter__(self) -> AsyncKernelClient:
         return self
@@ -111,13 +122,8 @@ class AsyncKernelClient:
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every channel is connected; ``ConnectionFailed`` after ``timeout`` seconds."""
-        ready = asyncio.gather(*(channel.channel_ready() for channel in self._channels.channels))
-        try:
-            await asyncio.wait_for(ready, timeout)
-        except TimeoutError:
-            raise ConnectionFailed(
-                f"no server became reachable at {self.target} within {timeout} s"
-            ) from None
+        if not await self._channels.ready(timeout):
+            raise ConnectionFailed(f"no server became reachable at {self.target} within {timeout} s")
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _call(self, name: str, request: Any, deadline: Deadline, metadata: MetadataLike | None) -> Any:
@@ -134,15 +140,14 @@ class AsyncKernelClient:
     async def _unary_kernel(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._channels.unary("GenerateKernel")(
-            request,
-            timeout=deadline.remaining(),
-            metadata=self._config.call_metadata(metadata),
-            wait_for_ready=self._config.retries.wait_for_ready,
-        )
         try:
-            raw = await call
-            trailers = await call.trailing_metadata()
+            raw, trailers = await self._channels.unary_with_trailers(
+                "GenerateKernel",
+                request,
+                timeout=deadline.remaining(),
+                metadata=self._config.call_metadata(metadata),
+                wait_for_ready=self._config.retries.wait_for_ready,
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.target) from exc
         return read_unary(raw, trailers)

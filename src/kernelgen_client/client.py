@@ -1,8 +1,11 @@
-"""``KernelClient``: the blocking client."""
+"""``KernelClient``: the blocking client.
+
+Generated from ``aio.py`` by ``scripts/gen_sync_client.py``; do not edit. Both
+clients are defined once, in ``aio.py``: edit it, then run the script.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -10,11 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import grpc
 import numpy.typing as npt
 
-from kernelgen_client._base import Channels, ClientConfig, ModelCache
+from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Reassembler, read_unary
+from kernelgen_client._transport import SyncChannels
 from kernelgen_client.errors import ConnectionFailed, KernelServiceError, ModelNotFound, from_rpc_error
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
@@ -31,7 +35,7 @@ NDArray = npt.NDArray[Any]
 
 
 class KernelClient:
-    """A blocking client of a kernelgen server; thread-safe, one channel per client.
+    """A blocking client of a kernelgen server; thread-safe.
 
     Args:
         target: ``"host:port"``, several of them (a list or ``"h1:p1,h2:p2"``,
@@ -53,8 +57,10 @@ class KernelClient:
         from kernelgen_client import KernelClient
 
         with KernelClient("127.0.0.1:50051", timeout=30) as client:
-            kernel = client.generate("hyena-2d", [29, 29])      # numpy [1, 57, 57, 384]
-            print(client.flop_count("hyena-2d", [29, 29]).flops)
+            kernel = client.generate("hyena-2d", [29, 29])  # numpy [1, 57, 57, 384]
+            report = client.flop_count("hyena-2d", [29, 29])
+
+    Threads may share one client; the server batches their concurrent calls.
     """
 
     def __init__(
@@ -80,7 +86,7 @@ class KernelClient:
             load_balancing=load_balancing,
             options=options,
         )
-        self._channels = Channels(self._config, grpc, connections)
+        self._channels = SyncChannels(self._config, connections)
         self._models = ModelCache()
 
     @property
@@ -91,8 +97,7 @@ class KernelClient:
     # --- life cycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Close the channels; calls in progress are cancelled."""
-        for channel in self._channels.channels:
-            channel.close()
+        self._channels.close()
 
     def __enter__(self) -> KernelClient:
         return self
@@ -107,15 +112,8 @@ class KernelClient:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every channel is connected; ``ConnectionFailed`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            for channel in self._channels.channels:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                grpc.channel_ready_future(channel).result(timeout=left)
-        except grpc.FutureTimeoutError:
-            raise ConnectionFailed(
-                f"no server became reachable at {self.target} within {timeout} s"
-            ) from None
+        if not self._channels.ready(timeout):
+            raise ConnectionFailed(f"no server became reachable at {self.target} within {timeout} s")
 
     # --- plumbing -----------------------------------------------------------------------------
     def _call(self, name: str, request: Any, deadline: Deadline, metadata: MetadataLike | None) -> Any:
@@ -133,7 +131,8 @@ class KernelClient:
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
         try:
-            raw, call = self._channels.unary("GenerateKernel").with_call(
+            raw, trailers = self._channels.unary_with_trailers(
+                "GenerateKernel",
                 request,
                 timeout=deadline.remaining(),
                 metadata=self._config.call_metadata(metadata),
@@ -141,7 +140,7 @@ class KernelClient:
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.target) from exc
-        return read_unary(raw, call.trailing_metadata())
+        return read_unary(raw, trailers)
 
     def _streamed(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None

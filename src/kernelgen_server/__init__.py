@@ -1,7 +1,8 @@
 """kernelgen server: loads SIREN kernel generators and serves them over gRPC.
 
-Attributes load lazily so that ``kernelgen_server.cli`` can be imported
-without paying for torch (the ``kernelgen`` command builds its parser from it).
+Attributes load lazily so that ``kernelgen_server.cli``, this package's entry in
+the ``kernelgen.commands`` entry-point group, can be imported without paying for
+torch (the ``kernelgen`` command builds its parser from it on every start).
 """
 
 from __future__ import annotations

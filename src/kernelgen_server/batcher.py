@@ -350,7 +350,7 @@ class DynamicBatcher(Generic[K, I, R]):
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the batcher itself is being stopped; _schedule fails the batch
-            # Cancelled below us (e.g. the worker pool shut down): fail this batch only.
+            # Cancelled below us (e.g. the device thread shut down): fail this batch only.
             _fail(batch, errors.Cancelled("the computation was cancelled"))
             return
         compute_s = self._clock() - start

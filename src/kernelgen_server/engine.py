@@ -1,8 +1,8 @@
 """Fast kernel inference for one loaded ``SIRENKernelND`` on one device.
 
-Pure torch, no serving concerns; the service calls each engine from one worker
-thread per device. The engine evaluates the reference function (DESIGN.md
-section 1), reorganised for throughput:
+Pure torch, no serving concerns; the service calls each engine from its one
+device thread. The engine evaluates the reference function (``model``; see
+docs/architecture.md, "The model, exactly"), reorganised for throughput:
 
 * FiLM folds into the next linear. A modulated activation ``g * h + beta`` only
   ever feeds a linear ``W x + b``, and ``W (g * h + beta) + b = (W diag g) h +

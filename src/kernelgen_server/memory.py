@@ -1,6 +1,6 @@
 """Host memory of the engine: the shared-prefix cache and recycled result buffers.
 
-Both are thread safe; the engine uses them from its device worker, and a result
+Both are thread safe; the engine uses them from its device thread, and a result
 buffer may come back to the pool on whichever thread drops its last reference.
 """
 

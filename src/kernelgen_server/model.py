@@ -3,7 +3,8 @@
 ``SIRENKernelND`` maps a coordinate grid to convolution-kernel values with a
 sine-activated MLP, optionally modulated per input by FiLM parameters computed
 from a conditioning vector. Constructor arguments, ``state_dict`` names and
-output shapes follow the reference model; see DESIGN.md section 1.
+output shapes follow the reference model; docs/architecture.md ("The model,
+exactly") states the facts the reference documentation leaves implicit.
 """
 
 from __future__ import annotations

@@ -92,3 +92,35 @@ def test_the_check_names_real_tests_and_benchmarks() -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert "--device" in help_text
+
+
+def test_write_dist_info_gives_a_source_tree_the_installed_entry_points(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "write_dist_info.py"), str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert Path(done.stdout.strip()).parent == tmp_path
+    # -S: no site-packages, so only the written metadata can answer.
+    probe = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from importlib.metadata import entry_points as e;"
+        "print(json.dumps({g: {p.name: p.value for p in e(group=g)}"
+        " for g in ('console_scripts', 'kernelgen.commands', 'kernelgen.reference')}))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-S", "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    import json
+
+    assert json.loads(found.stdout) == {
+        "console_scripts": project["scripts"],
+        "kernelgen.commands": project["entry-points"]["kernelgen.commands"],
+        "kernelgen.reference": project["entry-points"]["kernelgen.reference"],
+    }
+
+
+def test_the_check_runs_kernelgen_from_src_with_its_metadata() -> None:
+    text = (SCRIPTS / "device_check.sh").read_text()
+    assert 'scripts/write_dist_info.py "$SITE"' in text
+    assert '$ROOT/src' in text

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kernelgen_client import KernelClient
 from kernelgen_client.cli import main as cli_main
 from kernelgen_server.repository import ModelRepository
+from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 
@@ -31,7 +32,6 @@ from support import ServeProcess, assert_same_kernel, free_port, serve_process
 
 pytestmark = pytest.mark.slow
 
-REPORT_KEY = "kernelgen-report-bin"
 LENS = (6, 5)
 
 
@@ -58,7 +58,7 @@ def call(target: str, cond: np.ndarray) -> tuple[np.ndarray, pb.ServerReport]:
         reply, rpc = stub.GenerateKernel.with_call(
             pb.GenerateKernelRequest(model="hyena-2d", seq_lens=LENS, conditioning=tensor), timeout=30
         )
-    report = pb.ServerReport.FromString(dict(rpc.trailing_metadata())[REPORT_KEY])
+    report = pb.ServerReport.FromString(dict(rpc.trailing_metadata())[REPORT_TRAILER])
     kernel = np.frombuffer(reply.kernel.data, "<f4").reshape(tuple(reply.kernel.shape))
     return kernel, report
 

@@ -48,7 +48,7 @@ def reference(model: SIRENKernelND, seq_lens: Any, cond: torch.Tensor | None = N
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """max |actual - expected| <= rel * max |expected| (DESIGN.md section 1's measure)."""
+    """max |actual - expected| <= rel * max |expected| (docs/architecture.md's measure, "Exactness")."""
     assert actual.shape == expected.shape
     scale = expected.abs().max().item()
     err = (actual.double() - expected.double()).abs().max().item()

@@ -1,4 +1,5 @@
-"""Every status code of the contract (DESIGN.md section 4), and that a bad call harms no other."""
+"""Every status code of the contract (docs/architecture.md, "Status codes"), and that a bad call harms
+no other."""
 
 from __future__ import annotations
 
