@@ -70,6 +70,7 @@ WORDS: list[tuple[str, str]] = [
     (r"\b__aexit__\b", "__exit__"),
     (r"\bAsyncKernelClient\b", "KernelClient"),
     (r"\bAsyncChannels\b", "SyncChannels"),
+    (r"\bAsyncOnce\b", "SyncOnce"),
 ]
 
 

@@ -50,6 +50,7 @@ from kernelgen_wire.malloc import tune_malloc
 if TYPE_CHECKING:
     from kernelgen_client.aio import AsyncKernelClient
     from kernelgen_client.client import KernelClient
+    from kernelgen_client.factored import FactoredKernel, OutputHead
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "ConditioningNotSupported",
     "ConnectionFailed",
     "DeadlineExceeded",
+    "FactoredKernel",
     "FailedPrecondition",
     "FiLMConfig",
     "FlopReport",
@@ -75,6 +77,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFound",
     "ModelNotReady",
+    "OutputHead",
     "Overloaded",
     "PermissionDenied",
     "ResourceExhausted",
@@ -88,7 +91,12 @@ __all__ = [
     "tune_malloc",
 ]
 
-_LAZY = {"KernelClient": "kernelgen_client.client", "AsyncKernelClient": "kernelgen_client.aio"}
+_LAZY = {
+    "KernelClient": "kernelgen_client.client",
+    "AsyncKernelClient": "kernelgen_client.aio",
+    "FactoredKernel": "kernelgen_client.factored",
+    "OutputHead": "kernelgen_client.factored",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -58,6 +58,7 @@ METHODS: dict[str, Method] = {
     "FlopCount": _service_method("FlopCount", pb.FlopCountRequest, pb.FlopCountResponse.FromString),
     "ListModels": _service_method("ListModels", pb.ListModelsRequest, pb.ListModelsResponse.FromString),
     "GetModel": _service_method("GetModel", pb.GetModelRequest, pb.ModelInfo.FromString),
+    "GetOutputHead": _service_method("GetOutputHead", pb.GetOutputHeadRequest, pb.OutputHead.FromString),
     "Check": Method(HEALTH_CHECK_PATH, _raw, _raw),
 }
 

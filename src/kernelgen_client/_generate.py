@@ -4,12 +4,16 @@ Flow of a call, identical in both clients:
 
 1. ``prepare`` checks the arguments and builds the request (nothing is sent
    for a malformed one);
-2. the client looks up the model (``GetModel``, cached per client) and
+2. the client looks up the model (``GetModel``, cached per client);
+   ``choose_representation`` settles ``"auto"`` (factored when that moves
+   fewer bytes, the output head counted unless already held) and
    ``use_stream`` predicts the response size from its config: above
    ``STREAM_THRESHOLD_BYTES`` the kernel comes by ``StreamKernel``;
 3. a unary call that is refused as too large for one message (a stale
    prediction) is redone once as a stream (``wants_stream``);
-4. ``finish`` decodes the received bytes into what the caller asked for.
+4. a factored response names its output head, which the client fetches once
+   per head (``GetOutputHead``);
+5. ``finish`` decodes the received bytes into what the caller asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from kernelgen_client.errors import InvalidRequest, KernelServiceError, KernelTooLarge, MalformedResponse
+from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import (
     ConditioningLike,
     DTypeLike,
@@ -37,6 +42,7 @@ from kernelgen_wire.kernel_messages import ResponseView, TensorView
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = [
+    "REPRESENTATIONS",
     "STREAM_THRESHOLD_BYTES",
     "Deadline",
     "GenerateCall",
@@ -44,6 +50,9 @@ __all__ = [
     "predict_bytes",
     "prepare",
 ]
+
+#: What ``generate(representation=...)`` takes.
+REPRESENTATIONS = ("dense", "factored", "auto")
 
 #: Responses predicted above this many bytes are streamed. Below the server's
 #: default unary limit (4 MiB) with room for the envelope and a raised grid.
@@ -80,14 +89,25 @@ def check_seq_lens(seq_lens: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(lens)
 
 
-def predict_bytes(info: ModelInfo, seq_lens: Sequence[int], rows: int, wire: int, return_grid: bool) -> int:
-    """Bytes of kernel (and grid) the server will send, or 0 when the config is unknown."""
+def predict_bytes(
+    info: ModelInfo, seq_lens: Sequence[int], rows: int, wire: int, return_grid: bool, factored: bool = False
+) -> int:
+    """Bytes of kernel or factors (and grid) the server will send, or 0 when the config is unknown."""
     config = info.config
     if config is None:
         return 0
     points = math.prod(2 * n - 1 for n in seq_lens)
     grid = points * config.data_dim * 4 if return_grid else 0
-    return rows * points * config.out_dim * itemsize(wire) + grid
+    width = config.mlp_hidden_dim if factored else config.out_dim
+    return rows * points * width * itemsize(wire) + grid
+
+
+def head_bytes(info: ModelInfo) -> int:
+    """Bytes of a model's output head (float32 ``W^T`` and bias)."""
+    config = info.config
+    if config is None:
+        return 0
+    return 4 * config.out_dim * (config.mlp_hidden_dim + (1 if config.use_bias else 0))
 
 
 @dataclass
@@ -104,7 +124,28 @@ class GenerateCall:
     copy: bool
     with_report: bool
     stream: bool | None
+    representation: str = "dense"
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def needs_info(self) -> bool:
+        """Whether the call needs the model's info (to pick a transport or a representation)."""
+        return self.stream is None or self.representation == "auto"
+
+    @property
+    def factored(self) -> bool:
+        return self.request.representation == pb.REPRESENTATION_FACTORED
+
+    def choose_representation(self, info: ModelInfo | None, head_held: bool) -> None:
+        """Settle ``"auto"``: factored when its bytes, head included unless ``head_held``, are fewer."""
+        if self.representation != "auto":
+            return
+        factored = False
+        if info is not None and info.config is not None:
+            dense = predict_bytes(info, self.seq_lens, self.rows, self.wire, False)
+            factors = predict_bytes(info, self.seq_lens, self.rows, self.wire, False, factored=True)
+            factored = factors + (0 if head_held else head_bytes(info)) < dense
+        self.request.representation = pb.REPRESENTATION_FACTORED if factored else pb.REPRESENTATION_DENSE  # type: ignore[assignment]
 
     def use_stream(self, info: ModelInfo | None, threshold: int = STREAM_THRESHOLD_BYTES) -> bool:
         """Stream when asked to, or when the predicted response is above ``threshold``."""
@@ -112,18 +153,31 @@ class GenerateCall:
             return self.stream
         if info is None:
             return False
-        return predict_bytes(info, self.seq_lens, self.rows, self.wire, self.return_grid) > threshold
+        size = predict_bytes(info, self.seq_lens, self.rows, self.wire, self.return_grid, self.factored)
+        return size > threshold
 
     @staticmethod
     def wants_stream(error: KernelServiceError) -> bool:
         """A unary call refused only because its response is over the one-message limit."""
         return isinstance(error, KernelTooLarge) and "StreamKernel" in error.message
 
-    def finish(self, response: ResponseView, *, streamed: bool) -> Any:
-        """The caller's result from a decoded response: array(s), or a ``KernelResult``."""
+    def finish(self, response: ResponseView, *, streamed: bool, head: OutputHead | None = None) -> Any:
+        """The caller's result from a decoded response: array(s), or a ``KernelResult``.
+
+        A factored response becomes a ``FactoredKernel`` with ``head``, its output head.
+        """
         decode = decode_torch if self.as_torch else decode_numpy
         kernel_view = response.kernel
-        kernel = decode(kernel_view.data, kernel_view.shape, kernel_view.dtype, copy=self.copy)
+        if response.factored != self.factored:
+            raise MalformedResponse(
+                f"asked for a {'factored' if self.factored else 'dense'} kernel, got "
+                f"{'factors' if response.factored else 'a dense kernel'}"
+            )
+        kernel: Any = decode(kernel_view.data, kernel_view.shape, kernel_view.dtype, copy=self.copy)
+        if response.factored:
+            if head is None or head.head_hash != response.head_hash:
+                raise MalformedResponse("a factored kernel came without its output head")
+            kernel = FactoredKernel(kernel, head, kernel_view.data.nbytes)
         grid = None
         if self.return_grid:
             grid_view: TensorView | None = response.grid
@@ -139,6 +193,7 @@ class GenerateCall:
                 raw=kernel_view.data.toreadonly(),
                 streamed=streamed,
                 elapsed_ms=(time.perf_counter() - self.started) * 1000.0,
+                representation="factored" if response.factored else "dense",
             )
         return (kernel, grid) if self.return_grid else kernel
 
@@ -154,13 +209,19 @@ def prepare(
     copy: bool,
     with_report: bool,
     stream: bool | None,
+    representation: str = "dense",
 ) -> GenerateCall:
     """Check the arguments and build the request; raises ``InvalidRequest`` before any I/O."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest(f"model must be a non-empty name, got {model!r}")
+    if representation not in REPRESENTATIONS:
+        choices = ", ".join(REPRESENTATIONS)
+        raise InvalidRequest(f"representation must be one of {choices}, got {representation!r}")
     lens = check_seq_lens(seq_lens)
     wire = wire_dtype(dtype)
     request = pb.GenerateKernelRequest(model=model, seq_lens=lens, dtype=wire, return_grid=return_grid)  # type: ignore[arg-type]
+    if representation == "factored":
+        request.representation = pb.REPRESENTATION_FACTORED
     rows = 1
     if conditioning is not None:
         tensor, rows = encode_conditioning(conditioning)
@@ -176,4 +237,5 @@ def prepare(
         copy=copy,
         with_report=with_report,
         stream=stream,
+        representation=representation,
     )

@@ -68,6 +68,9 @@ class Reassembler:
     def _start(self, header: pb.KernelHeader) -> None:
         if header.kernel_dtype not in DTYPE_NAMES and header.kernel_dtype != pb.DTYPE_UNSPECIFIED:
             raise MalformedResponse(f"the stream announces an unknown dtype {header.kernel_dtype}")
+        factored = header.representation == pb.REPRESENTATION_FACTORED
+        if factored != bool(header.head_hash):
+            raise MalformedResponse("the stream's header names factors without their head, or the reverse")
         kernel_bytes = math.prod(header.kernel_shape) * itemsize(header.kernel_dtype)
         grid_bytes = math.prod(header.grid_shape) * 4 if header.grid_shape else 0
         if header.kernel_bytes != kernel_bytes or header.grid_bytes != grid_bytes:
@@ -110,4 +113,4 @@ class Reassembler:
             if header.grid_shape
             else None
         )
-        return ResponseView(kernel, grid, header.report)
+        return ResponseView(kernel, grid, header.report, header.head_hash)

@@ -3,6 +3,11 @@
 ``.safetensors`` keeps the wire dtype exactly, bfloat16 included (its raw
 bits); ``.npy`` has no bfloat16, so a bfloat16 kernel is saved as the float32
 numpy array the client decoded it to.
+
+A factored kernel is saved as its dense kernel (float32), unless ``factors``
+is asked: then ``.safetensors`` holds ``factors`` (as they travelled),
+``head.weight_t`` and ``head.bias``, with ``kernel = factors @ head.weight_t +
+head.bias``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelgen_client.factored import FactoredKernel
 from kernelgen_client.types import KernelResult
 
 __all__ = ["SUFFIXES", "save_kernel"]
@@ -40,15 +46,36 @@ def _safetensors(path: Path, tensors: dict[str, _Entry], meta: dict[str, str]) -
             f.write(data)
 
 
-def save_kernel(path: Path, result: KernelResult[Any], meta: dict[str, str]) -> None:
-    """Save ``result.kernel`` (and ``result.grid`` for safetensors) by the file's suffix."""
+def save_kernel(
+    path: Path, result: KernelResult[Any], meta: dict[str, str], *, factors: bool = False
+) -> None:
+    """Save ``result.kernel`` (and ``result.grid`` for safetensors) by the file's suffix.
+
+    ``factors``: save a factored kernel's factors and output head instead (``.safetensors`` only).
+    """
     suffix = path.suffix.lower()
+    factored = result.kernel if isinstance(result.kernel, FactoredKernel) else None
+    if factors and (factored is None or suffix != ".safetensors"):
+        raise ValueError("factors are saved from a factored kernel into a .safetensors file")
     if suffix == ".npy":
-        np.save(path, result.kernel, allow_pickle=False)
+        np.save(path, result.kernel if factored is None else factored.dense(), allow_pickle=False)
     elif suffix == ".safetensors":
-        tensors: dict[str, _Entry] = {
-            "kernel": (_SAFETENSORS_DTYPES[result.wire_dtype], result.shape, result.raw)
-        }
+        tensors: dict[str, _Entry]
+        if factored is None:
+            tensors = {"kernel": (_SAFETENSORS_DTYPES[result.wire_dtype], result.shape, result.raw)}
+        elif not factors:
+            dense = np.ascontiguousarray(factored.dense(), dtype="<f4")
+            tensors = {"kernel": ("F32", tuple(dense.shape), dense.data.cast("B"))}
+        else:
+            head = factored.head
+            factors_shape = tuple(int(n) for n in factored.factors.shape)
+            tensors = {
+                "factors": (_SAFETENSORS_DTYPES[result.wire_dtype], factors_shape, result.raw),
+                "head.weight_t": ("F32", tuple(head.weight_t.shape), head.weight_t.tobytes()),
+            }
+            if head.bias is not None:
+                tensors["head.bias"] = ("F32", tuple(head.bias.shape), head.bias.tobytes())
+            meta = {**meta, "head_hash": head.head_hash}
         if result.grid is not None:
             grid = np.ascontiguousarray(result.grid, dtype="<f4")
             tensors["grid"] = ("F32", tuple(grid.shape), grid.tobytes())

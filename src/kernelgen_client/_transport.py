@@ -4,21 +4,27 @@
 generated from ``aio.py`` by scripts/gen_sync_client.py); everything that
 cannot be written once for both, because grpc's sync and aio call objects
 differ, is a method of ``SyncChannels`` or ``AsyncChannels`` with the same name
-and meaning.
+and meaning; ``SyncOnce`` and ``AsyncOnce`` fetch a value once per key however
+many callers ask at the same time (output heads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc import aio
 
 from kernelgen_client._base import Channels, ClientConfig
 
-__all__ = ["AsyncChannels", "SyncChannels"]
+__all__ = ["AsyncChannels", "AsyncOnce", "SyncChannels", "SyncOnce"]
+
+V = TypeVar("V")
 
 
 class SyncChannels(Channels):
@@ -71,3 +77,81 @@ class AsyncChannels(Channels):
         call = self.unary(name)(request, **kwargs)
         response = await call
         return response, await call.trailing_metadata()
+
+
+class SyncOnce(Generic[V]):
+    """Values by key, each fetched once however many threads ask at the same time.
+
+    A failed fetch caches nothing: the next caller fetches again. At most
+    ``size`` values are kept, the least recently used dropped first.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._values: OrderedDict[str, V] = OrderedDict()
+        self._pending: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._values
+
+    def get(self, key: str, fetch: Callable[[], V]) -> V:
+        while True:
+            with self._lock:
+                if key in self._values:
+                    self._values.move_to_end(key)
+                    return self._values[key]
+                waiting = self._pending.get(key)
+                if waiting is None:
+                    done = self._pending[key] = threading.Event()
+            if waiting is not None:
+                waiting.wait()
+                continue  # the value is there now, or its fetch failed and this caller tries
+            try:
+                value = fetch()
+                with self._lock:
+                    self._values[key] = value
+                    while len(self._values) > self._size:
+                        self._values.popitem(last=False)
+                return value
+            finally:
+                with self._lock:
+                    del self._pending[key]
+                done.set()
+
+
+class AsyncOnce(Generic[V]):
+    """Values by key, each fetched once however many tasks ask at the same time (one event loop).
+
+    A failed fetch caches nothing: the next caller fetches again. At most
+    ``size`` values are kept, the least recently used dropped first.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._values: OrderedDict[str, V] = OrderedDict()
+        self._pending: dict[str, asyncio.Event] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    async def get(self, key: str, fetch: Callable[[], Awaitable[V]]) -> V:
+        while True:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            waiting = self._pending.get(key)
+            if waiting is not None:
+                await waiting.wait()
+                continue  # the value is there now, or its fetch failed and this caller tries
+            done = self._pending[key] = asyncio.Event()
+            try:
+                value = await fetch()
+                self._values[key] = value
+                while len(self._values) > self._size:
+                    self._values.popitem(last=False)
+                return value
+            finally:
+                del self._pending[key]
+                done.set()

@@ -24,8 +24,15 @@ from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLS
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Reassembler, read_unary
-from kernelgen_client._transport import AsyncChannels
-from kernelgen_client.errors import ConnectionFailed, KernelServiceError, ModelNotFound, from_rpc_error
+from kernelgen_client._transport import AsyncChannels, AsyncOnce
+from kernelgen_client.errors import (
+    ConnectionFailed,
+    KernelServiceError,
+    MalformedResponse,
+    ModelNotFound,
+    from_rpc_error,
+)
+from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
@@ -38,6 +45,7 @@ __all__ = ["AsyncKernelClient"]
 
 SeqLens = int | Sequence[int]
 NDArray = npt.NDArray[Any]
+Representation = Literal["dense", "factored", "auto"]
 
 
 class AsyncKernelClient:
@@ -98,6 +106,7 @@ class AsyncKernelClient:
         )
         self._channels = AsyncChannels(self._config, connections)
         self._models = ModelCache()
+        self._heads: AsyncOnce[OutputHead] = AsyncOnce()
 
     @property
     def target(self) -> str:
@@ -219,6 +228,14 @@ class AsyncKernelClient:
         reply = await self._call("FlopCount", request, Deadline(self._config.call_timeout(timeout)), metadata)
         return FlopReport.from_pb(reply)
 
+    async def output_head(
+        self, model: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> OutputHead:
+        """The model's output head (``kernel = factors @ weight_t + bias``), as factored kernels use it."""
+        deadline = Deadline(self._config.call_timeout(timeout))
+        info = await self._info(model, deadline, metadata)
+        return await self._head(model, info.head_hash, deadline, metadata)
+
     async def health(
         self, model: str | None = None, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> HealthStatus:
@@ -245,6 +262,7 @@ class AsyncKernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> NDArray: ...
@@ -261,6 +279,7 @@ class AsyncKernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> tuple[NDArray, NDArray]: ...
@@ -277,6 +296,7 @@ class AsyncKernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> torch.Tensor: ...
@@ -293,6 +313,7 @@ class AsyncKernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -309,6 +330,7 @@ class AsyncKernelClient:
         with_report: Literal[True],
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> KernelResult[NDArray]: ...
@@ -325,9 +347,44 @@ class AsyncKernelClient:
         with_report: Literal[True],
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> KernelResult[torch.Tensor]: ...
+    @overload
+    async def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> FactoredKernel[NDArray]: ...
+    @overload
+    async def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> FactoredKernel[torch.Tensor]: ...
     @overload
     async def generate(
         self,
@@ -341,6 +398,7 @@ class AsyncKernelClient:
         with_report: bool = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Representation = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> Any: ...
@@ -357,6 +415,7 @@ class AsyncKernelClient:
         with_report: bool = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Representation = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> Any:
@@ -380,11 +439,17 @@ class AsyncKernelClient:
                 that came in one message (under ~3.5 MiB), writable for streamed ones.
             stream: force (``True``) or forbid (``False``) streaming; by default
                 kernels predicted above ~3.5 MiB are streamed.
+            representation: ``"dense"`` (the kernel itself), ``"factored"`` (its
+                factors and the model's output head, fetched once per model: a
+                ``FactoredKernel``, materialised with ``.dense()`` or ``np.asarray``)
+                or ``"auto"`` (factored when that moves fewer bytes). ``dtype`` is
+                then the factors' dtype; their dense kernel is float32.
             timeout: deadline for the whole call in seconds (default: the client's).
             metadata: extra metadata for this call.
 
         Returns:
-            The kernel; ``(kernel, grid)`` with ``return_grid``; a ``KernelResult`` with ``with_report``.
+            The kernel (a ``FactoredKernel`` when factored); ``(kernel, grid)`` with
+            ``return_grid``; a ``KernelResult`` with ``with_report``.
 
         Example::
 
@@ -401,20 +466,46 @@ class AsyncKernelClient:
             copy=copy,
             with_report=with_report,
             stream=stream,
+            representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        info = await self._info(call.model, deadline, metadata) if call.stream is None else None
+        info = await self._info(call.model, deadline, metadata) if call.needs_info else None
+        call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
         return await self._generate(call, info, deadline, metadata)
 
     async def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
     ) -> Any:
-        if call.use_stream(info):
-            return call.finish(await self._streamed(call.request, deadline, metadata), streamed=True)
-        try:
-            response = await self._unary_kernel(call.request, deadline, metadata)
-        except KernelServiceError as exc:
-            if call.stream is False or not call.wants_stream(exc):
-                raise
-            return call.finish(await self._streamed(call.request, deadline, metadata), streamed=True)
-        return call.finish(response, streamed=False)
+        streamed = call.use_stream(info)
+        if streamed:
+            response = await self._streamed(call.request, deadline, metadata)
+        else:
+            try:
+                response = await self._unary_kernel(call.request, deadline, metadata)
+            except KernelServiceError as exc:
+                if call.stream is False or not call.wants_stream(exc):
+                    raise
+                response, streamed = await self._streamed(call.request, deadline, metadata), True
+        head = None
+        if response.factored:
+            head = await self._head(call.model, response.head_hash, deadline, metadata)
+        return call.finish(response, streamed=streamed, head=head)
+
+    async def _head(
+        self, model: str, head_hash: str, deadline: Deadline, metadata: MetadataLike | None
+    ) -> OutputHead:
+        """The output head ``head_hash`` names, fetched once per client however many calls ask."""
+
+        async def fetch() -> OutputHead:
+            request = pb.GetOutputHeadRequest(model=model)
+            reply = await self._call("GetOutputHead", request, deadline, metadata)
+            head = OutputHead.from_pb(reply)
+            if head.head_hash != head_hash:
+                raise MalformedResponse(
+                    f"the factors of {model!r} name output head {head_hash[:12]} but the server's is "
+                    f"{head.head_hash[:12]} (replicas serving different weights?)"
+                )
+            return head
+
+        return await self._heads.get(head_hash, fetch)
+

@@ -18,8 +18,15 @@ from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLS
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Reassembler, read_unary
-from kernelgen_client._transport import SyncChannels
-from kernelgen_client.errors import ConnectionFailed, KernelServiceError, ModelNotFound, from_rpc_error
+from kernelgen_client._transport import SyncChannels, SyncOnce
+from kernelgen_client.errors import (
+    ConnectionFailed,
+    KernelServiceError,
+    MalformedResponse,
+    ModelNotFound,
+    from_rpc_error,
+)
+from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
@@ -32,6 +39,7 @@ __all__ = ["KernelClient"]
 
 SeqLens = int | Sequence[int]
 NDArray = npt.NDArray[Any]
+Representation = Literal["dense", "factored", "auto"]
 
 
 class KernelClient:
@@ -88,6 +96,7 @@ class KernelClient:
         )
         self._channels = SyncChannels(self._config, connections)
         self._models = ModelCache()
+        self._heads: SyncOnce[OutputHead] = SyncOnce()
 
     @property
     def target(self) -> str:
@@ -209,6 +218,14 @@ class KernelClient:
         reply = self._call("FlopCount", request, Deadline(self._config.call_timeout(timeout)), metadata)
         return FlopReport.from_pb(reply)
 
+    def output_head(
+        self, model: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> OutputHead:
+        """The model's output head (``kernel = factors @ weight_t + bias``), as factored kernels use it."""
+        deadline = Deadline(self._config.call_timeout(timeout))
+        info = self._info(model, deadline, metadata)
+        return self._head(model, info.head_hash, deadline, metadata)
+
     def health(
         self, model: str | None = None, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> HealthStatus:
@@ -235,6 +252,7 @@ class KernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> NDArray: ...
@@ -251,6 +269,7 @@ class KernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> tuple[NDArray, NDArray]: ...
@@ -267,6 +286,7 @@ class KernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> torch.Tensor: ...
@@ -283,6 +303,7 @@ class KernelClient:
         with_report: Literal[False] = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -299,6 +320,7 @@ class KernelClient:
         with_report: Literal[True],
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> KernelResult[NDArray]: ...
@@ -315,9 +337,44 @@ class KernelClient:
         with_report: Literal[True],
         copy: bool = False,
         stream: bool | None = None,
+        representation: Literal["dense"] = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> KernelResult[torch.Tensor]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> FactoredKernel[NDArray]: ...
+    @overload
+    def generate(
+        self,
+        model: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        return_grid: Literal[False] = False,
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        stream: bool | None = None,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> FactoredKernel[torch.Tensor]: ...
     @overload
     def generate(
         self,
@@ -331,6 +388,7 @@ class KernelClient:
         with_report: bool = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Representation = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> Any: ...
@@ -347,6 +405,7 @@ class KernelClient:
         with_report: bool = False,
         copy: bool = False,
         stream: bool | None = None,
+        representation: Representation = "dense",
         timeout: float | None = None,
         metadata: MetadataLike | None = None,
     ) -> Any:
@@ -370,11 +429,17 @@ class KernelClient:
                 that came in one message (under ~3.5 MiB), writable for streamed ones.
             stream: force (``True``) or forbid (``False``) streaming; by default
                 kernels predicted above ~3.5 MiB are streamed.
+            representation: ``"dense"`` (the kernel itself), ``"factored"`` (its
+                factors and the model's output head, fetched once per model: a
+                ``FactoredKernel``, materialised with ``.dense()`` or ``np.asarray``)
+                or ``"auto"`` (factored when that moves fewer bytes). ``dtype`` is
+                then the factors' dtype; their dense kernel is float32.
             timeout: deadline for the whole call in seconds (default: the client's).
             metadata: extra metadata for this call.
 
         Returns:
-            The kernel; ``(kernel, grid)`` with ``return_grid``; a ``KernelResult`` with ``with_report``.
+            The kernel (a ``FactoredKernel`` when factored); ``(kernel, grid)`` with
+            ``return_grid``; a ``KernelResult`` with ``with_report``.
 
         Example::
 
@@ -391,20 +456,46 @@ class KernelClient:
             copy=copy,
             with_report=with_report,
             stream=stream,
+            representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        info = self._info(call.model, deadline, metadata) if call.stream is None else None
+        info = self._info(call.model, deadline, metadata) if call.needs_info else None
+        call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
         return self._generate(call, info, deadline, metadata)
 
     def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
     ) -> Any:
-        if call.use_stream(info):
-            return call.finish(self._streamed(call.request, deadline, metadata), streamed=True)
-        try:
-            response = self._unary_kernel(call.request, deadline, metadata)
-        except KernelServiceError as exc:
-            if call.stream is False or not call.wants_stream(exc):
-                raise
-            return call.finish(self._streamed(call.request, deadline, metadata), streamed=True)
-        return call.finish(response, streamed=False)
+        streamed = call.use_stream(info)
+        if streamed:
+            response = self._streamed(call.request, deadline, metadata)
+        else:
+            try:
+                response = self._unary_kernel(call.request, deadline, metadata)
+            except KernelServiceError as exc:
+                if call.stream is False or not call.wants_stream(exc):
+                    raise
+                response, streamed = self._streamed(call.request, deadline, metadata), True
+        head = None
+        if response.factored:
+            head = self._head(call.model, response.head_hash, deadline, metadata)
+        return call.finish(response, streamed=streamed, head=head)
+
+    def _head(
+        self, model: str, head_hash: str, deadline: Deadline, metadata: MetadataLike | None
+    ) -> OutputHead:
+        """The output head ``head_hash`` names, fetched once per client however many calls ask."""
+
+        def fetch() -> OutputHead:
+            request = pb.GetOutputHeadRequest(model=model)
+            reply = self._call("GetOutputHead", request, deadline, metadata)
+            head = OutputHead.from_pb(reply)
+            if head.head_hash != head_hash:
+                raise MalformedResponse(
+                    f"the factors of {model!r} name output head {head_hash[:12]} but the server's is "
+                    f"{head.head_hash[:12]} (replicas serving different weights?)"
+                )
+            return head
+
+        return self._heads.get(head_hash, fetch)
+

@@ -178,6 +178,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.suffix.lower() not in SUFFIXES:
         return _fail(args, f"--out must end in {' or '.join(SUFFIXES)}, got {args.out.name!r}", EXIT_USAGE)
+    if args.save_factors and (args.out is None or args.out.suffix.lower() != ".safetensors"):
+        return _fail(args, "--save-factors writes .safetensors: give --out NAME.safetensors", EXIT_USAGE)
     conditioning = None
     if args.conditioning is not None:
         conditioning = np.load(args.conditioning, allow_pickle=False)
@@ -199,14 +201,17 @@ def _generate(args: argparse.Namespace) -> int:
             return_grid=args.grid,
             with_report=True,
             stream=args.stream,
+            representation=args.representation,
         )
+    if args.save_factors and result.representation != "factored":
+        return _fail(args, "--save-factors needs a factored kernel (--representation factored)", EXIT_USAGE)
     if args.out is not None:
         meta = {
             "model": args.model,
             "seq_lens": ",".join(map(str, args.seq_lens)),
             "model_hash": result.report.model_hash,
         }
-        save_kernel(args.out, result, meta)
+        save_kernel(args.out, result, meta, factors=args.save_factors)
     report = result.report
     if args.json:
         print(
@@ -215,6 +220,7 @@ def _generate(args: argparse.Namespace) -> int:
                     "model": args.model,
                     "shape": list(result.shape),
                     "dtype": result.wire_dtype,
+                    "representation": result.representation,
                     "bytes": result.nbytes,
                     "streamed": result.streamed,
                     "cache_hit": report.cache_hit,
@@ -230,8 +236,9 @@ def _generate(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
+    what = "kernel" if result.representation == "dense" else "factored kernel"
     print(
-        f"{args.model}: kernel {list(result.shape)} {result.wire_dtype}, {_size(result.nbytes)}"
+        f"{args.model}: {what} {list(result.shape)} {result.wire_dtype}, {_size(result.nbytes)}"
         f" ({'streamed' if result.streamed else 'unary'}), cache hit {'yes' if report.cache_hit else 'no'},"
         f" batch {report.batch_size} rows/{report.batch_requests} requests, queue {report.queue_ms:.2f} ms,"
         f" compute {report.compute_ms:.2f} ms, total {result.elapsed_ms:.1f} ms"
@@ -360,7 +367,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--grid", action="store_true", help="also fetch the coordinate grid (saved in .safetensors)"
     )
-    p.add_argument("--out", type=Path, help="write the kernel to a .npy or .safetensors file")
+    p.add_argument(
+        "--representation",
+        choices=("dense", "factored", "auto"),
+        default="dense",
+        help="what travels: the kernel, its factors and the model's output head, or the smaller (dense)",
+    )
+    p.add_argument("--out", type=Path, help="write the (dense) kernel to a .npy or .safetensors file")
+    p.add_argument(
+        "--save-factors",
+        action="store_true",
+        help="with --out x.safetensors and a factored kernel: save its factors and head, not the kernel",
+    )
     p.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,

@@ -134,6 +134,8 @@ class ModelInfo:
     #: Hash of config and weights; changes whenever the served kernel can.
     content_hash: str
     parameter_count: int
+    #: Hash of the model's output head, which factored kernels name (empty when not ready).
+    head_hash: str = ""
 
     @classmethod
     def from_pb(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -144,6 +146,7 @@ class ModelInfo:
             config=ModelConfig.from_pb(message.config) if message.HasField("config") else None,
             content_hash=message.content_hash,
             parameter_count=int(message.parameter_count),
+            head_hash=message.head_hash,
         )
 
 
@@ -171,6 +174,8 @@ class ServerReport:
     model_hash: str
     #: Index of the server worker process that answered (0 for a one-process server).
     worker: int = 0
+    #: ``"dense"`` or ``"factored"``: what the server sent.
+    representation: str = "dense"
 
     @classmethod
     def from_pb(cls, message: pb.ServerReport) -> ServerReport:
@@ -182,6 +187,7 @@ class ServerReport:
             compute_ms=float(message.compute_ms),
             model_hash=message.model_hash,
             worker=int(message.worker),
+            representation="factored" if message.representation == pb.REPRESENTATION_FACTORED else "dense",
         )
 
 
@@ -190,7 +196,8 @@ class KernelResult(Generic[ArrayT]):
     """A generated kernel with everything known about how it was made.
 
     ``kernel`` (and ``grid``) are numpy arrays, or torch tensors when
-    ``as_torch=True`` was asked. ``raw`` is the kernel exactly as it travelled:
+    ``as_torch=True`` was asked; a factored kernel is a ``FactoredKernel``.
+    ``raw`` is the kernel (or its factors) exactly as it travelled:
     little-endian bytes of ``wire_dtype`` (for bfloat16, the 16-bit patterns).
 
     Example::
@@ -211,6 +218,8 @@ class KernelResult(Generic[ArrayT]):
     streamed: bool
     #: Client-side time of the call, including any model lookup.
     elapsed_ms: float
+    #: ``"dense"`` or ``"factored"``.
+    representation: str = "dense"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -219,5 +228,5 @@ class KernelResult(Generic[ArrayT]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the kernel on the wire."""
+        """Bytes of the kernel (or its factors) on the wire."""
         return self.raw.nbytes

@@ -88,6 +88,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="share of requests sent without conditioning: cache traffic (0)",
     )  # fmt: skip
     w.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="output dtype (float32)")
+    w.add_argument(
+        "--representation", metavar="R",
+        help="what the server sends: dense, factored, auto, or a mix like dense:1,factored:3 (dense)",
+    )  # fmt: skip
     w.add_argument("--seed", type=int, help="seed of the conditioning vectors and the schedule (0)")
     w.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=None,

@@ -117,7 +117,7 @@ def schedule(rate: float, distribution: Distribution, rng: random.Random) -> Ite
 
 class StepRunner:
     """Runs steps with one client; ``client`` is an ``AsyncKernelClient`` or anything with its
-    ``generate(model, seq_lens, conditioning, *, dtype, with_report, stream)``.
+    ``generate(model, seq_lens, conditioning, *, dtype, with_report, stream, representation)``.
     """
 
     def __init__(
@@ -146,6 +146,7 @@ class StepRunner:
             dtype=request.dtype,
             with_report=True,
             stream=self._stream,
+            representation=request.representation,
         )
 
 
@@ -290,6 +291,7 @@ class _Step:
         samples.kernels += result.shape[0] if result.shape else 1
         report = result.report
         samples.server_workers[report.worker] += 1
+        samples.representations[report.representation] += 1
         if request.conditioning is None:
             samples.unconditioned += 1
             samples.cache_hits += report.cache_hit

@@ -72,6 +72,7 @@ class Session:
             "dtype": args.dtype,
             "seed": args.seed,
             "stream": args.stream,
+            "representation": args.representation,
         }
         data.update({k: v for k, v in flags.items() if v is not None})
         if not data.get("models"):

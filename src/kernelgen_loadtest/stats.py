@@ -72,6 +72,8 @@ class Samples:
     compute_ms: list[float] = field(default_factory=list)
     #: Successful responses by the server worker process that answered (``ServerReport.worker``).
     server_workers: Counter[int] = field(default_factory=Counter)
+    #: Successful responses by the representation the server sent ("dense", "factored").
+    representations: Counter[str] = field(default_factory=Counter)
     #: Length of the measurement window (the longest of the processes').
     window_s: float = 0.0
     #: CPU seconds / wall seconds of each process over its window (cores).
@@ -114,6 +116,7 @@ class Samples:
             getattr(self, name).extend(getattr(other, name))
         self.errors.update(other.errors)
         self.server_workers.update(other.server_workers)
+        self.representations.update(other.representations)
         for code, message in other.error_examples.items():
             self.error_examples.setdefault(code, message)
 
@@ -185,6 +188,8 @@ class ServerStats:
     #: Responses by the index of the server worker process that answered, in index order
     #: (one entry, "0", for a server of one process).
     responses_by_worker: dict[str, int]
+    #: Responses by the representation sent: "dense", "factored".
+    responses_by_representation: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,7 @@ def _server(samples: Samples) -> ServerStats:
         cache_hits=samples.cache_hits,
         cache_hit_rate=samples.cache_hits / samples.unconditioned if samples.unconditioned else math.nan,
         responses_by_worker={str(w): n for w, n in sorted(samples.server_workers.items())},
+        responses_by_representation=dict(sorted(samples.representations.items())),
     )
 
 

@@ -12,6 +12,7 @@ given on the command line win over the file::
     rows: 1-4                    # conditioning rows per request: N, "A-B" or [A, B]
     unconditioned: 0.1           # share of requests sent without conditioning (cache traffic)
     dtype: float32               # float32 | float16 | bfloat16
+    representation: dense        # dense | factored | auto, or a mix: {dense: 1, factored: 3}
     seed: 0
 
 ``resolve`` checks the workload against the server's ``ModelInfo`` (ready,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "REPRESENTATIONS",
     "ModelMix",
     "ModelTarget",
     "Request",
@@ -47,12 +49,14 @@ __all__ = [
     "WorkloadError",
     "load_file",
     "parse_model",
+    "parse_representation",
     "parse_rows",
     "parse_seq_lens",
     "resolve",
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
+REPRESENTATIONS = ("dense", "factored", "auto")
 SeqLens = tuple[int, ...]
 
 
@@ -158,6 +162,35 @@ def parse_model(value: object) -> ModelMix:
     raise WorkloadError(f"model must be a name or a mapping, got {value!r}")
 
 
+def parse_representation(value: object) -> tuple[tuple[str, float], ...]:
+    """``"factored"``, ``"dense:1,factored:3"`` or ``{dense: 1, factored: 3}`` as (name, weight) pairs."""
+    pairs: list[tuple[object, object]]
+    if isinstance(value, str):
+        pairs = []
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            label, sep, number = part.partition(":")
+            pairs.append((label.strip(), number if sep else 1.0))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise WorkloadError(f"representation must be a name or a mix like dense:1,factored:3, got {value!r}")
+    mix = []
+    for key, weight in pairs:
+        name = str(key)
+        if name not in REPRESENTATIONS:
+            raise WorkloadError(f"representation must be {', '.join(REPRESENTATIONS)}, got {name!r}")
+        try:
+            share = float(weight)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            share = math.nan
+        if not (share > 0 and math.isfinite(share)):
+            raise WorkloadError(f"representation {name!r}: weight must be a positive number, got {weight!r}")
+        mix.append((name, share))
+    if not mix or len({name for name, _ in mix}) != len(mix):
+        raise WorkloadError(f"representation: name each of {', '.join(REPRESENTATIONS)} at most once")
+    return tuple(mix)
+
+
 def _list(value: object, key: str) -> list[Any]:
     if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
         raise WorkloadError(f"{key} must be a list, got {value!r}")
@@ -179,6 +212,8 @@ class Workload:
     seed: int = 0
     #: Force (True) or forbid (False) streaming; None: the client decides by size.
     stream: bool | None = None
+    #: What the server sends, with weights: ``(("dense", 1.0),)`` unless asked otherwise.
+    representation: tuple[tuple[str, float], ...] = (("dense", 1.0),)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -190,8 +225,11 @@ class Workload:
             raise WorkloadError(f"unconditioned must be a share in [0, 1], got {self.unconditioned}")
         if self.dtype not in DTYPES:
             raise WorkloadError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_representation(dict(self.representation))  # checks names and weights
 
-    _KEYS = frozenset({"models", "seq_lens", "rows", "unconditioned", "dtype", "seed", "stream"})
+    _KEYS = frozenset(
+        {"models", "seq_lens", "rows", "unconditioned", "dtype", "seed", "stream", "representation"}
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "workload") -> Workload:
@@ -213,6 +251,7 @@ class Workload:
                 dtype=str(data.get("dtype", "float32")),
                 seed=_int(data.get("seed", 0)),
                 stream=stream,
+                representation=parse_representation(data.get("representation", "dense")),
             )
         except WorkloadError as exc:
             raise WorkloadError(f"{source}: {exc}") from None
@@ -226,6 +265,7 @@ class Workload:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["rows"] = str(self.rows)
+        out["representation"] = dict(self.representation)
         out["seq_lens"] = [list(s) for s in self.seq_lens]
         out["models"] = [
             {"name": m.name, "weight": m.weight, "seq_lens": [list(s) for s in m.seq_lens]}
@@ -343,6 +383,8 @@ class Request:
     #: ``[rows, cond_dim]`` float32, or ``None`` for an unconditioned (cacheable) kernel.
     conditioning: npt.NDArray[np.float32] | None
     dtype: str
+    #: "dense", "factored" or "auto".
+    representation: str = "dense"
 
     @property
     def kernels(self) -> int:
@@ -372,6 +414,10 @@ class RequestSource:
         self._rows = workload.rows
         self._unconditioned = workload.unconditioned
         self._dtype = workload.dtype
+        names = [name for name, _ in workload.representation]
+        weights = [weight for _, weight in workload.representation]
+        self._representations = names
+        self._representation_cumulative = [sum(weights[: i + 1]) / sum(weights) for i in range(len(weights))]
         self._rng = np.random.default_rng([workload.seed, *stream_id])
 
     def next(self) -> Request:
@@ -385,4 +431,8 @@ class RequestSource:
             if self._rows.high > rows:
                 rows = int(rng.integers(rows, self._rows.high + 1))
             conditioning = rng.standard_normal((rows, target.cond_dim), dtype="float32")
-        return Request(target.name, seq_lens, conditioning, self._dtype)
+        representation = self._representations[0]
+        if len(self._representations) > 1:  # one draw more only for a mix: seeded runs stay as they were
+            index = bisect.bisect_right(self._representation_cumulative, rng.random())
+            representation = self._representations[min(index, len(self._representations) - 1)]
+        return Request(target.name, seq_lens, conditioning, self._dtype, representation)

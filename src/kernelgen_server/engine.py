@@ -13,6 +13,11 @@ docs/architecture.md, "The model, exactly"), reorganised for throughput:
   = A z + a``, ``c = (W A) z + (W a + b)``. These products are formed once, in
   float64, at load time and stacked with the gamma rows into one "FiLM head":
   a row's gammas and folded biases all come from one GEMV.
+* The factored representation stops before the output linear: the factors are
+  the last hidden activation, modulated by the last FiLM pair (``g * h +
+  beta``), so that ``factors @ W^T + b`` is the kernel (``output_head``). The
+  last pair's raw ``beta`` is therefore kept in the FiLM head beside its
+  folded bias.
 * Everything before the first FiLM (grid, positional embedding, and the first
   hidden layer unless ``film_after_pos_embed``) does not depend on the
   conditioning: it is computed once per grid shape and kept in a byte-bounded
@@ -125,6 +130,7 @@ class KernelEngine:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.out_dim = model.out_dim
+        self.hidden_dim = model.mlp_hidden_dim
         self.data_dim = model.data_dim
         self.cond_dim = model.cond_dim
         self.batched = batched
@@ -147,24 +153,27 @@ class KernelEngine:
             per_row = [*hidden[n_shared:], model.out_linear]
             self._per_row = [_Affine.of(lin, dev) for lin in per_row]
             self._film_in: _Affine | None = None
-            self._head: _Affine | None = None
-            self._head_slices: list[tuple[slice, slice]] = []
+            self._film_head: _Affine | None = None
+            self._film_slices: list[tuple[slice, slice]] = []
+            self._last_beta = slice(0)
             if model.film_generator is not None:
                 mlp = model.film_generator.mlp
                 self._film_in = _Affine.of(_linear(mlp[0]), dev)
-                self._head, self._head_slices = self._fold_head(_linear(mlp[2]), per_row,
-                                                                model.mlp_hidden_dim)
+                self._film_head, self._film_slices, self._last_beta = self._fold_film_head(
+                    _linear(mlp[2]), per_row, model.mlp_hidden_dim
+                )
             if self._stream is not None:
                 self._stream.synchronize()
 
-    def _fold_head(
+    def _fold_film_head(
         self, last: nn.Linear, per_row: list[nn.Linear], hidden: int
-    ) -> tuple[_Affine, list[tuple[slice, slice]]]:
-        """The affine map ``z -> [gamma_0 | c_0 | gamma_1 | c_1 | ...]`` and its column slices.
+    ) -> tuple[_Affine, list[tuple[slice, slice]], slice]:
+        """The affine map ``z -> [gamma_0 | c_0 | gamma_1 | c_1 | ... | beta_last]`` and its slices.
 
         Row block k of the FiLM generator's last linear is ``[A_gamma_k; A_beta_k]``
         (its bias alike); ``c_k = W_k beta_k + b_k = (W_k A_beta_k) z + (W_k a_beta_k
-        + b_k)``, products taken in float64 and rounded once to float32.
+        + b_k)``, products taken in float64 and rounded once to float32. The last
+        pair's own ``beta`` follows, for factors (which stop before the last linear).
         """
         n_film = len(per_row)
         a = last.weight.detach().double().view(n_film, 2, hidden, -1)  # [k, gamma|beta, H, F]
@@ -182,8 +191,11 @@ class KernelEngine:
             gamma = slice(offset, offset + hidden)
             slices.append((gamma, slice(gamma.stop, gamma.stop + width)))
             offset = gamma.stop + width
+        rows.append(a[n_film - 1, 1])
+        biases.append(a_bias[n_film - 1, 1])
+        last_beta = slice(offset, offset + hidden)
         head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
-        return head, slices
+        return head, slices, last_beta
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -196,9 +208,15 @@ class KernelEngine:
     def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
         return tuple(2 * s - 1 for s in self.normalize_seq_lens(seq_lens))
 
-    def output_bytes(self, seq_lens: int | Sequence[int], rows: int, dtype: torch.dtype) -> int:
-        """Bytes of a ``[rows, *spatial, out_dim]`` kernel in ``dtype``."""
-        return rows * math.prod(self.spatial_shape(seq_lens)) * self.out_dim * int(dtype.itemsize)
+    def width(self, factored: bool) -> int:
+        """Last dimension of the output: ``out_dim`` for kernels, ``hidden_dim`` for factors."""
+        return self.hidden_dim if factored else self.out_dim
+
+    def output_bytes(
+        self, seq_lens: int | Sequence[int], rows: int, dtype: torch.dtype, *, factored: bool = False
+    ) -> int:
+        """Bytes of a ``[rows, *spatial, width]`` output in ``dtype``."""
+        return rows * math.prod(self.spatial_shape(seq_lens)) * self.width(factored) * int(dtype.itemsize)
 
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
         """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``model.grid``)."""
@@ -207,18 +225,26 @@ class KernelEngine:
     def prefix_cache_info(self) -> PrefixCacheInfo:
         return self._cache.info()
 
-    def unconditioned(self, seq_lens: int | Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-        """The plain kernel ``[1, *spatial, out_dim]`` (no FiLM), contiguous, on CPU."""
+    def unconditioned(
+        self, seq_lens: int | Sequence[int], dtype: torch.dtype = torch.float32, *, factored: bool = False
+    ) -> Tensor:
+        """The plain kernel ``[1, *spatial, out_dim]`` (no FiLM), contiguous, on CPU.
+
+        ``factored``: its factors ``[1, *spatial, hidden]`` instead (the last hidden activation).
+        """
         lens = self.normalize_seq_lens(seq_lens)
         _check_dtype(dtype)
         spatial = self.spatial_shape(lens)
-        result = self._result((1, *spatial, self.out_dim), dtype)
+        width = self.width(factored)
+        result = self._result((1, *spatial, width), dtype)
         with torch.inference_mode(), self._on_device():
             h = self._prefix(lens)
             for lin in self._per_row[:-1]:
                 h = torch.sin(lin(h))
-            if self._stream is None and dtype == torch.float32:
-                self._per_row[-1](h, out=result.view(-1, self.out_dim))
+            if factored:
+                self._deliver(h, result)
+            elif self._stream is None and dtype == torch.float32:
+                self._per_row[-1](h, out=result.view(-1, width))
             else:
                 self._deliver(self._per_row[-1](h), result)
         return result
@@ -228,15 +254,18 @@ class KernelEngine:
         seq_lens: int | Sequence[int],
         conditionings: Sequence[Tensor],
         dtype: torch.dtype = torch.float32,
+        *,
+        factored: bool = False,
     ) -> Tensor:
         """Kernels for every row of every ``[B_i, C]`` conditioning, rows in request order.
 
         Returns one contiguous CPU tensor ``[sum B_i, *spatial, out_dim]``, written
-        once; callers split it by rows with views.
+        once; callers split it by rows with views. ``factored``: the rows' factors
+        ``[sum B_i, *spatial, hidden]`` instead.
         """
         lens = self.normalize_seq_lens(seq_lens)
         _check_dtype(dtype)
-        if self._head is None:
+        if self._film_head is None:
             raise ConditioningNotSupported("this model has no FiLM generator; send no conditioning")
         for i, c in enumerate(conditionings):
             if c.dim() != 2 or c.shape[1] != self.cond_dim or not c.is_floating_point():
@@ -245,25 +274,26 @@ class KernelEngine:
         rows = sum(int(c.shape[0]) for c in conditionings)
         spatial = self.spatial_shape(lens)
         points = math.prod(spatial)
-        result = self._result((rows, *spatial, self.out_dim), dtype)
+        width = self.width(factored)
+        result = self._result((rows, *spatial, width), dtype)
         with torch.inference_mode(), self._on_device():
             cond, pinned = self._gather(conditionings, rows)
             cpu = self._stream is None
-            target = result.view(rows, points, self.out_dim) if cpu else torch.empty(
-                (rows, points, self.out_dim), dtype=dtype, device=self.device)
+            target = result.view(rows, points, width) if cpu else torch.empty(
+                (rows, points, width), dtype=dtype, device=self.device)
             # The GEMMs write float32 rows straight into ``target`` when each row starts
             # on an ``_ALIGN`` boundary; otherwise through an aligned float32 scratch,
             # cast on the device as it is copied into ``target``.
-            direct = dtype == torch.float32 and points * self.out_dim * 4 % _ALIGN == 0
+            direct = dtype == torch.float32 and points * width * 4 % _ALIGN == 0
             if rows:
                 prefix = self._prefix(lens)
-                chunk = self._chunk_rows(points, direct) if self.batched else 1
+                chunk = self._chunk_rows(points, direct, width) if self.batched else 1
                 scratch = None if direct else torch.empty(
-                    (min(chunk, rows), points, self.out_dim), device=self.device)
+                    (min(chunk, rows), points, width), device=self.device)
                 for r0 in range(0, rows, chunk):
                     r1 = min(rows, r0 + chunk)
                     dst = target[r0:r1] if scratch is None else scratch[: r1 - r0]
-                    self._conditioned_rows(prefix, cond[r0:r1], dst)
+                    self._conditioned_rows(prefix, cond[r0:r1], dst, factored)
                     if scratch is not None:
                         target[r0:r1].copy_(dst)
             if not cpu:
@@ -309,22 +339,26 @@ class KernelEngine:
 
         return self._cache.get(lens, compute)
 
-    def _chunk_rows(self, points: int, direct: bool) -> int:
+    def _chunk_rows(self, points: int, direct: bool, width: int) -> int:
         """Rows per batched chunk such that its activations, weights and scratch fit ``chunk_bytes``."""
         widths = [lin.weight_t.shape[1] for lin in self._per_row[:-1]]
-        per_row = 4 * points * (2 * max(widths, default=0) + (0 if direct else self.out_dim))
+        per_row = 4 * points * (2 * max(widths, default=0) + (0 if direct else width))
         per_row += 4 * sum(lin.weight_t.numel() for lin in self._per_row)
         return max(1, self._chunk_bytes // per_row)
 
-    def _conditioned_rows(self, prefix: Tensor, cond: Tensor, dst: Tensor) -> None:
-        """Write the float32 kernels ``[n, G, out_dim]`` of ``cond``'s n rows into ``dst``."""
+    def _conditioned_rows(self, prefix: Tensor, cond: Tensor, dst: Tensor, factored: bool) -> None:
+        """Write ``cond``'s n rows of float32 kernels ``[n, G, out_dim]`` (factors: ``[n, G, hidden]``)."""
         assert self._film_in is not None
-        assert self._head is not None
+        assert self._film_head is not None
         n = cond.shape[0]
-        film = self._head(nn.functional.gelu(self._film_in(cond)))  # [n, sum_k (H + width_k)]
+        film = self._film_head(nn.functional.gelu(self._film_in(cond)))  # [n, sum_k (H + width_k) + H]
         h = prefix.expand(n, *prefix.shape)  # shared by all rows, read only
         last = len(self._per_row) - 1
-        for k, (lin, (gamma, bias)) in enumerate(zip(self._per_row, self._head_slices, strict=True)):
+        for k, (lin, (gamma, bias)) in enumerate(zip(self._per_row, self._film_slices, strict=True)):
+            if k == last and factored:
+                # The factors: the last FiLM pair applied, the output linear left to the client.
+                torch.addcmul(film[:, None, self._last_beta], h, film[:, None, gamma], out=dst)
+                return
             # (W diag g)^T = diag(g) W^T: row i of W^T scaled by g_i.
             w = lin.weight_t * film[:, gamma, None]
             c = film[:, None, bias]

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import torch
 from grpc import aio
 
+from kernelgen_server.errors import TooLarge
 from kernelgen_server.model_info import model_info
+from kernelgen_server.output_head import OutputHead
 from kernelgen_server.service import GeneratedKernel, KernelService
 from kernelgen_server.status import deadline_of, rpc_scope
 from kernelgen_server.tensors import decode_conditioning
@@ -50,7 +53,11 @@ class KernelGeneratorServicer:
     ) -> AsyncIterator[bytes]:
         async with rpc_scope(self.metrics, "StreamKernel", request.model, context):
             result = await self._generate(request, context, max_bytes=None)
-            for message in encode_chunks(result.kernel.payload, result.grid, result.report, self.chunk_bytes):
+            kernel = result.kernel
+            chunks = encode_chunks(
+                kernel.payload, result.grid, result.report, self.chunk_bytes, head_hash=kernel.head_hash
+            )
+            for message in chunks:
                 yield message
 
     async def FlopCount(
@@ -83,6 +90,19 @@ class KernelGeneratorServicer:
             self.service.model(request.model)  # raises: empty name or unknown model
         raise AssertionError("unreachable: errors leave through context.abort")
 
+    async def GetOutputHead(
+        self, request: pb.GetOutputHeadRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.OutputHead:
+        async with rpc_scope(self.metrics, "GetOutputHead", request.model, context):
+            head = self.service.output_head(request.model)
+            if head.nbytes > self.max_message_bytes:
+                raise TooLarge(
+                    f"the output head of {request.model!r} is {head.nbytes} bytes, over the unary limit of "
+                    f"{self.max_message_bytes} bytes (--max-message-bytes); use the dense representation"
+                )
+            return _head_message(head)
+        raise AssertionError("unreachable: errors leave through context.abort")
+
     # --- plumbing -----------------------------------------------------------------------------
     async def _generate(
         self,
@@ -97,6 +117,7 @@ class KernelGeneratorServicer:
             conditioning,
             request.dtype,
             request.return_grid,
+            representation=request.representation,
             deadline=deadline_of(context),
             max_bytes=max_bytes,
         )
@@ -133,5 +154,20 @@ class KernelGeneratorServicer:
                 request_deserializer=pb.GetModelRequest.FromString,
                 response_serializer=pb.ModelInfo.SerializeToString,
             ),
+            "GetOutputHead": grpc.unary_unary_rpc_method_handler(
+                self.GetOutputHead,
+                request_deserializer=pb.GetOutputHeadRequest.FromString,
+                response_serializer=pb.OutputHead.SerializeToString,
+            ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _head_message(head: OutputHead) -> pb.OutputHead:
+    def tensor(t: torch.Tensor) -> pb.Tensor:
+        return pb.Tensor(shape=t.shape, dtype=pb.DTYPE_FLOAT32, data=t.numpy().tobytes())
+
+    message = pb.OutputHead(head_hash=head.head_hash, weight_t=tensor(head.weight_t))
+    if head.bias is not None:
+        message.bias.CopyFrom(tensor(head.bias))
+    return message

@@ -80,6 +80,18 @@ class Metrics:
             registry=r,
         )
         self.batches = Counter("kernelgen_batches", "Batches run.", ["model"], registry=r)
+        self.kernels_served = Counter(
+            "kernelgen_kernels_served",
+            "Kernel responses answered, by model and representation (dense or factored).",
+            ["model", "representation"],
+            registry=r,
+        )
+        self.payload_bytes = Counter(
+            "kernelgen_payload_bytes",
+            "Bytes of kernels (dense) or factors (factored) answered, by model and representation.",
+            ["model", "representation"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "kernelgen_queue_depth",
             "Requests waiting, by batch bucket (model/seq_lens/dtype).",

@@ -26,6 +26,7 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
                     config=config_message(entry.config),
                     content_hash=entry.content_hash,
                     parameter_count=entry.parameter_count,
+                    head_hash=entry.head.head_hash,
                 )
             )
         else:

@@ -34,6 +34,7 @@ from kernelgen_server.checkpoint import (
 from kernelgen_server.config import ModelConfig
 from kernelgen_server.errors import ModelNotFound, ModelNotReady
 from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.output_head import OutputHead
 
 __all__ = [
     "CONFIG_FILE",
@@ -109,6 +110,8 @@ class LoadedModel:
     content_hash: str
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
+    #: The last linear layer, for factored kernels.
+    head: OutputHead
 
     @property
     def weights_path(self) -> Path:
@@ -138,6 +141,7 @@ def load_model(model_dir: Path, name: str | None = None) -> LoadedModel:
         content_hash=content_hash(config, tensors),
         parameter_count=sum(p.numel() for p in module.parameters()),
         weights_format="safetensors" if weights.suffix == ".safetensors" else "pt",
+        head=OutputHead.of(module),
     )
 
 

@@ -9,6 +9,9 @@ Invariants:
   computes;
 - unconditioned kernels go through the byte-bounded cache, conditioned ones
   through the batcher (the ``submit`` seam); nothing else computes kernels;
+- a kernel is served dense or factored (``representation``): factored ones
+  share the dense ones' batch buckets (same model, grid and dtype) and have
+  cache entries of their own;
   a miss whose kernel is the centre of a cached larger one (same model and
   dtype) is cut from it on the host thread instead of computed;
 - every limit is checked before any work is queued, so a refused request
@@ -40,9 +43,16 @@ from kernelgen_server.errors import (
     TooLarge,
 )
 from kernelgen_server.metrics import Metrics
+from kernelgen_server.output_head import OutputHead
 from kernelgen_server.repository import LoadedModel, ModelRepository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.tensors import centre, decode_output_dtype, itemsize, to_payload
+from kernelgen_server.tensors import (
+    centre,
+    decode_output_dtype,
+    decode_representation,
+    itemsize,
+    to_payload,
+)
 from kernelgen_server.threads import ServiceThreads
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -50,16 +60,18 @@ from kernelgen_wire.v1 import kernelgen_pb2 as pb
 __all__ = ["FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
 
 log = logging.getLogger("kernelgen.core")
+_REPRESENTATION_NAMES = {False: "dense", True: "factored"}
 
 BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
-CacheKey = tuple[str, tuple[int, ...], int]  # (model content hash, seq_lens, wire dtype)
+CacheKey = tuple[str, tuple[int, ...], int, bool]  # (model content hash, seq_lens, wire dtype, factored)
 
 
 class CondItem(NamedTuple):
-    """One conditioned request in a batch bucket: its ``[B, C]`` rows and output size."""
+    """One conditioned request in a batch bucket: its ``[B, C]`` rows, output size and representation."""
 
     conditioning: torch.Tensor
     nbytes: int
+    factored: bool = False
 
 
 class Submitter(Protocol):
@@ -193,6 +205,10 @@ class KernelService:
             cacheable=module.film_generator is None,
         )
 
+    def output_head(self, name: str) -> OutputHead:
+        """The output head of a ready model, for materialising its factored kernels."""
+        return self.model(name).head
+
     # --- GenerateKernel -----------------------------------------------------------------------
     async def generate(
         self,
@@ -202,16 +218,22 @@ class KernelService:
         dtype: int,
         return_grid: bool,
         *,
+        representation: int = pb.REPRESENTATION_DENSE,
         deadline: float | None = None,
         max_bytes: int | None = None,
     ) -> GeneratedKernel:
-        """Compute (or fetch) one kernel. ``max_bytes`` bounds the whole response (unary calls)."""
+        """Compute (or fetch) one kernel, dense or factored.
+
+        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
+        dtype of what travels: the kernel, or its factors.
+        """
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         model = self.model(name)
         lens = self.seq_lens(model, seq_lens)
         out_dtype = decode_output_dtype(dtype)
         wire_dtype = int(dtype) or pb.DTYPE_FLOAT32
+        factored = decode_representation(representation)
         module = model.module
         rows = 1
         if conditioning is not None:
@@ -230,12 +252,13 @@ class KernelService:
                     f"{rows} conditioning rows is over the limit of {self.settings.max_conditioning_rows}"
                 )
         points = math.prod(2 * n - 1 for n in lens)
-        kernel_bytes = rows * points * module.out_dim * itemsize(out_dtype)
+        width = module.mlp_hidden_dim if factored else module.out_dim
+        kernel_bytes = rows * points * width * itemsize(out_dtype)
         grid_bytes = points * module.data_dim * 4 if return_grid else 0
         if kernel_bytes > self.settings.max_kernel_bytes:
             raise TooLarge(
-                f"the kernel would be {kernel_bytes} bytes, over the limit of "
-                f"{int(self.settings.max_kernel_bytes)} bytes"
+                f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
+                f"of {int(self.settings.max_kernel_bytes)} bytes"
             )
         if max_bytes is not None and kernel_bytes + grid_bytes > max_bytes:
             raise TooLarge(
@@ -245,11 +268,12 @@ class KernelService:
         self._check_deadline(deadline)
 
         if conditioning is None:
-            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, deadline)
+            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, factored)
         else:
             cond = torch.from_numpy(conditioning.copy())
             key: BucketKey = (model.name, lens, wire_dtype)
-            outcome = await self.submitter.submit(key, CondItem(cond, kernel_bytes), deadline=deadline)
+            item = CondItem(cond, kernel_bytes, factored)
+            outcome = await self.submitter.submit(key, item, deadline=deadline)
             kernel = await outcome.result
             report = pb.ServerReport(
                 cache_hit=False,
@@ -260,6 +284,11 @@ class KernelService:
             )
         report.model_hash = model.content_hash
         report.worker = self.worker
+        report.representation = kernel.representation
+        self.metrics.kernels_served.labels(model.name, _REPRESENTATION_NAMES[factored]).inc()
+        self.metrics.payload_bytes.labels(model.name, _REPRESENTATION_NAMES[factored]).inc(
+            kernel.payload.nbytes
+        )
         grid = None
         if return_grid:
             engine = self._engines[model.name]
@@ -272,27 +301,33 @@ class KernelService:
         lens: tuple[int, ...],
         out_dtype: torch.dtype,
         wire_dtype: int,
-        deadline: float | None,
+        factored: bool,
     ) -> tuple[EncodedKernel, pb.ServerReport]:
         engine = self._engines[model.name]
+        head_hash = model.head.head_hash if factored else ""
         timing: dict[str, float] = {}
 
         def compute() -> EncodedKernel:
             start = time.perf_counter()
-            tensor = engine.unconditioned(lens, out_dtype)
+            tensor = engine.unconditioned(lens, out_dtype, factored=factored)
             timing["compute_s"] = time.perf_counter() - start
-            return encode_kernel(to_payload(tensor))
+            return encode_kernel(to_payload(tensor), head_hash)
 
         def cut(larger: EncodedKernel) -> EncodedKernel:
+            # Grid points are independent, so a factored kernel's centre is the centre's factors.
             start = time.perf_counter()
-            kernel = encode_kernel(centre(larger.payload, engine.spatial_shape(lens)))
+            kernel = encode_kernel(centre(larger.payload, engine.spatial_shape(lens)), head_hash)
             timing["compute_s"] = time.perf_counter() - start
             return kernel
 
         def covers(key: CacheKey) -> bool:
-            digest, other, dtype = key
-            return digest == model.content_hash and dtype == wire_dtype and other != lens and all(
-                m >= n for m, n in zip(other, lens, strict=True)
+            digest, other, dtype, other_factored = key
+            return (
+                digest == model.content_hash
+                and dtype == wire_dtype
+                and other_factored == factored
+                and other != lens
+                and all(m >= n for m, n in zip(other, lens, strict=True))
             )
 
         accepted = self._clock()
@@ -306,7 +341,8 @@ class KernelService:
                 return await self._threads.on_host(functools.partial(cut, larger))
             return await self._threads.on_device(compute)
 
-        payload, hit = await self._cache.get_or_compute((model.content_hash, lens, wire_dtype), miss)
+        key: CacheKey = (model.content_hash, lens, wire_dtype, factored)
+        payload, hit = await self._cache.get_or_compute(key, miss)
         if not hit and "compute_s" in timing:
             self.metrics.compute_time.labels(model.name).observe(timing["compute_s"])
         # A caller that waited on another's miss did no compute of its own: report it as a hit.
@@ -324,9 +360,10 @@ class KernelService:
     ) -> list[asyncio.Future[EncodedKernel]]:
         """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
-        conds = [item.conditioning for item in items]
+        requests = [(item.conditioning, item.factored) for item in items]
         engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
-        return await self._threads.run_batch(engine, lens, conds, dtype)
+        head_hash = self.repository.ready[name].head.head_hash
+        return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._clock() >= deadline:

@@ -18,7 +18,14 @@ from kernelgen_wire.dtypes import NUMPY_LAYOUTS
 from kernelgen_wire.kernel_messages import Payload
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["centre", "decode_conditioning", "decode_output_dtype", "itemsize", "to_payload"]
+__all__ = [
+    "centre",
+    "decode_conditioning",
+    "decode_output_dtype",
+    "decode_representation",
+    "itemsize",
+    "to_payload",
+]
 
 if sys.byteorder != "little":  # pragma: no cover - no such host is supported
     raise ImportError("kernelgen_server needs a little-endian host")
@@ -42,6 +49,15 @@ def decode_output_dtype(value: int) -> torch.dtype:
     except KeyError:
         names = ", ".join(pb.DType.Name(v) for v in _OUTPUT_DTYPES if v)
         raise InvalidRequest(f"dtype {value} is not supported; use one of {names}") from None
+
+
+def decode_representation(value: int) -> bool:
+    """Whether a request asks for the factored representation (unset means dense)."""
+    if value in (pb.REPRESENTATION_UNSPECIFIED, pb.REPRESENTATION_DENSE):
+        return False
+    if value == pb.REPRESENTATION_FACTORED:
+        return True
+    raise InvalidRequest(f"representation {value} is not supported; use DENSE or FACTORED")
 
 
 def itemsize(dtype: torch.dtype) -> int:

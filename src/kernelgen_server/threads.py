@@ -56,31 +56,54 @@ class ServiceThreads:
         return asyncio.get_running_loop().run_in_executor(self._host, fn)
 
     async def run_batch(
-        self, engine: KernelEngine, lens: tuple[int, ...], conds: Sequence[torch.Tensor], dtype: torch.dtype
+        self,
+        engine: KernelEngine,
+        lens: tuple[int, ...],
+        requests: Sequence[tuple[torch.Tensor, bool]],
+        dtype: torch.dtype,
+        head_hash: str,
     ) -> list[asyncio.Future[EncodedKernel]]:
-        """One batch's kernels, a future per conditioning; returns once the device is free."""
+        """One batch, a future per ``(conditioning, factored)`` request; returns once the device is free.
 
-        def encode(out: torch.Tensor) -> list[EncodedKernel]:
-            # Each request's rows are a view of the one output buffer; encoding them is
+        Dense and factored requests share the batch: the device computes each
+        group's rows in one call (the factored ones stop before the output
+        linear), and each request gets its rows of its group's output.
+        """
+        groups = [[i for i, (_, factored) in enumerate(requests) if factored is f] for f in (False, True)]
+
+        def compute() -> list[torch.Tensor | None]:
+            return [
+                engine.conditioned(lens, [requests[i][0] for i in group], dtype, factored=bool(factored))
+                if group
+                else None
+                for factored, group in enumerate(groups)
+            ]
+
+        def encode(outputs: list[torch.Tensor | None]) -> list[EncodedKernel]:
+            # Each request's rows are a view of its group's output buffer; encoding them is
             # the only copy they get.
-            encoded, start = [], 0
-            for cond in conds:
-                rows = int(cond.shape[0])
-                encoded.append(encode_kernel(to_payload(out.narrow(0, start, rows))))
-                start += rows
-            return encoded
+            encoded: list[EncodedKernel | None] = [None] * len(requests)
+            for factored, (group, out) in enumerate(zip(groups, outputs, strict=True)):
+                start = 0
+                for i in group:
+                    rows = int(requests[i][0].shape[0])
+                    assert out is not None
+                    payload = to_payload(out.narrow(0, start, rows))
+                    encoded[i] = encode_kernel(payload, head_hash if factored else "")
+                    start += rows
+            return [kernel for kernel in encoded if kernel is not None]
 
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[EncodedKernel]] = [loop.create_future() for _ in conds]
+        futures: list[asyncio.Future[EncodedKernel]] = [loop.create_future() for _ in requests]
         if not self.pipelined:
-            encoded = await self.on_device(lambda: encode(engine.conditioned(lens, conds, dtype)))
-            for future, kernel in zip(futures, encoded, strict=True):
+            kernels = await self.on_device(lambda: encode(compute()))
+            for future, kernel in zip(futures, kernels, strict=True):
                 future.set_result(kernel)
             return futures
-        out = await self.on_device(functools.partial(engine.conditioned, lens, conds, dtype))
+        outputs = await self.on_device(compute)
         # The device thread is free for the next batch from here on; this one's encoding
         # overlaps it. ``_encoding`` holds the stage until it settles.
-        stage = self.on_host(functools.partial(encode, out))
+        stage = self.on_host(functools.partial(encode, outputs))
         self._encoding.add(stage)
         stage.add_done_callback(self._encoding.discard)
         stage.add_done_callback(functools.partial(_settle, futures))

@@ -1,13 +1,15 @@
 """Kernel responses on the wire, written from tensor memory and read back as views.
 
 ``GenerateKernelResponse`` and ``KernelChunk`` are mostly one large ``bytes``
-field. The server writes them by hand (``encode_kernel``, ``encode_response``,
+field: the dense kernel, or in the factored representation the kernel's
+factors (with the hash of the output head that turns them into the kernel).
+The server writes them by hand (``encode_kernel``, ``encode_response``,
 ``encode_chunks``): the few header bytes are joined with the payload buffer,
-one copy of the kernel in all, and a cached kernel is kept in that serialized
-form and sent as it is (so the per-call report travels in trailing metadata).
-The client reads them by hand (``parse_response``, ``parse_chunk``): the
-payload comes back as a ``memoryview`` of the received buffer, no copy beyond
-the one gRPC made when it handed the message over.
+one copy of it in all, and a cached kernel is kept in that serialized form and
+sent as it is (so the per-call report travels in trailing metadata). The
+client reads them by hand (``parse_response``, ``parse_chunk``): the payload
+comes back as a ``memoryview`` of the received buffer, no copy beyond the one
+gRPC made when it handed the message over.
 
 The written bytes are exactly what ``SerializeToString`` of the equivalent
 message yields, and the reader accepts any valid encoding (unpacked shapes,
@@ -97,39 +99,68 @@ class EncodedKernel:
     """A kernel as a serialized ``GenerateKernelResponse`` holding just that kernel.
 
     ``message`` is sent as it is for a unary call; ``payload`` is a view of the
-    kernel bytes inside it, for streaming. Immutable, so the cache shares it.
+    kernel bytes (dense) or the factors (factored) inside it, for streaming.
+    A factored kernel names its output head (``head_hash``); a dense one has
+    none. Immutable, so the cache shares it.
     """
 
     message: bytes
     payload: Payload
+    head_hash: str = ""
 
     @property
     def nbytes(self) -> int:
         return len(self.message)
 
+    @property
+    def representation(self) -> pb.Representation:
+        """``REPRESENTATION_FACTORED`` or ``REPRESENTATION_DENSE``."""
+        return pb.REPRESENTATION_FACTORED if self.head_hash else pb.REPRESENTATION_DENSE
 
-def encode_kernel(kernel: Payload) -> EncodedKernel:
-    """Serialize once (the one copy of the kernel bytes); every later use is a view."""
-    message = b"".join(_tensor_field(1, kernel))
-    start = len(message) - kernel.nbytes
-    view = memoryview(message)[start:]
-    return EncodedKernel(message, Payload(kernel.shape, kernel.dtype, view))
+
+def encode_kernel(kernel: Payload, head_hash: str = "") -> EncodedKernel:
+    """Serialize once (the one copy of the payload bytes); every later use is a view.
+
+    With ``head_hash`` the payload is a factored kernel's factors (field
+    ``factors``, then ``head_hash``); without, the dense kernel (``kernel``).
+    """
+    if not head_hash:
+        message = b"".join(_tensor_field(1, kernel))
+        start = len(message) - kernel.nbytes
+    else:
+        parts = _tensor_field(4, kernel)
+        start = len(parts[0]) + len(parts[1])
+        name = head_hash.encode()
+        message = b"".join([*parts, length_delimited(5, len(name)), name])
+    view = memoryview(message)[start : start + kernel.nbytes]
+    return EncodedKernel(message, Payload(kernel.shape, kernel.dtype, view), head_hash)
 
 
 def encode_response(kernel: EncodedKernel, grid: Payload | None = None) -> bytes:
-    """A serialized ``GenerateKernelResponse``; without a grid it is ``kernel.message`` itself."""
+    """A serialized ``GenerateKernelResponse``; without a grid it is ``kernel.message`` itself.
+
+    Fields stay in field-number order, as protobuf writes them.
+    """
     if grid is None:
         return kernel.message
+    if kernel.head_hash:
+        return b"".join([*_tensor_field(2, grid), kernel.message])
     return b"".join([kernel.message, *_tensor_field(2, grid)])
 
 
 def encode_chunks(
-    kernel: Payload, grid: Payload | None, report: pb.ServerReport, chunk_bytes: int
+    kernel: Payload,
+    grid: Payload | None,
+    report: pb.ServerReport,
+    chunk_bytes: int,
+    *,
+    head_hash: str = "",
 ) -> Iterator[bytes]:
     """Serialized ``KernelChunk`` messages: the header, then ``chunk_bytes`` payload slices.
 
-    The payload is the kernel bytes followed by the grid bytes; each chunk's
-    ``offset`` is its position in that concatenation.
+    The payload is the kernel bytes (or, with ``head_hash``, the factors)
+    followed by the grid bytes; each chunk's ``offset`` is its position in
+    that concatenation.
     """
     header = pb.KernelHeader(
         kernel_shape=kernel.shape,
@@ -138,6 +169,8 @@ def encode_chunks(
         grid_shape=grid.shape if grid is not None else (),
         grid_bytes=grid.nbytes if grid is not None else 0,
         report=report,
+        representation=pb.REPRESENTATION_FACTORED if head_hash else pb.REPRESENTATION_DENSE,
+        head_hash=head_hash,
     )
     yield pb.KernelChunk(header=header).SerializeToString()
     offset = 0
@@ -165,9 +198,17 @@ class TensorView:
 
 @dataclass(frozen=True)
 class ResponseView:
+    """A kernel response read: ``kernel`` is the dense kernel, or the factors when ``head_hash`` is set."""
+
     kernel: TensorView
     grid: TensorView | None
     report: pb.ServerReport
+    #: The output head that turns factors into the kernel; empty for a dense kernel.
+    head_hash: str = ""
+
+    @property
+    def factored(self) -> bool:
+        return bool(self.head_hash)
 
 
 @dataclass(frozen=True)
@@ -219,7 +260,9 @@ def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = Non
     """
     buf = memoryview(raw).cast("B")
     kernel: TensorView | None = None
+    factors: TensorView | None = None
     grid: TensorView | None = None
+    head_hash = ""
     report = report_from_trailers(trailers) or pb.ServerReport()
     for number, _wire_type, value in fields(buf):
         if not isinstance(value, memoryview):
@@ -228,9 +271,24 @@ def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = Non
             kernel = _tensor(value)
         elif number == 2:
             grid = _tensor(value)
-    if kernel is None:
+        elif number == 4:
+            factors = _tensor(value)
+        elif number == 5:
+            head_hash = _text(value)
+    if kernel is not None and factors is None and not head_hash:
+        return ResponseView(kernel, grid, report)
+    if factors is not None and kernel is None and head_hash:
+        return ResponseView(factors, grid, report, head_hash)
+    if kernel is None and factors is None:
         raise WireFormatError("the response carries no kernel")
-    return ResponseView(kernel, grid, report)
+    raise WireFormatError("the response mixes a dense kernel and factors, or factors without their head")
+
+
+def _text(value: memoryview) -> str:
+    try:
+        return bytes(value).decode()
+    except UnicodeDecodeError:
+        raise WireFormatError("a string field is not UTF-8") from None
 
 
 def parse_chunk(raw: bytes | memoryview) -> ChunkView:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import random
 import statistics
+from collections import Counter
 from typing import Any
 
 import grpc
@@ -33,6 +34,7 @@ class FakeClient:
         self.crash = crash
         self.gate: asyncio.Event | None = None
         self.calls = self.inflight = self.peak = 0
+        self.representations: Counter[str] = Counter()
 
     async def generate(
         self,
@@ -43,8 +45,10 @@ class FakeClient:
         dtype: str,
         with_report: bool,
         stream: Any,
+        representation: str,
     ) -> KernelResult[Any]:
         assert with_report and model == "m" and tuple(seq_lens) == (2, 2) and dtype == "float32"
+        self.representations[representation] += 1
         self.calls += 1
         number = self.calls
         self.inflight += 1

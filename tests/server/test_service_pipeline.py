@@ -45,12 +45,12 @@ class Timeline:
                 self.computed.append(time.monotonic())
             return conditioned(*args, **kwargs)
 
-        def slow_encode(payload: Any) -> Any:
+        def slow_encode(payload: Any, *args: Any) -> Any:
             time.sleep(encode_s)
             with self.lock:
                 self.encoded.append(time.monotonic())
                 self.threads.add(threading.current_thread().name)
-            return encode(payload)
+            return encode(payload, *args)
 
         monkeypatch.setattr(engine, "conditioned", timed_conditioned)
         monkeypatch.setattr(service_threads, "encode_kernel", slow_encode)
@@ -126,11 +126,11 @@ async def test_an_encoding_error_fails_only_its_own_batch(
     encode = service_threads.encode_kernel
     poisoned = rows(99)
 
-    def failing(payload: Any) -> Any:
+    def failing(payload: Any, *args: Any) -> Any:
         data = np.frombuffer(payload.data, "<f4")
         if data.size and np.array_equal(data[:4], first_values):
             raise RuntimeError("encoding failed (test)")
-        return encode(payload)
+        return encode(payload, *args)
 
     engine = pipelined._engines["hyena-2d"]
     first_values = engine.conditioned(LENS, [torch.from_numpy(poisoned)], torch.float32).numpy().ravel()[:4]

@@ -17,7 +17,9 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "src" / "kernelgen_server" / "m
 def test_method_paths_are_the_protos() -> None:
     service = pb.DESCRIPTOR.services_by_name["KernelGenerator"]
     assert rpc.SERVICE_NAME == "kernelgen.v1.KernelGenerator"
-    assert rpc.METHOD_NAMES == ("GenerateKernel", "StreamKernel", "FlopCount", "ListModels", "GetModel")
+    assert rpc.METHOD_NAMES == (
+        "GenerateKernel", "StreamKernel", "FlopCount", "ListModels", "GetModel", "GetOutputHead",
+    )  # fmt: skip
     for method in service.methods:
         assert rpc.method_path(method.name) == f"/kernelgen.v1.KernelGenerator/{method.name}"
 

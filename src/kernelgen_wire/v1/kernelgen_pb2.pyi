@@ -13,10 +13,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+
+class Representation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPRESENTATION_UNSPECIFIED: _ClassVar[Representation]
+    REPRESENTATION_DENSE: _ClassVar[Representation]
+    REPRESENTATION_FACTORED: _ClassVar[Representation]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
+REPRESENTATION_UNSPECIFIED: Representation
+REPRESENTATION_DENSE: Representation
+REPRESENTATION_FACTORED: Representation
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -29,7 +38,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ServerReport(_message.Message):
-    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "model_hash", "worker")
+    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "model_hash", "worker", "representation")
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +46,7 @@ class ServerReport(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
     cache_hit: bool
     batch_size: int
     batch_requests: int
@@ -44,45 +54,56 @@ class ServerReport(_message.Message):
     compute_ms: float
     model_hash: str
     worker: int
-    def __init__(self, cache_hit: _Optional[bool] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+    representation: Representation
+    def __init__(self, cache_hit: _Optional[bool] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
-    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid")
+    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRID_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     seq_lens: _containers.RepeatedScalarFieldContainer[int]
     conditioning: Tensor
     dtype: DType
     return_grid: bool
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ...) -> None: ...
+    representation: Representation
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelResponse(_message.Message):
-    __slots__ = ("kernel", "grid")
+    __slots__ = ("kernel", "grid", "factors", "head_hash")
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     kernel: Tensor
     grid: Tensor
-    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    factors: Tensor
+    head_hash: str
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., factors: _Optional[_Union[Tensor, _Mapping]] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
 class KernelHeader(_message.Message):
-    __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report")
+    __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report", "representation", "head_hash")
     KERNEL_SHAPE_FIELD_NUMBER: _ClassVar[int]
     KERNEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KERNEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     GRID_SHAPE_FIELD_NUMBER: _ClassVar[int]
     GRID_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     kernel_shape: _containers.RepeatedScalarFieldContainer[int]
     kernel_dtype: DType
     kernel_bytes: int
     grid_shape: _containers.RepeatedScalarFieldContainer[int]
     grid_bytes: int
     report: ServerReport
-    def __init__(self, kernel_shape: _Optional[_Iterable[int]] = ..., kernel_dtype: _Optional[_Union[DType, str]] = ..., kernel_bytes: _Optional[int] = ..., grid_shape: _Optional[_Iterable[int]] = ..., grid_bytes: _Optional[int] = ..., report: _Optional[_Union[ServerReport, _Mapping]] = ...) -> None: ...
+    representation: Representation
+    head_hash: str
+    def __init__(self, kernel_shape: _Optional[_Iterable[int]] = ..., kernel_dtype: _Optional[_Union[DType, str]] = ..., kernel_bytes: _Optional[int] = ..., grid_shape: _Optional[_Iterable[int]] = ..., grid_bytes: _Optional[int] = ..., report: _Optional[_Union[ServerReport, _Mapping]] = ..., representation: _Optional[_Union[Representation, str]] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
 class KernelChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
@@ -151,20 +172,22 @@ class ModelConfig(_message.Message):
     def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: _Optional[bool] = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: _Optional[bool] = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count")
+    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     reason: str
     config: ModelConfig
     content_hash: str
     parameter_count: int
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    head_hash: str
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -181,3 +204,19 @@ class GetModelRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class GetOutputHeadRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class OutputHead(_message.Message):
+    __slots__ = ("head_hash", "weight_t", "bias")
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_T_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    head_hash: str
+    weight_t: Tensor
+    bias: Tensor
+    def __init__(self, head_hash: _Optional[str] = ..., weight_t: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -60,6 +60,11 @@ class KernelGeneratorStub:
                 request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetOutputHead = channel.unary_unary(
+                '/kernelgen.v1.KernelGenerator/GetOutputHead',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
+                _registered_method=True)
 
 
 class KernelGeneratorServicer:
@@ -103,6 +108,14 @@ class KernelGeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOutputHead(self, request, context):
+        """The output head of a model, for materialising FACTORED kernels; a client
+        fetches it once per head_hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelGeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetModelRequest.FromString,
                     response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetOutputHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOutputHead,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class KernelGenerator:
             '/kernelgen.v1.KernelGenerator/GetModel',
             kernelgen_dot_v1_dot_kernelgen__pb2.GetModelRequest.SerializeToString,
             kernelgen_dot_v1_dot_kernelgen__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOutputHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/GetOutputHead',
+            kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,196 @@
+"""Factored kernels: the kernel's factors and the model's output head, materialised where used.
+
+A SIREN kernel ends in one linear layer that FiLM never modulates, so every
+kernel of a model is ``factors @ head.weight_t + head.bias``: ``factors`` is
+``[B, *spatial, hidden]``, the head ``[hidden, out_dim]`` and ``[out_dim]``.
+With ``hidden`` much smaller than ``out_dim`` the factors are many times
+smaller than the kernel, and the head is fetched once per model.
+
+Exactness: float32 factors give the server's dense kernel up to the rounding
+of the last GEMM, done here instead of on the server (a few units of float32
+rounding of ``sum_i |factors_i * weight_t[i, j]|``; tests hold it within
+``1e-5 x max|kernel|``). bfloat16 and float16 factors round each factor once
+(relative ``2**-8`` and ``2**-11``), so each kernel element is off by at most
+that much of ``sum_i |factors_i * weight_t[i, j]|``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from kernelgen_client.errors import MalformedResponse
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FactoredKernel", "OutputHead"]
+
+ArrayT = TypeVar("ArrayT")
+
+
+@dataclass(frozen=True, eq=False)
+class OutputHead:
+    """A model's last linear layer: ``kernel = factors @ weight_t + bias``.
+
+    ``weight_t`` is ``[hidden, out_dim]`` and ``bias`` ``[out_dim]`` (``None``
+    for a model without biases), float32, read-only. ``head_hash`` names it in
+    every factored response; a client fetches each head once.
+    """
+
+    head_hash: str
+    weight_t: npt.NDArray[np.float32]
+    bias: npt.NDArray[np.float32] | None
+    _on_devices: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def hidden(self) -> int:
+        return int(self.weight_t.shape[0])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.weight_t.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    @classmethod
+    def from_pb(cls, message: pb.OutputHead) -> OutputHead:
+        weight_t = _float32(message.weight_t, 2, "weight_t")
+        bias = _float32(message.bias, 1, "bias") if message.HasField("bias") else None
+        if bias is not None and bias.shape[0] != weight_t.shape[1]:
+            raise MalformedResponse(
+                f"an output head's bias has {bias.shape[0]} values for {weight_t.shape[1]} outputs"
+            )
+        if not message.head_hash:
+            raise MalformedResponse("an output head came without its hash")
+        return cls(message.head_hash, weight_t, bias)
+
+    def torch(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight_t, bias)`` as float32 torch tensors on ``device``, copied there once."""
+        import torch
+
+        target = torch.device(device or "cpu")
+        key = str(target)
+        with self._lock:
+            found = self._on_devices.get(key)
+            if found is None:
+                weight_t = torch.from_numpy(self.weight_t.copy()).to(target)
+                bias = None if self.bias is None else torch.from_numpy(self.bias.copy()).to(target)
+                found = self._on_devices[key] = (weight_t, bias)
+        return found
+
+
+def _float32(tensor: pb.Tensor, ndim: int, name: str) -> npt.NDArray[np.float32]:
+    shape = tuple(int(n) for n in tensor.shape)
+    if tensor.dtype not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32) or len(shape) != ndim or min(shape) < 1:
+        raise MalformedResponse(f"an output head's {name} is not a float32 tensor of {ndim} dimensions")
+    if len(tensor.data) != 4 * int(np.prod(shape)):
+        raise MalformedResponse(
+            f"an output head's {name} of shape {list(shape)} has {len(tensor.data)} bytes"
+        )
+    array = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
+    return array
+
+
+class FactoredKernel(Generic[ArrayT]):
+    """A kernel as ``factors @ head.weight_t + head.bias``, computed when asked for.
+
+    ``factors`` is a numpy array (bfloat16 factors widened to float32) or, with
+    ``as_torch=True``, a torch tensor (bfloat16 kept). ``np.asarray(kernel)``
+    works as for a dense kernel; ``dense()`` materialises it, optionally into
+    ``out`` or, for torch factors, on another ``device``.
+
+    Example::
+
+        factored = client.generate("hyena-2d", [29, 29], rows, representation="factored")
+        factored.shape                       # (B, 57, 57, 384), as the dense kernel
+        kernel = factored.dense()            # numpy float32
+        kernel = np.asarray(factored)        # the same
+    """
+
+    def __init__(self, factors: ArrayT, head: OutputHead, nbytes: int) -> None:
+        shape = tuple(int(n) for n in factors.shape)  # type: ignore[attr-defined]
+        if not shape or shape[-1] != head.hidden:
+            raise MalformedResponse(
+                f"factors of shape {list(shape)} do not fit a head of width {head.hidden}"
+            )
+        self.factors = factors
+        self.head = head
+        self._nbytes = nbytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense kernel's shape: ``[B, *spatial, out_dim]``."""
+        factors_shape: Any = self.factors.shape  # type: ignore[attr-defined]
+        return (*(int(n) for n in factors_shape[:-1]), self.head.out_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the factors as they travelled (the head is fetched once per model, apart)."""
+        return self._nbytes
+
+    @property
+    def dtype(self) -> np.dtype[np.float32]:
+        """The dense kernel's dtype: always float32."""
+        return np.dtype(np.float32)
+
+    def dense(self, out: Any = None, *, device: torch.device | str | None = None) -> ArrayT:
+        """The kernel, float32: numpy for numpy factors, torch (on ``device``) for torch factors.
+
+        ``out``, when given, is a C-contiguous float32 array (or tensor) of the
+        kernel's shape that receives it.
+        """
+        if isinstance(self.factors, np.ndarray):
+            if device is not None:
+                raise ValueError("device= needs torch factors: generate(..., as_torch=True)")
+            return self._dense_numpy(out)  # type: ignore[return-value]
+        return self._dense_torch(out, device)  # type: ignore[return-value]
+
+    def _dense_numpy(self, out: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32]:
+        factors: npt.NDArray[Any] = self.factors  # type: ignore[assignment]
+        flat = factors.reshape(-1, self.head.hidden).astype(np.float32, copy=False)
+        result = np.empty(self.shape, np.float32) if out is None else out
+        if result.shape != self.shape or result.dtype != np.float32 or not result.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {self.shape}")
+        rows = result.reshape(-1, self.head.out_dim)
+        np.matmul(flat, self.head.weight_t, out=rows)
+        if self.head.bias is not None:
+            rows += self.head.bias
+        return result
+
+    def _dense_torch(self, out: Any, device: torch.device | str | None) -> torch.Tensor:
+        import torch
+
+        factors: torch.Tensor = self.factors  # type: ignore[assignment]
+        target = torch.device(device) if device is not None else factors.device
+        weight_t, bias = self.head.torch(target)
+        flat = factors.to(target, torch.float32).reshape(-1, self.head.hidden)
+        result = torch.empty(self.shape, dtype=torch.float32, device=target) if out is None else out
+        if tuple(result.shape) != self.shape or result.dtype != torch.float32 or not result.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape {self.shape}")
+        rows = result.view(-1, self.head.out_dim)
+        if bias is None:
+            torch.mm(flat, weight_t, out=rows)
+        else:
+            torch.addmm(bias, flat, weight_t, out=rows)
+        return result
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> npt.NDArray[Any]:
+        kernel = self.dense()
+        array = kernel if isinstance(kernel, np.ndarray) else kernel.cpu().numpy()  # type: ignore[attr-defined]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        factors_shape: Any = self.factors.shape  # type: ignore[attr-defined]
+        return (
+            f"FactoredKernel(shape={list(self.shape)}, factors={list(factors_shape)}, "
+            f"head={self.head.head_hash[:12]}, nbytes={self.nbytes})"
+        )
