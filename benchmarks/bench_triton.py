@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -144,7 +145,16 @@ def triton_environment(venv: Path, base_python: str) -> Path:
 
     Raises RuntimeError with the reason when it cannot be made.
     """
-    stamp_text = json.dumps({"python": base_python, "requirements": TRITON_REQUIREMENTS, "root": str(ROOT)})
+    # kernelgen is installed in editable mode from this checkout: a changed pyproject remakes it.
+    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp_text = json.dumps(
+        {
+            "python": base_python,
+            "requirements": TRITON_REQUIREMENTS,
+            "root": str(ROOT),
+            "pyproject": pyproject,
+        }
+    )
     stamp = venv / ".bench-stamp"
     python = venv / "bin" / "python"
     if stamp.exists() and stamp.read_text() == stamp_text and python.exists():
@@ -462,6 +472,7 @@ def summarize(runs: list[dict[str, Any]], seconds: float, level: int) -> dict[st
         "concurrency": level,
         "kernels_per_s": round(statistics.median(rates), 1),
         "kernels_per_s_range": f"{min(rates):.0f}-{max(rates):.0f}",
+        "kernels_per_s_rounds": [round(r, 1) for r in rates],
         "p50_ms": round(pct(50), 2),
         "p99_ms": round(pct(99), 2),
         "requests": len(pooled),
