@@ -83,7 +83,8 @@ from harness import (
 BENCH = Path(__file__).resolve()
 VENV_DIR = ROOT / ".bench-venvs" / "triton"
 DEBIAN_PYTHON = "/usr/bin/python3"
-# What the Triton environment holds. torch is pinned: unpinned, pip would fetch a CUDA build.
+# What the Triton environment holds: PyTriton, its client, and what the model repository code
+# imports. torch is pinned: unpinned, pip would fetch a CUDA build of several GB.
 TRITON_REQUIREMENTS = [
     "nvidia-pytriton",
     "tritonclient[grpc]",
@@ -112,6 +113,9 @@ def reference_model(model_repo: str | None, name: str) -> Any:
     from kernelgen_server.repository import ModelRepository, embedded_repository
 
     return ModelRepository.load(model_repo or embedded_repository()).get(name)
+
+
+# --- end of the kernelgen imports ---------------------------------------------------------------
 
 
 # --- glibc malloc ---------------------------------------------------------------------------------
