@@ -51,6 +51,7 @@ import hashlib
 import inspect
 import json
 import os
+import platform
 import shutil
 import signal
 import statistics
@@ -286,6 +287,7 @@ async def triton_sender(
 
     info = {
         "server": f"{metadata.name} {metadata.version}",
+        "python": platform.python_version(),
         **{p: version(p) for p in ("nvidia-pytriton", "tritonclient", "grpcio", "protobuf", "numpy")},
     }
     return send, client.close, info
@@ -308,7 +310,8 @@ async def kernelgen_sender(
     async def close() -> None:
         await client.__aexit__(None, None, None)
 
-    info = {p: version(p) for p in ("kernelgen", "grpcio", "protobuf", "numpy")}
+    info = {"python": platform.python_version()}
+    info |= {p: version(p) for p in ("kernelgen", "grpcio", "protobuf", "numpy")}
     return send, close, info
 
 
@@ -561,7 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": info,
         "model": args.model,
-        "model_repo": args.model_repo or "(embedded)",
+        "model_repo": args.model_repo,
         "seq_lens": seq_lens,
         "seconds_per_step": args.seconds,
         "warmup_s": args.warmup,
@@ -710,13 +713,14 @@ def report(result: dict[str, Any]) -> str:
     )
     shape = "x".join(map(str, verification["reference_shape"]))
     skipped = result["triton_skipped"]
+    repository = f"`{result['model_repo']}`" if result["model_repo"] else "the embedded repository"
     parts = [
         "# kernelgen against Triton Inference Server",
         f"`python benchmarks/bench_triton.py` on {m['date']}: {m['cpus']} CPUs ({m['platform']}), Python "
         f"{m['python']}, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Load average before: "
         f"{m['load_average_before']}, after: {m['load_average_after']}. Servers and clients share this "
         "machine, which may be shared with other work: compare figures of one run.",
-        f"Workload: {result['model']} from {result['model_repo']}, seq_lens {result['seq_lens']} (kernel "
+        f"Workload: {result['model']} from {repository}, seq_lens {result['seq_lens']} (kernel "
         f"{shape}, float32), one FiLM conditioning row per request, closed loop. "
         f"{result['rounds']} interleaved round(s) of {result['seconds_per_step']:g} s per step after "
         f"{result['warmup_s']:g} s of warm-up; kernels/s is the median round's, latencies pool all rounds.",
@@ -770,6 +774,8 @@ def main() -> None:
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
     args.rounds = max(1, args.rounds or (1 if args.quick else 3))
+    if args.model_repo:
+        args.model_repo = str(Path(args.model_repo).resolve())
     started = time.time()
     result = run(args)
     write_results(args.output, result, report(result))
