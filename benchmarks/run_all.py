@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 8 minutes)
-    python benchmarks/run_all.py --quick    # a smoke run (about 2 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 11 minutes)
+    python benchmarks/run_all.py --quick    # a smoke run (about 3 minutes)
 
 Runs on this machine, one after another:
 
@@ -9,7 +9,10 @@ Runs on this machine, one after another:
 2. ``bench_batching.py``: dynamic batching on/off against a bare gRPC echo;
 3. ``bench_engine.py``: the inference engine against the reference forward, in-process;
 4. ``bench_workers.py``: ``kernelgen serve --workers 2`` against one server process;
-5. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+5. ``bench_triton.py``: kernelgen against Triton Inference Server (PyTriton, in an environment of
+   its own that the benchmark makes; skipped with the reason where it cannot) on the same model
+   and load;
+6. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -35,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench_triton import side_by_side_table
 from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, process
 
 from kernelgen_loadtest.report import plot
@@ -180,6 +184,24 @@ def engine_rows(engine: dict[str, Any] | None) -> str:
     return markdown_table(rows)
 
 
+def triton_section(triton: dict[str, Any] | None) -> str:
+    if not triton:
+        return "(not run)"
+    m, batcher = triton["machine"], triton["triton_batcher"]
+    text = (
+        f"`bench_triton.py`, {m['date']} (load average {m['load_average_before']} before, "
+        f"{m['load_average_after']} after): {triton['model']} at seq_lens {triton['seq_lens']}, one FiLM "
+        f"row per request, float32, {triton['rounds']} interleaved round(s) of "
+        f"{triton['seconds_per_step']:g} s per step; `kernelgen serve` and Triton through PyTriton "
+        f"(dynamic batcher: max batch {batcher['max_batch_size']}, {batcher['max_queue_delay_us']} us "
+        "delay, the callable computing with the repository's reference model), each driven by the same "
+        "closed loop from a client process of its own, malloc tuned on both sides."
+    )
+    if triton["triton_skipped"]:
+        text += f" Triton was skipped: {triton['triton_skipped']}"
+    return text + "\n\n" + side_by_side_table(triton) + "\n\nDetails, CPU per kernel: [triton.md](triton.md)."
+
+
 def page(
     info: dict[str, Any], runs: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: float
 ) -> str:
@@ -235,16 +257,13 @@ def page(
         "Details: [service.md](service.md), [batching.md](batching.md), [workers.md](workers.md).",
         "## In-process engine vs reference forward (no transport, one torch thread)",
         engine_rows(engine),
-        "## Not measured here",
-        "Triton Inference Server with its dynamic batcher on the same workload served 69 kernels/s at "
-        "concurrency 1 and 199/s at concurrency 32 (p99 477 ms) in an earlier measurement "
-        '(docs/architecture.md, "Measured facts"); this suite does not run Triton, so those figures '
-        "are a reference, not from this run.",
+        "## kernelgen against Triton Inference Server",
+        triton_section(load("triton.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
 
-ALL_PARTS = "service,batching,engine,workers,sweep"
+ALL_PARTS = "service,batching,engine,workers,triton,sweep"
 
 
 def main() -> None:
@@ -290,6 +309,8 @@ def main() -> None:
         levels, rounds = ("32", "1") if args.quick else ("8,32,64", "3")
         workers = [sys.executable, str(BENCH / "bench_workers.py"), "--concurrency", levels]
         run([*workers, "--rounds", rounds, "--seconds", str(min(args.seconds, 2.0))])
+    if "triton" in parts:
+        run([sys.executable, str(BENCH / "bench_triton.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

@@ -4,14 +4,18 @@
 arguments plus the FiLM section; this module is the one place that maps
 between them. ``config.json`` may give ``L_cache`` as one int for every axis;
 the message always holds one entry per axis.
+
+The defaults alone need no protobuf: the server's config schema reads them
+where only the model, not the wire, is wanted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kernelgen_wire.v1 import kernelgen_pb2 as pb
+if TYPE_CHECKING:
+    from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["FILM_DEFAULTS", "OPTIONAL_DEFAULTS", "config_message", "config_values"]
 
@@ -23,6 +27,8 @@ FILM_DEFAULTS: dict[str, Any] = {"film_hidden_dim": 64}
 
 def config_message(values: Mapping[str, Any]) -> pb.ModelConfig:
     """The ``ModelConfig`` of ``config.json`` values (missing optional keys take their defaults)."""
+    from kernelgen_wire.v1 import kernelgen_pb2 as pb
+
     values = {**OPTIONAL_DEFAULTS, **values}
     data_dim = int(values["data_dim"])
     cache = values["L_cache"]
