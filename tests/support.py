@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import re
 import socket
@@ -141,3 +143,34 @@ def kernel_service(repository: Any, **settings: Any) -> Any:
     from kernelgen_server.settings import load_settings
 
     return KernelService(repository, load_settings({"metrics_port": 0, **settings}))
+
+
+@contextmanager
+def threaded_server(**settings: Any) -> Iterator[Any]:
+    """``run_server`` on a thread of its own, so a blocking client can call it from a test."""
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[tuple[Any, asyncio.Event]] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with run_server(**settings) as server:
+            started.set_result((server, stop))
+            await stop.wait()
+
+    def main() -> None:
+        try:
+            loop.run_until_complete(serve())
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="kernelgen-test-server", daemon=True)
+    thread.start()
+    server, stop = started.result(timeout=60)
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)

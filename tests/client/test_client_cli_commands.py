@@ -99,3 +99,51 @@ async def test_clear_errors_and_exit_codes(server: Any, capsys: pytest.CaptureFi
     assert "takes no conditioning" in capsys.readouterr().err
     assert await run(server, "generate", "long-1d", "--seq-lens", "10000000", "--no-stream") == 1
     assert "over the limit" in capsys.readouterr().err
+
+
+async def test_generate_factored_writes_the_dense_kernel_or_asked_factors(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dense_out, factored_out, factors_out = (tmp_path / n for n in ("d.npy", "f.npy", "factors.safetensors"))
+    base = ["generate", "hyena-2d", "--seq-lens", "9,9", "--random-conditioning", "2"]
+    assert await run(server, *base, "--out", str(dense_out)) == 0
+    assert await run(server, *base, "--representation", "factored", "--out", str(factored_out), "--json") == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["representation"] == "factored"
+    assert summary["bytes"] == 2 * 17 * 17 * 32 * 4  # the factors travelled, not the kernel
+    dense, from_factors = np.load(dense_out), np.load(factored_out)
+    assert from_factors.shape == dense.shape == (2, 17, 17, 384)
+    assert np.abs(from_factors - dense).max() <= 1e-5 * np.abs(dense).max()
+    argv = [*base, "--representation", "factored", "--out", str(factors_out), "--save-factors"]
+    assert await run(server, *argv) == 0
+    assert "factored kernel [2, 17, 17, 384]" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(factors_out), "np") as saved:
+        factors, weight_t = saved.get_tensor("factors"), saved.get_tensor("head.weight_t")
+        kernel = factors @ weight_t + saved.get_tensor("head.bias")
+        assert len(saved.metadata()["head_hash"]) == 64
+    assert factors.shape == (2, 17, 17, 32)
+    assert np.abs(kernel - dense).max() <= 1e-5 * np.abs(dense).max()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--save-factors"], ["--save-factors", "--out", "k.npy"]],
+    ids=["no-out", "npy"],
+)
+async def test_save_factors_needs_a_safetensors_file(
+    server: Any, extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "hyena-2d", "--seq-lens", "3,3", "--representation", "factored", *extra]
+    assert await run(server, *argv) == 2
+    assert "--save-factors writes .safetensors" in capsys.readouterr().err
+
+
+async def test_save_factors_of_a_dense_kernel_is_refused(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "k.safetensors"
+    argv = ["generate", "volume-3d", "--seq-lens", "3,3,3", "--representation", "auto", "--out", str(out)]
+    assert await run(server, *argv, "--save-factors") == 2  # auto chose dense: hidden == out_dim
+    assert "needs a factored kernel" in capsys.readouterr().err

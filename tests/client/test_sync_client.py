@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import datetime
 import ipaddress
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +21,7 @@ from kernelgen_client import (
     Unauthenticated,
 )
 
-from support import run_server
-
-
-@contextmanager
-def threaded_server(**settings: Any) -> Iterator[Any]:
-    """``run_server`` on a thread of its own, so a blocking client can call it from the test."""
-    loop = asyncio.new_event_loop()
-    started: concurrent.futures.Future[tuple[Any, asyncio.Event]] = concurrent.futures.Future()
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        async with run_server(**settings) as server:
-            started.set_result((server, stop))
-            await stop.wait()
-
-    def main() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            if not started.done():
-                started.set_exception(exc)
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=main, name="kernelgen-test-server", daemon=True)
-    thread.start()
-    server, stop = started.result(timeout=60)
-    try:
-        yield server
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
+from support import threaded_server
 
 
 def calls(server: Any, model: str, method: str, code: str = "OK") -> float:

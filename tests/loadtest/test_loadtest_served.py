@@ -166,3 +166,16 @@ async def test_refusals_before_any_load(server: Any, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         main(["loadtest", "hyena-2d", "--rate", "10", "--concurrency", "2"])
     assert exit_info.value.code == 2
+
+
+async def test_a_representation_mix_is_sent_counted_and_checked(
+    server: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "mix.json"
+    argv = ["hyena-2d", "--seq-lens", "9,9", "--representation", "dense:1,factored:1", "--requests", "60"]
+    argv += ["--concurrency", "4", "--check-correctness", "8", "--json", str(out), *QUICK]
+    assert await loadtest(server, *argv) == 0
+    step = json.loads(out.read_text())["steps"][0]
+    mix = step["server"]["responses_by_representation"]
+    assert set(mix) == {"dense", "factored"} and sum(mix.values()) == step["ok"] == 60
+    assert step["correctness"]["checked"] == 8 and step["correctness"]["mismatches"] == 0

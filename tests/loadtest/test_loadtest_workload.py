@@ -19,6 +19,7 @@ from kernelgen_loadtest.workload import (
     WorkloadError,
     load_file,
     parse_model,
+    parse_representation,
     parse_rows,
     parse_seq_lens,
     resolve,
@@ -183,3 +184,31 @@ def test_requests_are_seeded_and_follow_the_mix() -> None:
     assert all(r.kernels == r.conditioning.shape[0] for r in conditioned)
     # A model without FiLM is always sent unconditioned.
     assert all(r.conditioning is None and r.kernels == 1 for r in first if r.model == "one")
+
+
+def test_representation_parses_a_name_or_a_mix() -> None:
+    assert parse_representation("factored") == (("factored", 1.0),)
+    assert parse_representation("dense:1, factored:3") == (("dense", 1.0), ("factored", 3.0))
+    assert parse_representation({"auto": 2}) == (("auto", 2.0),)
+    for bad in ("sparse", "dense:0", "dense:x", "dense,dense", 3, ""):
+        with pytest.raises(WorkloadError, match="representation"):
+            parse_representation(bad)
+    workload = Workload.from_mapping({"models": ["one"], "representation": {"dense": 1, "factored": 1}})
+    assert workload.to_dict()["representation"] == {"dense": 1.0, "factored": 1.0}
+    with pytest.raises(WorkloadError, match="representation"):
+        Workload.from_mapping({"models": ["one"], "representation": "dense:-1"})
+
+
+def test_a_representation_mix_is_drawn_by_weight_and_a_single_one_draws_nothing() -> None:
+    base = Workload(models=(ModelMix("two"),), seq_lens=((15, 15),), seed=4)
+    mixed = Workload(**{**base.__dict__, "representation": (("dense", 1.0), ("factored", 3.0))})
+    counts = Counter(r.representation for r in draws(mixed, 4000))
+    assert 0.72 < counts["factored"] / 4000 < 0.78
+    # One representation takes no draw: the same seed sends the same requests as before.
+    only = Workload(**{**base.__dict__, "representation": (("factored", 1.0),)})
+    plain, factored = draws(base, 200), draws(only, 200)
+    assert {r.representation for r in plain} == {"dense"}
+    assert {r.representation for r in factored} == {"factored"}
+    for a, b in zip(plain, factored, strict=True):
+        assert a.seq_lens == b.seq_lens
+        np.testing.assert_array_equal(a.conditioning, b.conditioning)

@@ -88,3 +88,30 @@ def test_parse_chunk_offset_and_data() -> None:
     assert chunk.header is None
     assert chunk.offset == 2**40
     assert bytes(chunk.data) == b"abc"
+
+
+def test_a_factored_response_is_read_with_its_head_hash() -> None:
+    factors = np.arange(24, dtype=np.float32)
+    raw = pb.GenerateKernelResponse(
+        factors=pb.Tensor(shape=[1, 3, 8], dtype=pb.DTYPE_FLOAT32, data=factors.tobytes()), head_hash="cafe"
+    ).SerializeToString()
+    view = parse_response(raw)
+    assert view.factored and view.head_hash == "cafe"
+    assert view.kernel.shape == (1, 3, 8)
+    assert view.kernel.data.obj is raw  # a view, not a copy
+    dense = parse_response(pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1])).SerializeToString())
+    assert not dense.factored and dense.head_hash == ""
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.GenerateKernelResponse(factors=pb.Tensor(shape=[1])),  # factors without their head
+        pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1]), factors=pb.Tensor(shape=[1]), head_hash="x"),
+        pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1]), head_hash="x"),  # a head for a dense kernel
+    ],
+    ids=["no-head", "both", "dense-with-head"],
+)
+def test_inconsistent_factored_responses_are_refused(message: pb.GenerateKernelResponse) -> None:
+    with pytest.raises(WireFormatError):
+        parse_response(message.SerializeToString())

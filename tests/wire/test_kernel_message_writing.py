@@ -105,3 +105,41 @@ def test_output_dtypes() -> None:
     assert decode_output_dtype(pb.DTYPE_BFLOAT16) == torch.bfloat16
     with pytest.raises(InvalidRequest, match="dtype 9 is not supported"):
         decode_output_dtype(9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    with_grid=st.booleans(),
+    head_hash=st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
+)
+def test_factored_response_bytes_equal_protobuf(
+    shape: list[int], dtype: torch.dtype, with_grid: bool, head_hash: str
+) -> None:
+    factors = to_payload(torch.randn(*shape).to(dtype))
+    grid = to_payload(torch.randn(1, shape[0], 2)) if with_grid else None
+    encoded = encode_kernel(factors, head_hash)
+    assert encoded.representation == pb.REPRESENTATION_FACTORED
+    assert encoded.payload.data.tobytes() == factors.data.tobytes()  # a view inside the message
+    want = pb.GenerateKernelResponse(
+        factors=pb.Tensor(shape=factors.shape, dtype=factors.dtype, data=factors.data.tobytes()),  # type: ignore[arg-type]
+        head_hash=head_hash,
+    )
+    if grid is not None:
+        want.grid.CopyFrom(pb.Tensor(shape=grid.shape, dtype=grid.dtype, data=grid.data.tobytes()))  # type: ignore[arg-type]
+    assert encode_response(encoded, grid) == want.SerializeToString(deterministic=True)
+
+
+def test_a_factored_stream_names_its_representation_and_head() -> None:
+    factors = to_payload(torch.randn(1, 50, 8))
+    messages = [
+        pb.KernelChunk.FromString(m)
+        for m in encode_chunks(factors, None, pb.ServerReport(), 128, head_hash="ab12")
+    ]
+    header = messages[0].header
+    assert header.representation == pb.REPRESENTATION_FACTORED
+    assert header.head_hash == "ab12"
+    assert list(header.kernel_shape) == [1, 50, 8]
+    dense = pb.KernelChunk.FromString(next(encode_chunks(factors, None, pb.ServerReport(), 128))).header
+    assert dense.representation == pb.REPRESENTATION_DENSE and not dense.head_hash
