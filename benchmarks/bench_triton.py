@@ -68,16 +68,18 @@ from typing import Any
 import numpy as np
 from harness import (
     ROOT,
+    ClientProcess,
     ServerProcess,
     Step,
-    _cpu_seconds,
-    _tree,
     closed_loop,
+    cpu_seconds,
     free_port,
     kernelgen_server,
     machine,
     markdown_table,
     process,
+    process_tree,
+    reply,
     write_results,
 )
 
@@ -98,7 +100,6 @@ TRITON_MAX_BATCH = 64
 TRITON_QUEUE_DELAY_US = 2000
 KERNELGEN_FLAGS = ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]
 ROWS = 64  # distinct conditioning rows the clients cycle through
-REPLY = "@@"  # prefix of the client processes' answers on stdout; anything else there is ignored
 
 
 # --- kernelgen: every import of the product is in this block ------------------------------------
@@ -315,10 +316,6 @@ async def kernelgen_sender(
     return send, close, info
 
 
-def _answer(message: dict[str, Any]) -> None:
-    print(REPLY + json.dumps(message), flush=True)
-
-
 async def client_loop(args: argparse.Namespace) -> None:
     """Answer the benchmark's commands, one JSON line each on stdin, until ``quit``."""
     rows = conditioning_rows(args.cond_dim)
@@ -326,7 +323,7 @@ async def client_loop(args: argparse.Namespace) -> None:
     make = triton_sender if args.kind == "triton" else kernelgen_sender
     send, close, info = await make(args.target, args.model, seq_lens, rows)
     loop = asyncio.get_running_loop()
-    _answer({"ready": True, "info": info})
+    reply({"ready": True, "info": info})
     try:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             command = json.loads(line)
@@ -334,9 +331,9 @@ async def client_loop(args: argparse.Namespace) -> None:
                 break
             if command["op"] == "kernel":
                 np.save(command["path"], await send(command["row"]))
-                _answer({"saved": command["path"]})
+                reply({"saved": command["path"]})
             elif command["op"] == "step":
-                _answer(await measure_step(send, command))
+                reply(await measure_step(send, command))
     finally:
         await close()
 
@@ -370,52 +367,6 @@ async def measure_step(
     }
 
 
-class ClientProcess:
-    """A client process of this script (``client`` role) that takes commands over a pipe."""
-
-    def __init__(self, command: list[str], env: dict[str, str], timeout: float = 120.0) -> None:
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        )
-        self.info = self._read(timeout)["info"]
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        seen = []
-        for line in self.proc.stdout:
-            if line.startswith(REPLY):
-                answer: dict[str, Any] = json.loads(line[len(REPLY) :])
-                return answer
-            seen.append(line)
-            if time.monotonic() > deadline:
-                break
-        self.proc.kill()
-        raise RuntimeError("client process failed:\n" + "".join(seen[-30:]))
-
-    def ask(self, timeout: float = 300.0, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read(timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # --- the benchmark --------------------------------------------------------------------------------
 @dataclass
 class System:
@@ -430,10 +381,10 @@ class System:
 def cpu_by_process(pid: int) -> dict[str, float]:
     """CPU seconds so far of ``pid`` ("main") and its descendants (by command name)."""
     out: dict[str, float] = {}
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             name = "main" if p == pid else Path(f"/proc/{p}/comm").read_text().strip()
-            out[name] = out.get(name, 0.0) + _cpu_seconds(p)
+            out[name] = out.get(name, 0.0) + cpu_seconds(p)
         except OSError:
             continue
     return out

@@ -21,12 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernelgen_wire.rpc import method_path
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-GENERATE = method_path("GenerateKernel")
-STREAM = method_path("StreamKernel")
+#: Prefix of a client process's answers on its stdout (``ClientProcess``); other lines are ignored.
+REPLY = "@@"
+
+
+def __getattr__(name: str) -> str:
+    """``GENERATE`` and ``STREAM``: the method paths, read from the contract when first asked.
+
+    Lazily, because some benchmark processes run where kernelgen's wire package
+    cannot be imported (a peer's environment with another protobuf runtime).
+    """
+    if name in ("GENERATE", "STREAM"):
+        from kernelgen_wire.rpc import method_path
+
+        return method_path({"GENERATE": "GenerateKernel", "STREAM": "StreamKernel"}[name])
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
 
 
 def raw(data: bytes) -> bytes:
@@ -133,26 +144,92 @@ class ServerProcess:
         """User + system CPU time so far of all its threads and those of its running children
         (the workers of ``serve --workers N``); Linux ``/proc``, NaN elsewhere."""
         try:
-            return sum(_cpu_seconds(pid) for pid in _tree(self.pid))
+            return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
         except OSError:
             return float("nan")
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants, from /proc."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except OSError:
         children = []
-    return [pid, *(p for child in children for p in _tree(child))]
+    return [pid, *(p for child in children for p in process_tree(child))]
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # Fields 14 and 15 of proc(5), utime and stime, in clock ticks.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reply(message: dict[str, Any]) -> None:
+    """A client process's answer to ``ClientProcess.ask``: one line on stdout."""
+    import json
+
+    print(REPLY + json.dumps(message), flush=True)
+
+
+class ClientProcess:
+    """A long-lived load-generating process that takes JSON commands on stdin.
+
+    The process answers each command with one ``reply`` line; anything else it
+    prints is kept only to explain a failure. Its CPU is its own, apart from the
+    server's and the benchmark's.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, timeout: float = 120.0) -> None:
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        )
+        self.info = self._read(timeout).get("info", {})
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        import json
+
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        seen = []
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                answer: dict[str, Any] = json.loads(line[len(REPLY) :])
+                return answer
+            seen.append(line)
+            if time.monotonic() > deadline:
+                break
+        self.proc.kill()
+        raise RuntimeError("client process failed:\n" + "".join(seen[-30:]))
+
+    def ask(self, timeout: float = 300.0, **command: Any) -> dict[str, Any]:
+        import json
+
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        import contextlib
+        import json
+
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextmanager
