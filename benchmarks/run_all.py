@@ -12,7 +12,8 @@ Runs on this machine, one after another:
 5. ``bench_triton.py``: kernelgen against Triton Inference Server (PyTriton, in an environment of
    its own that the benchmark makes; skipped with the reason where it cannot) on the same model
    and load;
-6. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+6. ``bench_factored.py``: dense against factored kernels, both delivered as dense arrays;
+7. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -259,11 +260,36 @@ def page(
         engine_rows(engine),
         "## kernelgen against Triton Inference Server",
         triton_section(load("triton.json")),
+        "## Dense against factored kernels",
+        factored_section(load("factored.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,sweep"
+def factored_section(factored: dict[str, Any] | None) -> str:
+    if not factored:
+        return "(not run)"
+    rows = [
+        {
+            "workload": name,
+            "concurrency": r["concurrency"],
+            "dense kernels/s": f"{r['dense']['kernels_per_s']:.1f}",
+            "factored kernels/s": f"{r['factored']['kernels_per_s']:.1f}",
+            "factored / dense": f"{r['ratio']:.2f}",
+            "wire bytes, factored / dense": f"{r['wire_ratio']:.3f}",
+        }
+        for name, workload in factored["workloads"].items()
+        for r in workload
+    ]
+    return (
+        f"`bench_factored.py`, {factored['machine']['date']}: both delivered to the caller as dense "
+        "arrays (the client materialises factored ones).\n\n"
+        + markdown_table(rows)
+        + "\n\nDetails, CPU and latency: [factored.md](factored.md)."
+    )
+
+
+ALL_PARTS = "service,batching,engine,workers,triton,factored,sweep"
 
 
 def main() -> None:
@@ -311,6 +337,8 @@ def main() -> None:
         run([*workers, "--rounds", rounds, "--seconds", str(min(args.seconds, 2.0))])
     if "triton" in parts:
         run([sys.executable, str(BENCH / "bench_triton.py"), *(["--quick"] if args.quick else [])])
+    if "factored" in parts:
+        run([sys.executable, str(BENCH / "bench_factored.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

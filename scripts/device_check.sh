@@ -207,7 +207,8 @@ step "b integration tests" 180 "$TESTS_LOG" \
     tests/client/test_sync_client.py tests/client/test_async_client.py \
     tests/client/test_client_errors_served.py tests/client/test_client_cli_commands.py \
     tests/loadtest/test_loadtest_served.py tests/e2e/test_workers.py \
-    tests/server/test_service_pipeline.py tests/server/test_cache_slicing.py
+    tests/server/test_service_pipeline.py tests/server/test_cache_slicing.py \
+    tests/server/test_factored_kernels.py tests/client/test_factored_client.py
 junit_summary "$WORK/service.xml" | grep -v '^cuda_skipped=\|CUDA tests: none found' | tee -a "$SUMMARY"
 
 # -- c: in-process engine vs reference forward --------------------------------------------------

@@ -308,3 +308,14 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     alone = torch.cat([cuda.conditioned((5, 4), [cond[i : i + 1]], dtype) for i in range(6)])
     assert torch.equal(out, alone)
     assert_close(cuda.unconditioned((5, 4)), cpu.unconditioned((5, 4)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_factors_match_cpu() -> None:
+    model = make_model(num_layers=4, out_dim=32, hidden=16)
+    cpu, cuda = KernelEngine(model), KernelEngine(model, "cuda", batched=True)
+    cond = conditionings(5)
+    factors = cuda.conditioned((5, 4), [cond[:2], cond[2:]], factored=True)
+    assert factors.device.type == "cpu" and factors.shape == (5, 9, 7, 16)
+    assert_close(factors, cpu.conditioned((5, 4), [cond], factored=True))
+    assert_close(cuda.unconditioned((5, 4), factored=True), cpu.unconditioned((5, 4), factored=True))
