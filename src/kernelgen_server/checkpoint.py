@@ -10,15 +10,21 @@ safetensors are written.
 Training checkpoints (``kernelgen import``) may wrap the state under
 ``"state_dict"``, hold the kernel under a prefix, and use the legacy
 ``kernel_network.{2*i}`` names; ``extract_kernel_state`` undoes all three.
+``read_training_checkpoint`` reads every format a training run leaves: a
+``.pt``/``.ckpt`` torch file (``weights_only=True``), a ``.safetensors``
+file, sharded safetensors with their index JSON, or a folder holding one of
+those; ``training_state`` unwraps and flattens what it read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,12 +42,17 @@ __all__ = [
     "find_weights",
     "load_module",
     "read_checkpoint",
+    "read_training_checkpoint",
     "read_weights",
     "save_safetensors",
+    "training_state",
 ]
 
 #: Weight file names in order of preference.
 WEIGHT_FILES = ("model.safetensors", "model.pt")
+
+#: The index of sharded safetensors, as ``save_pretrained`` and ``save_torch_state_dict`` name it.
+SHARD_INDEX_SUFFIX = ".safetensors.index.json"
 
 #: Stored dtypes that are accepted; every one is converted to float32 for serving.
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -78,11 +89,116 @@ def read_checkpoint(path: Path) -> Mapping[str, object]:
             return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or hostile input: any failure is the file's fault
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"cannot read weights: {first_line}") from exc
+        raise CheckpointError(path, f"cannot read weights: {_first_line(exc)}") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"expected a mapping of names to tensors, found a {type(obj).__name__}")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_training_checkpoint(path: Path) -> Mapping[str, object]:
+    """The top-level mapping of a training checkpoint in any of the formats training runs leave.
+
+    ``path`` is a ``.safetensors`` file, an index of sharded safetensors
+    (``*.safetensors.index.json``, whose ``weight_map`` names each key's shard
+    beside it), a folder holding such an index or one ``.safetensors`` file, or
+    anything else torch saved (``.pt``, ``.ckpt``, ``.pth``, ``.bin``), read
+    with ``torch.load(weights_only=True)`` only. Any failure is a
+    ``CheckpointError`` naming the file at fault (a shard, the index).
+    """
+    if path.is_dir():
+        path = _checkpoint_in_folder(path)
+    if path.name.endswith(SHARD_INDEX_SUFFIX):
+        return _read_sharded(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    return read_checkpoint(path)
+
+
+def _checkpoint_in_folder(folder: Path) -> Path:
+    indexes = sorted(folder.glob(f"*{SHARD_INDEX_SUFFIX}"))
+    if len(indexes) == 1:
+        return indexes[0]
+    singles = sorted(folder.glob("*.safetensors"))
+    if not indexes and len(singles) == 1:
+        return singles[0]
+    found = [p.name for p in (indexes if len(indexes) > 1 else singles)]
+    detail = f"found {', '.join(map(repr, found))}" if found else "found neither"
+    raise CheckpointError(
+        folder, f"expected one *{SHARD_INDEX_SUFFIX} or one *.safetensors in the folder; {detail}"
+    )
+
+
+def _read_sharded(index: Path) -> dict[str, Tensor]:
+    """The tensors of every shard an index names, each shard holding exactly the keys mapped to it."""
+    try:
+        document = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(index, f"cannot read the shard index: {_first_line(exc)}") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(index, "the shard index has no 'weight_map' of tensor names to shard files")
+    shards: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        # A shard is a file beside the index: no folders, no way out of the checkpoint's folder.
+        if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+            detail = f"weight_map[{key!r}] is {shard!r}, not the name of a .safetensors file beside the index"
+            raise CheckpointError(index, detail, key=key)
+        shards.setdefault(shard, set()).add(key)
+    tensors: dict[str, Tensor] = {}
+    for shard, keys in sorted(shards.items()):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(shard_path, f"shard named by {index.name} does not exist")
+        held = read_checkpoint(shard_path)
+        missing = sorted(keys - held.keys())
+        if missing:
+            detail = f"the index maps {missing[0]!r} to this shard, which does not hold it"
+            raise CheckpointError(shard_path, detail, key=missing[0])
+        stray = sorted(str(k) for k in held.keys() - keys)
+        if stray:
+            detail = f"holds {stray[0]!r}, which the index {index.name} does not map to this shard"
+            raise CheckpointError(shard_path, detail, key=stray[0])
+        tensors.update((k, v) for k, v in held.items() if isinstance(v, Tensor))
+    return tensors
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.safetensors")
+
+
+def training_state(raw: Mapping[str, object], path: Path) -> dict[str, object]:
+    """A training checkpoint's entries under flat dotted names.
+
+    A state wrapped under ``"state_dict"`` (Lightning) is unwrapped; nested
+    mappings with string keys are flattened (``{"model": {"w": t}}`` gives
+    ``"model.w"``), so a research script's ``{"model": ..., "optimizer": ...}``
+    reads as one state. Entries under non-string keys (an optimizer's
+    per-parameter state) are left out; other values are kept as they are. Two
+    entries reaching one name are refused.
+    """
+    wrapped = raw.get("state_dict")
+    state = wrapped if isinstance(wrapped, Mapping) else raw
+    flat: dict[str, object] = {}
+
+    def walk(mapping: Mapping[Any, object], head: str) -> None:
+        for key, value in mapping.items():
+            if not isinstance(key, str):
+                continue
+            name = f"{head}{key}"
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            elif name in flat:
+                detail = f"two entries are named {name!r} once nesting is flattened"
+                raise CheckpointError(path, detail, key=name)
+            else:
+                flat[name] = value
+
+    walk(state, "")
+    return flat
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:

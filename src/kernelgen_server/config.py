@@ -28,7 +28,7 @@ from pydantic import (
 from kernelgen_server.model import FiLMConfig, SIRENKernelND, normalize_lengths
 from kernelgen_wire.model_config import FILM_DEFAULTS, OPTIONAL_DEFAULTS
 
-__all__ = ["ConfigError", "FiLMSection", "ModelConfig"]
+__all__ = ["ConfigError", "FiLMSection", "ModelConfig", "describe_errors"]
 
 
 class ConfigError(ValueError):
@@ -149,7 +149,7 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            raise ConfigError(path, f"invalid config: {_describe_errors(exc)}") from None
+            raise ConfigError(path, f"invalid config: {describe_errors(exc)}") from None
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike[str] = "<config>") -> ModelConfig:
@@ -157,10 +157,10 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(Path(source), f"invalid config: {_describe_errors(exc)}") from None
+            raise ConfigError(Path(source), f"invalid config: {describe_errors(exc)}") from None
 
 
-def _describe_errors(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError) -> str:
     """One line per pydantic error, joined by '; ', each naming its key."""
     parts = []
     for err in exc.errors(include_url=False):
