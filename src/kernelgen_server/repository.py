@@ -1,12 +1,22 @@
-"""The model repository: a folder holding one sub-folder per model.
+"""The model repository: a folder holding one sub-folder per model or group.
 
     <repo>/<name>/config.json
     <repo>/<name>/model.safetensors   (or model.pt)
 
-Every sub-folder is a model, except those whose name starts with "." or "_"
-(``.git``, ``__pycache__``, editor droppings), which are skipped. A model that
-fails to load is recorded as a ``FailedModel`` with its reason and never stops
-the others. Loaded models are immutable; a repository is loaded once.
+    <repo>/<group>/group.json         the members, in order, and where each came from
+    <repo>/<group>/<member>/config.json, model.safetensors
+
+A group holds the kernel generators of one trained network (``kernelgen
+import --all``); its members are models named ``<group>/<member>``, served
+and listed like any other, and fetched together by ``GenerateGroup``.
+
+Every sub-folder is a model or a group, except those whose name starts with
+"." or "_" (``.git``, ``__pycache__``, editor droppings, an import in
+progress), which are skipped. A model that fails to load is recorded as a
+``FailedModel`` with its reason and never stops the others. Loaded models are
+immutable; a repository is loaded once. A group is written into a hidden
+folder beside its final place and renamed into it, so a reader never sees
+half of one.
 """
 
 from __future__ import annotations
@@ -15,13 +25,17 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import struct
-from collections.abc import Iterator, Mapping
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor
 
 from kernelgen_server.checkpoint import (
@@ -31,26 +45,34 @@ from kernelgen_server.checkpoint import (
     read_weights,
     save_safetensors,
 )
-from kernelgen_server.config import ModelConfig
-from kernelgen_server.errors import ModelNotFound, ModelNotReady
+from kernelgen_server.config import ConfigError, ModelConfig, describe_errors
+from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
 from kernelgen_server.model import SIRENKernelND
 from kernelgen_server.output_head import OutputHead
 
 __all__ = [
     "CONFIG_FILE",
+    "GROUP_FILE",
     "FailedModel",
+    "GroupManifest",
     "LoadedModel",
+    "ModelGroup",
     "ModelRepository",
+    "NewMember",
     "check_model_name",
     "content_hash",
     "embedded_repository",
+    "group_holds",
+    "load_group",
     "load_model",
+    "write_group",
     "write_model",
 ]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+GROUP_FILE = "group.json"
 
 # A model name travels on the wire and names a folder: no separators, no leading dot.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -173,11 +195,217 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# -- groups -----------------------------------------------------------------------------------------
+
+
+class GroupMember(BaseModel):
+    """One entry of ``group.json``: the member's folder name and the checkpoint prefix it came from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str
+    source: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _a_model_name(cls, value: str) -> str:
+        return check_model_name(value)
+
+
+class GroupManifest(BaseModel):
+    """``group.json``: a group's members in order, and the checkpoint file they were imported from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    format: Literal["kernelgen-group/1"] = "kernelgen-group/1"
+    members: tuple[GroupMember, ...]
+    checkpoint: str = ""
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("members")
+    @classmethod
+    def _distinct_and_some(cls, value: tuple[GroupMember, ...]) -> tuple[GroupMember, ...]:
+        if not value:
+            raise ValueError("a group has at least one member")
+        names = [m.name for m in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"member {twice[0]!r} is listed twice")
+        return value
+
+    @classmethod
+    def from_file(cls, path: Path) -> GroupManifest:
+        """Read and validate ``group.json``; any failure is a ``ConfigError`` naming the file."""
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read group: {exc.strerror or exc}") from None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ConfigError(path, f"invalid group: {describe_errors(exc)}") from None
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    """The kernel generators of one network: member models in order, each with its checkpoint prefix."""
+
+    name: str
+    path: Path
+    #: The members' model names (``<group>/<member>``), in the network's order.
+    members: tuple[str, ...]
+    #: The checkpoint key prefix each member was imported from ('' when unknown).
+    sources: tuple[str, ...]
+    #: The checkpoint file the group was imported from (its name only).
+    checkpoint: str = ""
+
+
+def load_group(
+    group_dir: Path, name: str | None = None
+) -> tuple[ModelGroup, dict[str, LoadedModel], dict[str, FailedModel]]:
+    """Load a group folder: the group, its members that loaded, and those that did not.
+
+    A sub-folder that ``group.json`` does not list is a failed member (a
+    leftover a server must not silently ignore). Raises ``ConfigError`` only
+    when ``group.json`` itself is unreadable or invalid.
+    """
+    name = name or group_dir.name
+    manifest = GroupManifest.from_file(group_dir / GROUP_FILE)
+    ready: dict[str, LoadedModel] = {}
+    failed: dict[str, FailedModel] = {}
+    for member in manifest.members:
+        full = f"{name}/{member.name}"
+        _load_into(group_dir / member.name, full, ready, failed)
+    listed = {m.name for m in manifest.members}
+    for stray in sorted(p for p in group_dir.iterdir() if p.is_dir() and p.name[0] not in "._"):
+        if stray.name not in listed:
+            full = f"{name}/{stray.name}"
+            reason = f"{stray}: a folder in group {name!r} that {GROUP_FILE} does not list as a member"
+            failed[full] = FailedModel(full, stray, reason)
+    group = ModelGroup(
+        name=name,
+        path=group_dir,
+        members=tuple(f"{name}/{m.name}" for m in manifest.members),
+        sources=tuple(m.source for m in manifest.members),
+        checkpoint=manifest.checkpoint,
+    )
+    return group, ready, failed
+
+
+def _load_into(
+    model_dir: Path, name: str, ready: dict[str, LoadedModel], failed: dict[str, FailedModel]
+) -> None:
+    """Load one model folder into ``ready``, or record why not in ``failed``."""
+    try:
+        ready[name] = load_model(model_dir, name)
+    except ValueError as exc:  # ConfigError, CheckpointError, a bad name: the reason is the message
+        failed[name] = FailedModel(name, model_dir, str(exc))
+    except Exception as exc:  # a bug must not take the good models down with it
+        log.exception("unexpected error loading model %s", name)
+        failed[name] = FailedModel(name, model_dir, f"unexpected {type(exc).__name__}: {exc}")
+    else:
+        log.info("loaded model %s (%s)", name, ready[name].content_hash[:12])
+        return
+    log.warning("model %s not loaded: %s", name, failed[name].reason)
+
+
+@dataclass(frozen=True)
+class NewMember:
+    """A member to write: its folder name, checkpoint prefix, config and (checked) tensors."""
+
+    name: str
+    source: str
+    config: ModelConfig
+    tensors: Mapping[str, Tensor]
+
+
+def group_holds(root: Path, name: str, members: Sequence[NewMember]) -> bool:
+    """Whether ``root/name`` is already a group of exactly these members (names, prefixes, content hashes)."""
+    group_dir = root / check_model_name(name)
+    if not (group_dir / GROUP_FILE).is_file():
+        return False
+    try:
+        group, ready, failed = load_group(group_dir, name)
+    except ValueError:
+        return False
+    if failed or group.members != tuple(f"{name}/{m.name}" for m in members):
+        return False
+    if group.sources != tuple(m.source for m in members):
+        return False
+    return all(
+        ready[full].content_hash == content_hash(m.config, m.tensors)
+        for full, m in zip(group.members, members, strict=True)
+    )
+
+
+def write_group(
+    root: Path, name: str, members: Sequence[NewMember], *, checkpoint: str = "", force: bool = False
+) -> Path:
+    """Write a group folder whole, or nothing; return its path.
+
+    Everything is written into a hidden folder beside the final one, loaded
+    back strictly, and only then renamed into place, so neither a failure nor
+    a reader sees half a group. Refuses (``FileExistsError``) to replace an
+    existing model or group unless ``force``. The tensors are checked again by
+    the load back; callers check them against the configs first.
+    """
+    target = root / check_model_name(name)
+    if target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
+        what = "group" if (target / GROUP_FILE).exists() else "model" if target.is_dir() else "file"
+        raise FileExistsError(f"{target} already holds a {what}; pass --force to replace it")
+    manifest = GroupManifest(
+        members=tuple(GroupMember(name=m.name, source=m.source) for m in members), checkpoint=checkpoint
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".importing", dir=root))
+    try:
+        for member in members:
+            write_model(staging, member.name, member.config, member.tensors)
+        _write_text(staging / GROUP_FILE, manifest.model_dump_json(indent=2) + "\n")
+        _, _, failed = load_group(staging, name)
+        if failed:
+            first = next(iter(failed.values()))
+            raise ValueError(f"the written group does not load back: {first.reason}")
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700; a server may run as another user
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` is set aside first and removed after."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(staging, target)  # an empty folder is replaced; a new entry there makes this fail
+        return
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.replaced")
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 class ModelRepository:
-    """The models of one folder: those that loaded (``ready``) and those that did not (``failed``)."""
+    """The models of one folder: those that loaded (``ready``), those that did not (``failed``),
+    and the groups some of them form (``groups``)."""
 
     def __init__(
-        self, root: Path, ready: Mapping[str, LoadedModel], failed: Mapping[str, FailedModel]
+        self,
+        root: Path,
+        ready: Mapping[str, LoadedModel],
+        failed: Mapping[str, FailedModel],
+        groups: Mapping[str, ModelGroup] | None = None,
     ) -> None:
         both = ready.keys() & failed.keys()
         if both:  # invariant: a name is ready or failed, never both
@@ -185,10 +413,19 @@ class ModelRepository:
         self.root = root
         self.ready: Mapping[str, LoadedModel] = dict(ready)
         self.failed: Mapping[str, FailedModel] = dict(failed)
+        self.groups: Mapping[str, ModelGroup] = dict(groups or {})
+        self._membership: dict[str, tuple[ModelGroup, int]] = {}
+        for group in self.groups.values():
+            if group.name in self.ready or group.name in self.failed:
+                raise ValueError(f"{group.name!r} is both a group and a model")
+            for index, member in enumerate(group.members):
+                if member not in self.ready and member not in self.failed:  # invariant: members are models
+                    raise ValueError(f"member {member!r} of group {group.name!r} is no model")
+                self._membership[member] = (group, index)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> ModelRepository:
-        """Load every model under ``root``; raises only if ``root`` itself is not a readable folder."""
+        """Load every model and group under ``root``; raises only if ``root`` is not a readable folder."""
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"model repository {root} does not exist")
@@ -196,28 +433,44 @@ class ModelRepository:
             raise NotADirectoryError(f"model repository {root} is not a directory")
         ready: dict[str, LoadedModel] = {}
         failed: dict[str, FailedModel] = {}
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] not in "._"):
-            name = model_dir.name
+        groups: dict[str, ModelGroup] = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] not in "._"):
+            name = folder.name
+            if not (folder / GROUP_FILE).exists():
+                try:
+                    check_model_name(name)
+                except ValueError as exc:
+                    failed[name] = FailedModel(name, folder, str(exc))
+                    log.warning("model %s not loaded: %s", name, exc)
+                    continue
+                _load_into(folder, name, ready, failed)
+                continue
             try:
                 check_model_name(name)
-                ready[name] = load_model(model_dir, name)
-            except ValueError as exc:  # ConfigError, CheckpointError, a bad name: the reason is the message
-                failed[name] = FailedModel(name, model_dir, str(exc))
-            except Exception as exc:  # a bug must not take the good models down with it
-                log.exception("unexpected error loading model %s", name)
-                failed[name] = FailedModel(name, model_dir, f"unexpected {type(exc).__name__}: {exc}")
-            else:
-                log.info("loaded model %s (%s)", name, ready[name].content_hash[:12])
+                group, members_ready, members_failed = load_group(folder, name)
+            except ValueError as exc:  # the group's own file or name: the group is one failure
+                failed[name] = FailedModel(name, folder, str(exc))
+                log.warning("group %s not loaded: %s", name, exc)
                 continue
-            log.warning("model %s not loaded: %s", name, failed[name].reason)
-        return cls(root, ready, failed)
+            groups[name] = group
+            ready.update(members_ready)
+            failed.update(members_failed)
+        return cls(root, ready, failed, groups)
 
     def names(self) -> list[str]:
-        """Every model name, ready or failed, sorted."""
-        return sorted([*self.ready, *self.failed])
+        """Every model name, ready or failed: by name, a group's members in the group's order."""
+
+        def order(name: str) -> tuple[str, int, str]:
+            top, _, member = name.partition("/")
+            place = self._membership.get(name)
+            if place is not None:
+                return (top, place[1], name)
+            return (top, 1 << 30 if member else -1, name)  # a folder a group does not list: last
+
+        return sorted([*self.ready, *self.failed], key=order)
 
     def entries(self) -> Iterator[LoadedModel | FailedModel]:
-        """Every model, ready or failed, in name order."""
+        """Every model, ready or failed, in ``names()`` order."""
         for name in self.names():
             yield self.ready.get(name) or self.failed[name]
 
@@ -228,10 +481,41 @@ class ModelRepository:
             return model
         if name in self.failed:
             raise ModelNotReady(f"model {name!r} is not ready: it failed to load")
+        group = self.groups.get(name)
+        if group is not None:
+            raise InvalidRequest(
+                f"{name!r} is a group of {len(group.members)} models ({_span(group)}), not a model: "
+                "name one of its members, or fetch them all with GenerateGroup"
+            )
         raise ModelNotFound(f"unknown model {name!r}")
+
+    def group(self, name: str) -> ModelGroup:
+        """The group ``name``; ``ModelNotFound`` if unknown, ``ModelNotReady`` if its group file failed,
+        ``InvalidRequest`` if ``name`` is a model."""
+        group = self.groups.get(name)
+        if group is not None:
+            return group
+        if name in self.failed:
+            raise ModelNotReady(f"{name!r} is not ready: it failed to load")
+        if name in self.ready:
+            raise InvalidRequest(f"{name!r} is a model, not a group: fetch its kernel with GenerateKernel")
+        raise ModelNotFound(f"unknown group {name!r}")
+
+    def group_of(self, name: str) -> tuple[ModelGroup, int] | None:
+        """The group model ``name`` belongs to and its place there, or None."""
+        return self._membership.get(name)
+
+    def group_ready(self, name: str) -> bool:
+        """Whether every member of group ``name`` loaded."""
+        return all(member in self.ready for member in self.groups[name].members)
 
     def __contains__(self, name: object) -> bool:
         return name in self.ready or name in self.failed
 
     def __len__(self) -> int:
         return len(self.ready) + len(self.failed)
+
+
+def _span(group: ModelGroup) -> str:
+    members = group.members
+    return members[0] if len(members) == 1 else f"{members[0]} .. {members[-1]}"
