@@ -1,5 +1,10 @@
 """``kernelgen init | import | inspect``: make and examine model repositories.
 
+``import --prefix P`` copies one kernel generator out of a training
+checkpoint; ``import --all`` finds every generator of a trained network,
+infers each config from the tensor shapes and writes them as one group
+(``discovery``, ``repository.write_group``).
+
 The ``kernelgen`` command builds its parser from ``register``, so importing
 this module must stay cheap: torch and everything that needs it are imported
 inside the handlers. Exit codes: 0 success, 1 ``inspect`` found a model that
@@ -17,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernelgen_server.repository import FailedModel, LoadedModel
+    from kernelgen_server.discovery import PlannedModel
+    from kernelgen_server.repository import FailedModel, LoadedModel, ModelRepository
 
 __all__ = ["register"]
 
@@ -54,24 +60,49 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = sub.add_parser(
         "import",
-        help="extract a kernel module from a training checkpoint",
+        help="extract kernel generators from a training checkpoint",
         description=(
-            "Copy one SIRENKernelND out of a training checkpoint (.pt read with weights_only=True, "
-            "or .safetensors) into a repository, checked strictly against --config. The state may be "
+            "Copy one SIRENKernelND out of a training checkpoint (--prefix, checked strictly against "
+            "--config), or every one of them (--all) as a group NAME/0, NAME/1, ... in prefix order, "
+            "each config inferred from the tensor shapes; --config BASE then gives what the weights "
+            "cannot tell (omega_0, L_cache, hidden_omega_0), with per-generator 'overrides' keyed by "
+            "prefix. Checkpoints: .pt/.ckpt read with weights_only=True, .safetensors, sharded "
+            "safetensors (their *.safetensors.index.json, or the folder holding it). The state may be "
             "wrapped under 'state_dict'; legacy kernel_network.{2i} names become hidden_linears.{i}."
         ),
     )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="training checkpoint (.pt or .safetensors)")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="training checkpoint: .pt, .ckpt, .safetensors, a shard index, or a folder holding one",
+    )
     p.add_argument(
         "--prefix",
-        required=True,
         metavar="P",
-        help="key prefix of the kernel module, e.g. 'model.blocks.0.filter.kernel' ('' for none)",
+        help="key prefix of the kernel module, e.g. 'model.blocks.0.filter.kernel' ('' for none); "
+        "with --all, import only the generators under P",
     )
-    p.add_argument("--config", required=True, type=Path, metavar="JSON", help="config of the kernel module")
-    p.add_argument("--name", required=True, metavar="NAME", help="model name in the repository")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        dest="all_generators",
+        help="import every kernel generator of the checkpoint as the group NAME",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON",
+        help="config of the kernel module; with --all, the BASE of every generator's config",
+    )
+    p.add_argument("--name", required=True, metavar="NAME", help="model (or, with --all, group) name")
     p.add_argument("--repo", required=True, type=Path, metavar="DIR", help="model repository folder")
-    p.add_argument("--force", action="store_true", help="replace a model of the same name")
+    p.add_argument("--force", action="store_true", help="replace a model or group of the same name")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --all: print what was found and would be written, and write nothing",
+    )
     p.set_defaults(handler=_import)
 
     p = sub.add_parser(
@@ -121,6 +152,12 @@ def _init(args: argparse.Namespace) -> int:
 
 @_reports_errors
 def _import(args: argparse.Namespace) -> int:
+    if args.all_generators:
+        return _import_all(args)
+    if args.dry_run:
+        raise ValueError("--dry-run goes with --all")
+    if args.prefix is None or args.config is None:
+        raise ValueError("--prefix and --config are required to import one generator (or pass --all)")
     from kernelgen_server.checkpoint import (
         CheckpointError,
         extract_kernel_state,
@@ -142,6 +179,98 @@ def _import(args: argparse.Namespace) -> int:
     return _report_written("imported", load_model(model_dir))
 
 
+def _import_all(args: argparse.Namespace) -> int:
+    """``import --all``: every generator of the checkpoint as one group, or nothing."""
+    from kernelgen_server.checkpoint import read_training_checkpoint, training_state
+    from kernelgen_server.discovery import ImportBase, find_generators, plan_network
+    from kernelgen_server.repository import NewMember, check_model_name, group_holds, write_group
+
+    check_model_name(args.name)
+    base = ImportBase.from_file(args.config) if args.config is not None else ImportBase.empty()
+    state = training_state(read_training_checkpoint(args.checkpoint), args.checkpoint)
+    plans = plan_network(find_generators(state, args.checkpoint, args.prefix or ""), base, args.checkpoint)
+    members = [
+        NewMember(plan.member, plan.generator.prefix, plan.config, plan.generator.tensors)
+        for plan in plans
+        if plan.config is not None
+    ]
+    errors = [plan.error for plan in plans if plan.error is not None]
+    unchanged = not errors and group_holds(args.repo, args.name, members)
+    target = args.repo / args.name
+    if args.dry_run:
+        print(f"{args.checkpoint}: {len(plans)} kernel generator(s)")
+        print(_plan_table(args.name, plans))
+        for error in errors:
+            print(f"kernelgen import: error: {' '.join(str(error).split())}", file=sys.stderr)
+        if errors:
+            print(f"would write nothing: {len(errors)} generator(s) cannot be imported")
+            return 2
+        if unchanged:
+            print(f"would write nothing: {target} already holds these {len(plans)} generators")
+        else:
+            verb = "replace" if target.exists() else "write"
+            print(f"would {verb} group {args.name!r} in {target} ({len(plans)} models)")
+        return 0
+    if errors:
+        raise errors[0]
+    if unchanged:
+        print(
+            f"group {args.name!r} in {target} already holds these {len(plans)} generators "
+            "(same content hashes): nothing written"
+        )
+        return 0
+    path = write_group(args.repo, args.name, members, checkpoint=args.checkpoint.name, force=args.force)
+    print(_plan_table(args.name, plans))
+    parameters = sum(plan.generator.parameter_count for plan in plans)
+    print(f"imported group {args.name!r} in {path}: {len(plans)} models, {parameters} parameters")
+    return 0
+
+
+def _plan_table(group: str, plans: list[PlannedModel]) -> str:
+    """One row per generator: the model it becomes, where it came from, its config."""
+
+    def shown(value: object) -> str:
+        if value is None:
+            return "?"
+        if isinstance(value, tuple):
+            return "x".join(map(str, value))
+        return str(value)
+
+    rows = [("MODEL", "PREFIX", "DIMS", "EMBED", "HIDDEN", "LAYERS", "OUT", "BIAS", "FILM", "L_CACHE",
+             "OMEGA_0", "PARAMS", "NOTE")]  # fmt: skip
+    for plan in plans:
+        film = plan.generator.shape_values["film"]
+        film_text = "-"
+        if film is not None:
+            film_text = f"cond {film['cond_dim']}, hidden {film['film_hidden_dim']}"
+            if plan.generator.shape_values["film_after_pos_embed"]:
+                film_text += ", +embedding"
+        notes = ["legacy names"] if plan.generator.legacy else []
+        if plan.error is not None:
+            notes.append("cannot be imported (below)")
+        rows.append(
+            (
+                f"{group}/{plan.member}",
+                plan.generator.prefix or "(root)",
+                shown(plan.value("data_dim")),
+                shown(plan.value("embedding_dim")),
+                shown(plan.value("mlp_hidden_dim")),
+                shown(plan.value("num_layers")),
+                shown(plan.value("out_dim")),
+                "yes" if plan.value("use_bias") else "no",
+                film_text,
+                shown(plan.value("L_cache")),
+                shown(plan.value("omega_0")),
+                str(plan.generator.parameter_count),
+                "; ".join(notes),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
 def _report_written(verb: str, model: LoadedModel) -> int:
     print(
         f"{verb} model {model.name!r} in {model.path}: {model.parameter_count} parameters, "
@@ -156,25 +285,60 @@ def _inspect(args: argparse.Namespace) -> int:
 
     root = args.repo if args.repo is not None else embedded_repository()
     repo = ModelRepository.load(root)
-    records = [_describe(entry) for entry in repo.entries()]
+    records = [_describe(entry, repo) for entry in repo.entries()]
+    groups = [_describe_group(name, repo) for name in sorted(repo.groups)]
     if args.json:
-        print(json.dumps({"repository": str(root), "models": records}, indent=2))
+        print(json.dumps({"repository": str(root), "models": records, "groups": groups}, indent=2))
     else:
-        print(f"repository {root}: {len(repo.ready)} ready, {len(repo.failed)} failed")
+        counts = f"{len(repo.ready)} ready, {len(repo.failed)} failed"
+        print(f"repository {root}: {counts}" + (f", {len(groups)} group(s)" if groups else ""))
+        starts = {group["members"][0]: group for group in groups}
         for record in records:
+            if record["name"] in starts:
+                print(_format_group(starts[record["name"]]))
             print(_format_record(record))
     return 1 if repo.failed else 0
 
 
-def _describe(entry: LoadedModel | FailedModel) -> dict[str, Any]:
+def _describe_group(name: str, repo: ModelRepository) -> dict[str, Any]:
+    group = repo.groups[name]
+    return {
+        "name": name,
+        "status": "ready" if repo.group_ready(name) else "failed",
+        "path": str(group.path),
+        "checkpoint": group.checkpoint,
+        "members": list(group.members),
+        "sources": list(group.sources),
+    }
+
+
+def _format_group(group: dict[str, Any]) -> str:
+    origin = f", imported from {group['checkpoint']}" if group["checkpoint"] else ""
+    failed = "" if group["status"] == "ready" else " (a member failed to load)"
+    return f"group {group['name']}: {len(group['members'])} models{origin}{failed}"
+
+
+def _describe(entry: LoadedModel | FailedModel, repo: ModelRepository) -> dict[str, Any]:
     """A JSON-ready description of one repository entry."""
     from kernelgen_server.repository import FailedModel
 
+    place = repo.group_of(entry.name)
+    membership: dict[str, Any] = {}
+    if place is not None:
+        group, index = place
+        membership = {"group": group.name, "group_index": index, "source": group.sources[index]}
     if isinstance(entry, FailedModel):
-        return {"name": entry.name, "status": "failed", "path": str(entry.path), "reason": entry.reason}
+        return {
+            "name": entry.name,
+            "status": "failed",
+            "path": str(entry.path),
+            "reason": entry.reason,
+            **membership,
+        }
     config = entry.config
     return {
         "name": entry.name,
+        **membership,
         "status": "ready",
         "path": str(entry.path),
         "weights": entry.weights_path.name,
@@ -192,9 +356,11 @@ def _format_record(record: dict[str, Any]) -> str:
     if record["status"] == "failed":
         return f"{record['name']}: FAILED: {record['reason']}"
     film = f"yes, cond_dim {record['cond_dim']}" if record["film"] else "no"
+    source = [f"  source        {record['source'] or '(root)'}"] if "source" in record else []
     return "\n".join(
         [
             f"{record['name']}: ready",
+            *source,
             f"  parameters    {record['parameter_count']}",
             f"  film          {film}",
             f"  flops         {record['flop_count']} (one forward at L_cache {record['flop_grid']})",

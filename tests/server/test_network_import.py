@@ -1,0 +1,495 @@
+"""``kernelgen import --all``: every generator of a training checkpoint, in every format, as one group.
+
+The checkpoints come from ``networks.mixed_network``: 1-D, 2-D anisotropic and 3-D generators,
+with and without FiLM and biases, one legacy-named, inside blocks beside other layers, weights
+moved off their initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kernelgen_client.cli import main
+from kernelgen_server import repository as repository_module
+from kernelgen_server.repository import ModelRepository
+
+from networks import (
+    FORMATS,
+    LEGACY,
+    MIXED,
+    MIXED_BASE,
+    assert_close,
+    mixed_network,
+    reference_kernel,
+    save,
+)
+from support import kernel_service
+
+#: A grid per generator of ``MIXED``: inside L_cache on some axes, beyond it on others.
+SEQ_LENS = [(5,), (4, 11), (3, 2, 4), (20,)]
+CONDITIONING = torch.linspace(-1.5, 1.5, 10).reshape(2, 5)
+
+
+def write_base(folder: Path, base: dict[str, Any], root: str = "") -> Path:
+    """``base`` with its override prefixes under ``root``, as a file."""
+    head = f"{root}." if root else ""
+    document = {**base, "overrides": {f"{head}{p}": v for p, v in base.get("overrides", {}).items()}}
+    path = folder / "base.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def run_import(checkpoint: Path, repo: Path, *extra: str, base: Path | None = None, name: str = "net") -> int:
+    args = ["import", str(checkpoint), "--all", "--name", name, "--repo", str(repo), *extra]
+    return main([*args, *(["--config", str(base)] if base is not None else [])])
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kernelgen import: error: ")
+    return lines[0]
+
+
+def assert_nothing_written(repo: Path) -> None:
+    """No group, no model, and no staging folder left behind."""
+    assert not repo.exists() or list(repo.iterdir()) == []
+
+
+# -- every format -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_every_generator_is_found_configured_and_gives_the_networks_kernels(
+    tmp_path: Path, form: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    network = mixed_network(seed=3)
+    root = "model" if form == "ckpt" else ""  # Lightning keys the state by the module's attribute
+    checkpoint = save(network, form, tmp_path / "run", root=root)
+    repo = tmp_path / "repo"
+    assert run_import(checkpoint, repo, base=write_base(tmp_path, MIXED_BASE, root)) == 0
+    out = capsys.readouterr().out
+    assert f"imported group 'net' in {repo / 'net'}: 4 models" in out
+
+    loaded = ModelRepository.load(repo)
+    assert not loaded.failed
+    head = f"{root}." if root else ""
+    group = loaded.groups["net"]
+    assert group.members == ("net/0", "net/1", "net/2", "net/3")
+    assert group.sources == tuple(f"{head}{prefix}" for prefix, _ in MIXED)
+    assert group.checkpoint == checkpoint.name
+    assert sorted(loaded.ready) == list(group.members)
+    for index, (member, (_, config), generator) in enumerate(
+        zip(group.members, MIXED, network.generators(), strict=True)
+    ):
+        model = loaded.get(member)
+        assert model.config.to_json_dict() == config, member
+        seq_lens = SEQ_LENS[index]
+        assert_close(model.module(seq_lens)[0], reference_kernel(generator, seq_lens, None))
+        if config["film"] is not None:
+            got = model.module(seq_lens, CONDITIONING)[0]
+            assert got.shape[0] == 2
+            assert_close(got, reference_kernel(generator, seq_lens, CONDITIONING))
+    stored = json.loads((repo / "net" / "group.json").read_text())
+    assert [m["name"] for m in stored["members"]] == ["0", "1", "2", "3"]
+
+
+async def test_served_kernels_of_an_imported_network_equal_its_forward(tmp_path: Path) -> None:
+    network = mixed_network(seed=5)
+    checkpoint = save(network, "safetensors", tmp_path / "run")
+    repo = tmp_path / "repo"
+    assert run_import(checkpoint, repo, base=write_base(tmp_path, MIXED_BASE)) == 0
+    service = kernel_service(ModelRepository.load(repo))
+    try:
+        for index, generator in enumerate(network.generators()):
+            film = MIXED[index][1]["film"] is not None
+            conditioning = CONDITIONING.numpy() if film else None
+            result = await service.generate(f"net/{index}", SEQ_LENS[index], conditioning, 0, False)
+            payload = result.kernel.payload
+            got = torch.frombuffer(bytearray(payload.data), dtype=torch.float32).reshape(payload.shape)
+            want = reference_kernel(generator, SEQ_LENS[index], CONDITIONING if film else None)
+            assert_close(got, want)
+    finally:
+        await service.close()
+
+
+def test_the_legacy_generator_is_marked_and_renamed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    assert run_import(checkpoint, tmp_path / "repo", "--dry-run", base=write_base(tmp_path, MIXED_BASE)) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("net/")]
+    assert len(rows) == 4
+    assert rows[LEGACY].endswith("legacy names")
+    assert not any(row.endswith("legacy names") for row in rows[:LEGACY])
+    assert_nothing_written(tmp_path / "repo")
+
+
+def test_dry_run_shows_what_it_found_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "ckpt", tmp_path / "run", root="model")
+    repo = tmp_path / "repo"
+    assert run_import(checkpoint, repo, "--dry-run", base=write_base(tmp_path, MIXED_BASE, "model")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{checkpoint}: 4 kernel generator(s)\nMODEL")
+    for index, (prefix, config) in enumerate(MIXED):
+        row = next(line for line in out.splitlines() if line.startswith(f"net/{index} "))
+        assert f"model.{prefix}" in row
+        lengths = config["L_cache"]
+        assert (str(lengths) if isinstance(lengths, int) else "x".join(map(str, lengths))) in row
+    assert "net/2  model.blocks.2.filter.kernel  3     8      8       2       3    yes" in out
+    assert "cond 5, hidden 4, +embedding" in out
+    assert f"would write group 'net' in {repo / 'net'} (4 models)" in out
+    assert_nothing_written(repo)
+
+
+def test_dry_run_without_a_base_shows_the_shapes_and_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    assert run_import(checkpoint, tmp_path / "repo", "--dry-run") == 2
+    captured = capsys.readouterr()
+    assert "net/1  blocks.1.filter.kernel  2     10     8       4       4    no    -" in captured.out
+    assert "would write nothing: 4 generator(s) cannot be imported" in captured.out
+    errors = captured.err.splitlines()
+    assert len(errors) == 4
+    assert "generator 'blocks.0.filter.kernel' needs omega_0 and L_cache" in errors[0]
+    assert_nothing_written(tmp_path / "repo")
+
+
+def test_prefix_keeps_the_generators_under_it(tmp_path: Path) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    repo = tmp_path / "repo"
+    assert run_import(checkpoint, repo, "--prefix", "blocks.1", base=write_base(tmp_path, MIXED_BASE)) == 2
+    base = {**MIXED_BASE, "overrides": {"blocks.1.filter.kernel": {"L_cache": [6, 9]}}}
+    assert run_import(checkpoint, repo, "--prefix", "blocks.1", base=write_base(tmp_path, base)) == 0
+    group = ModelRepository.load(repo).groups["net"]
+    assert group.members == ("net/0",)
+    assert group.sources == ("blocks.1.filter.kernel",)
+
+
+def test_generators_are_numbered_in_layer_order(tmp_path: Path) -> None:
+    from networks import stack
+
+    network = stack(depth=12)
+    checkpoint = save(network, "safetensors", tmp_path / "run")
+    base = write_base(tmp_path, {"omega_0": 10.0, "L_cache": 7})
+    assert run_import(checkpoint, tmp_path / "repo", base=base) == 0
+    loaded = ModelRepository.load(tmp_path / "repo")
+    group = loaded.groups["net"]
+    assert group.sources == tuple(f"blocks.{i}.filter.kernel" for i in range(12))
+    assert loaded.names() == [f"net/{i}" for i in range(12)]
+    for member, generator in zip(group.members, network.generators(), strict=True):
+        assert_close(loaded.get(member).module((3, 4))[0], reference_kernel(generator, (3, 4), None))
+
+
+# -- re-import ----------------------------------------------------------------------------------
+
+
+def test_reimporting_the_same_weights_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    network = mixed_network()
+    base = write_base(tmp_path, MIXED_BASE)
+    repo = tmp_path / "repo"
+    assert run_import(save(network, "pt", tmp_path / "a"), repo, base=base) == 0
+    before = {p: os.stat(p).st_ino for p in sorted((repo / "net").rglob("*"))}
+    hashes = {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()}
+    capsys.readouterr()
+    # The same weights from another format: still the same models.
+    assert run_import(save(network, "sharded", tmp_path / "b"), repo, base=base) == 0
+    out = capsys.readouterr().out
+    assert "already holds these 4 generators (same content hashes): nothing written" in out
+    assert {p: os.stat(p).st_ino for p in sorted((repo / "net").rglob("*"))} == before
+    assert {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()} == hashes
+    assert run_import(save(network, "pt", tmp_path / "a"), repo, "--dry-run", base=base) == 0
+    assert "would write nothing" in capsys.readouterr().out
+
+
+def test_other_weights_replace_a_group_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = write_base(tmp_path, MIXED_BASE)
+    repo = tmp_path / "repo"
+    assert run_import(save(mixed_network(seed=1), "pt", tmp_path / "a"), repo, base=base) == 0
+    old = {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()}
+    capsys.readouterr()
+    newer = save(mixed_network(seed=2), "pt", tmp_path / "b")
+    assert run_import(newer, repo, base=base) == 2
+    assert "already holds a group; pass --force to replace it" in one_error_line(capsys)
+    assert {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()} == old
+    assert run_import(newer, repo, "--force", base=base) == 0
+    new = {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()}
+    assert new.keys() == old.keys()
+    assert all(new[name] != old[name] for name in old)
+    assert sorted(p.name for p in repo.iterdir()) == ["net"]  # nothing set aside is left
+
+
+# -- refusals: clear, naming the key, and nothing half-written -----------------------------------
+
+
+def refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], checkpoint: Path, base: dict[str, Any] | None
+) -> str:
+    repo = tmp_path / "repo"
+    base_file = write_base(tmp_path, base) if base is not None else None
+    assert run_import(checkpoint, repo, base=base_file) == 2
+    assert_nothing_written(repo)
+    return one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        (
+            {**MIXED_BASE, "out_dim": 6},
+            "generator 'blocks.1.filter.kernel': {base} sets out_dim 6, but tensor "
+            "'blocks.1.filter.kernel.out_linear.weight' has shape [4, 8] (out_dim 4)",
+        ),
+        (
+            {**MIXED_BASE, "overrides": {"blocks.3.filter.kernel": {"num_layers": 4}}},
+            "generator 'blocks.3.filter.kernel': {base} overrides['blocks.3.filter.kernel'] sets "
+            "num_layers 4, but its last hidden layer is 'blocks.3.filter.kernel.kernel_network.2.weight' "
+            "(num_layers 3)",
+        ),
+        (
+            {**MIXED_BASE, "overrides": {"blocks.0.filter.kernel": {"film": None}}},
+            "sets film null, but tensor 'blocks.0.filter.kernel.film_generator.mlp.0.weight' has shape "
+            '[7, 5] (film {"cond_dim": 5, "film_hidden_dim": 7})',
+        ),
+        (
+            {**MIXED_BASE, "film": {"cond_dim": 5}},
+            "generator 'blocks.1.filter.kernel': {base} sets film {\"cond_dim\": 5}, but it has no "
+            "'blocks.1.filter.kernel.film_generator.mlp.0.weight' (film null)",
+        ),
+        (
+            {**MIXED_BASE, "use_bias": True},
+            "generator 'blocks.1.filter.kernel': {base} sets use_bias true, but it has no "
+            "'blocks.1.filter.kernel.positional_embedding.linear.bias' (use_bias false)",
+        ),
+        (
+            {**MIXED_BASE, "overrides": {"blocks.1.filter.kernel": {"L_cache": [6, 9, 4]}}},
+            "sets L_cache [6, 9, 4] (3 axes), but tensor "
+            "'blocks.1.filter.kernel.positional_embedding.linear.weight' has shape [10, 2] (data_dim 2)",
+        ),
+    ],
+    ids=["out_dim", "num_layers", "film-null", "film-absent", "use_bias", "L_cache-axes"],
+)
+def test_a_base_the_shapes_contradict_is_refused_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base: dict[str, Any], expected: str
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    line = refused(tmp_path, capsys, checkpoint, base)
+    assert expected.replace("{base}", str(tmp_path / "base.json")) in line
+    assert str(checkpoint) in line
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        (None, "generator 'blocks.0.filter.kernel' needs omega_0 and L_cache, which the weights cannot tell"),
+        ({"omega_0": 30.0}, "generator 'blocks.0.filter.kernel' needs L_cache, which the weights"),
+        (
+            {"L_cache": 16, "overrides": {"blocks.1.filter.kernel": {"L_cache": [6, 9], "omega_0": 30.0}}},
+            "generator 'blocks.0.filter.kernel' needs omega_0",
+        ),
+        ({**MIXED_BASE, "L_cache": 1}, "L_cache must be >= 2, got 1"),
+        ({**MIXED_BASE, "omega_0": "30"}, "omega_0: Input should be a valid number, got '30'"),
+        ({**MIXED_BASE, "omega": 30.0}, "unknown key 'omega'"),
+        (
+            {**MIXED_BASE, "overrides": {"blocks.9.filter.kernel": {"L_cache": 8}}},
+            "overrides name 'blocks.9.filter.kernel', which is no generator found",
+        ),
+    ],
+    ids=["no-base", "no-L_cache", "no-omega_0", "bad-L_cache", "bad-type", "unknown-key", "unknown-prefix"],
+)
+def test_a_base_missing_or_invalid_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base: dict[str, Any] | None, expected: str
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    assert expected in refused(tmp_path, capsys, checkpoint, base)
+
+
+def test_contradicting_shapes_inside_the_checkpoint_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = mixed_network().state_dict()
+    state["blocks.0.filter.kernel.hidden_linears.1.weight"] = torch.zeros(16, 15)
+    checkpoint = tmp_path / "run.pt"
+    torch.save(state, checkpoint)
+    line = refused(tmp_path, capsys, checkpoint, MIXED_BASE)
+    assert "tensor 'blocks.0.filter.kernel.hidden_linears.1.weight' has shape [16, 15]" in line
+    assert "make it [16, 16]" in line
+
+
+def test_a_non_finite_weight_is_refused_naming_the_generator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = mixed_network().state_dict()
+    state["blocks.2.filter.kernel.out_linear.bias"][1] = float("nan")
+    checkpoint = tmp_path / "run.pt"
+    torch.save(state, checkpoint)
+    line = refused(tmp_path, capsys, checkpoint, MIXED_BASE)
+    assert "generator 'blocks.2.filter.kernel': tensor 'out_linear.bias' has 1 non-finite value(s)" in line
+
+
+@pytest.mark.parametrize("form", ["pt", "ckpt", "safetensors", "sharded"])
+def test_a_truncated_checkpoint_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    checkpoint = save(mixed_network(), form, tmp_path / "run")
+    damaged = tmp_path / "run" / "model-00002-of-00002.safetensors" if form == "sharded" else checkpoint
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    line = refused(tmp_path, capsys, checkpoint, MIXED_BASE)
+    assert f"{damaged}: cannot read weights" in line
+
+
+def test_a_shard_the_index_names_but_is_missing_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "sharded", tmp_path / "run")
+    (tmp_path / "run" / "model-00001-of-00002.safetensors").unlink()
+    line = refused(tmp_path, capsys, checkpoint.parent, MIXED_BASE)  # the folder holding the index
+    assert "00001-of-00002.safetensors: shard named by model.safetensors.index.json does not exist" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"note": "hello", "epoch": 3}, "the checkpoint holds no tensors (only int, str value(s))"),
+        ([torch.zeros(2)], "expected a mapping of names to tensors, found a list"),
+        (
+            {"state_dict": {"k.positional_embedding.linear.weight": [[1.0, 2.0]]}},
+            "key 'k.positional_embedding.linear.weight' holds a list, not a tensor",
+        ),
+        ({"state_dict": {"encoder.weight": torch.zeros(2, 2)}}, "no kernel generator found"),
+    ],
+    ids=["no-tensors", "a-list", "list-in-a-generator", "no-generator"],
+)
+def test_a_checkpoint_without_generator_tensors_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: object, expected: str
+) -> None:
+    checkpoint = tmp_path / "odd.ckpt"
+    torch.save(content, checkpoint)
+    assert expected in refused(tmp_path, capsys, checkpoint, MIXED_BASE)
+
+
+class _Tripwire:
+    """Unpickling this would create a file: a full unpickle runs code from the checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_a_checkpoint_that_needs_a_full_unpickle_is_refused_without_running_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "code-ran"
+    state: dict[str, object] = dict(mixed_network().state_dict())
+    checkpoint = tmp_path / "run.ckpt"
+    torch.save({"state_dict": state, "callbacks": {"hook": _Tripwire(marker)}}, checkpoint)
+    assert "cannot read weights" in refused(tmp_path, capsys, checkpoint, MIXED_BASE)
+    assert not marker.exists()
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    base = write_base(tmp_path, MIXED_BASE)
+    repo = tmp_path / "repo"
+    real = repository_module.write_model
+    written: list[str] = []
+
+    def failing(root: Path, name: str, *args: Any, **kwargs: Any) -> Path:
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(name)
+        return real(root, name, *args, **kwargs)
+
+    monkeypatch.setattr(repository_module, "write_model", failing)
+    assert run_import(checkpoint, repo, base=base) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert written == ["0", "1"]
+    assert list(repo.iterdir()) == []  # the staging folder is gone too
+
+    monkeypatch.setattr(repository_module, "write_model", real)
+    assert run_import(checkpoint, repo, base=base) == 0
+    hashes = {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()}
+    written.clear()
+    monkeypatch.setattr(repository_module, "write_model", failing)
+    other = save(mixed_network(seed=9), "pt", tmp_path / "other")
+    assert run_import(other, repo, "--force", base=base) == 2
+    assert {m.name: m.content_hash for m in ModelRepository.load(repo).ready.values()} == hashes
+    assert sorted(p.name for p in repo.iterdir()) == ["net"]
+
+
+def test_a_group_name_must_be_a_model_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    base = write_base(tmp_path, MIXED_BASE)
+    assert run_import(checkpoint, tmp_path / "repo", base=base, name="my/net") == 2
+    assert "invalid model name 'my/net'" in one_error_line(capsys)
+
+
+def test_one_generator_import_still_needs_prefix_and_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "pt", tmp_path / "run")
+    assert main(["import", str(checkpoint), "--name", "m", "--repo", str(tmp_path / "repo")]) == 2
+    assert "--prefix and --config are required to import one generator" in one_error_line(capsys)
+    args = ["import", str(checkpoint), "--prefix", "blocks.0.filter.kernel", "--dry-run"]
+    assert main([*args, "--config", str(checkpoint), "--name", "m", "--repo", str(tmp_path)]) == 2
+    assert "--dry-run goes with --all" in one_error_line(capsys)
+
+
+# -- inspect ----------------------------------------------------------------------------------------
+
+
+def test_inspect_lists_the_group_with_its_members(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save(mixed_network(), "ckpt", tmp_path / "run", root="model")
+    repo = tmp_path / "repo"
+    assert run_import(checkpoint, repo, base=write_base(tmp_path, MIXED_BASE, "model")) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(repo), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (group,) = report["groups"]
+    assert group == {
+        "name": "net",
+        "status": "ready",
+        "path": str(repo / "net"),
+        "checkpoint": "network.ckpt",
+        "members": ["net/0", "net/1", "net/2", "net/3"],
+        "sources": [f"model.{prefix}" for prefix, _ in MIXED],
+    }
+    assert [(m["name"], m["group"], m["group_index"], m["source"]) for m in report["models"]] == [
+        (f"net/{i}", "net", i, f"model.{prefix}") for i, (prefix, _) in enumerate(MIXED)
+    ]
+    assert main(["inspect", str(repo)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == f"repository {repo}: 4 ready, 0 failed, 1 group(s)"
+    assert text[1] == "group net: 4 models, imported from network.ckpt"
+    assert text[2] == "net/0: ready"
+    assert text[3] == "  source        model.blocks.0.filter.kernel"
+
+    (repo / "net" / "2" / "model.safetensors").unlink()
+    assert main(["inspect", str(repo), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["groups"][0]["status"] == "failed"
+    failed = report["models"][2]
+    assert (failed["name"], failed["status"], failed["group"]) == ("net/2", "failed", "net")
+    assert main(["inspect", str(repo)]) == 1
+    out = capsys.readouterr().out
+    assert "group net: 4 models, imported from network.ckpt (a member failed to load)" in out
