@@ -45,6 +45,7 @@ __all__ = [
     "Payload",
     "ResponseView",
     "TensorView",
+    "chunk_parts",
     "encode_chunks",
     "encode_kernel",
     "encode_response",
@@ -162,6 +163,23 @@ def encode_chunks(
     followed by the grid bytes; each chunk's ``offset`` is its position in
     that concatenation.
     """
+    for parts in chunk_parts(kernel, grid, report, chunk_bytes, head_hash=head_hash):
+        yield b"".join(parts)
+
+
+def chunk_parts(
+    kernel: Payload,
+    grid: Payload | None,
+    report: pb.ServerReport,
+    chunk_bytes: int,
+    *,
+    head_hash: str = "",
+) -> Iterator[list[bytes | memoryview]]:
+    """``encode_chunks`` before the join: each message as the pieces that make it, payload slices as views.
+
+    For a message that wraps each chunk in one of its own (``GenerateGroup``'s),
+    so that the payload is still copied once.
+    """
     header = pb.KernelHeader(
         kernel_shape=kernel.shape,
         kernel_dtype=kernel.dtype,  # type: ignore[arg-type]
@@ -172,7 +190,7 @@ def encode_chunks(
         representation=pb.REPRESENTATION_FACTORED if head_hash else pb.REPRESENTATION_DENSE,
         head_hash=head_hash,
     )
-    yield pb.KernelChunk(header=header).SerializeToString()
+    yield [pb.KernelChunk(header=header).SerializeToString()]
     offset = 0
     buffers: Sequence[memoryview] = [kernel.data] if grid is None else [kernel.data, grid.data]
     for buffer in buffers:
@@ -182,7 +200,7 @@ def encode_chunks(
             if offset:
                 parts += [key(2, VARINT), varint(offset)]
             parts += [length_delimited(3, piece.nbytes), piece]
-            yield b"".join(parts)
+            yield parts
             offset += piece.nbytes
 
 

@@ -172,7 +172,7 @@ class ModelConfig(_message.Message):
     def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: _Optional[bool] = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: _Optional[bool] = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash")
+    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,9 @@ class ModelInfo(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     reason: str
@@ -187,7 +190,10 @@ class ModelInfo(_message.Message):
     content_hash: str
     parameter_count: int
     head_hash: str
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    group: str
+    group_index: int
+    source: str
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -220,3 +226,35 @@ class OutputHead(_message.Message):
     weight_t: Tensor
     bias: Tensor
     def __init__(self, head_hash: _Optional[str] = ..., weight_t: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GenerateGroupRequest(_message.Message):
+    __slots__ = ("group", "seq_lens", "conditioning", "dtype", "representation")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    seq_lens: _containers.RepeatedScalarFieldContainer[int]
+    conditioning: Tensor
+    dtype: DType
+    representation: Representation
+    def __init__(self, group: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+
+class GroupHeader(_message.Message):
+    __slots__ = ("group", "members")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupKernelChunk(_message.Message):
+    __slots__ = ("group", "member", "chunk")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    group: GroupHeader
+    member: int
+    chunk: KernelChunk
+    def __init__(self, group: _Optional[_Union[GroupHeader, _Mapping]] = ..., member: _Optional[int] = ..., chunk: _Optional[_Union[KernelChunk, _Mapping]] = ...) -> None: ...

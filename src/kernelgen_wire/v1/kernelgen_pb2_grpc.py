@@ -65,6 +65,11 @@ class KernelGeneratorStub:
                 request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
                 response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
                 _registered_method=True)
+        self.GenerateGroup = channel.unary_stream(
+                '/kernelgen.v1.KernelGenerator/GenerateGroup',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.FromString,
+                _registered_method=True)
 
 
 class KernelGeneratorServicer:
@@ -116,6 +121,16 @@ class KernelGeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateGroup(self, request, context):
+        """Every member's kernel of a group for one grid and conditioning, computed
+        concurrently (conditioned members through the batcher, as GenerateKernel)
+        and streamed once all are ready. A member that fails fails the call, with
+        its status and a message naming the member; nothing is sent then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelGeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +163,11 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
                     servicer.GetOutputHead,
                     request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.FromString,
                     response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.SerializeToString,
+            ),
+            'GenerateGroup': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateGroup,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +333,33 @@ class KernelGenerator:
             '/kernelgen.v1.KernelGenerator/GetOutputHead',
             kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
             kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/GenerateGroup',
+            kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.FromString,
             options,
             channel_credentials,
             insecure,
