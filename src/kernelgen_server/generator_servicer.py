@@ -21,6 +21,7 @@ from kernelgen_server.output_head import OutputHead
 from kernelgen_server.service import GeneratedKernel, KernelService
 from kernelgen_server.status import deadline_of, rpc_scope
 from kernelgen_server.tensors import decode_conditioning
+from kernelgen_wire.group_messages import MemberKernel, encode_group
 from kernelgen_wire.kernel_messages import encode_chunks, encode_response
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.rpc import SERVICE_NAME
@@ -103,6 +104,27 @@ class KernelGeneratorServicer:
             return _head_message(head)
         raise AssertionError("unreachable: errors leave through context.abort")
 
+    async def GenerateGroup(
+        self, request: pb.GenerateGroupRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async with rpc_scope(self.metrics, "GenerateGroup", request.group, context):
+            conditioning = (
+                decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
+            )
+            result = await self.service.generate_group(
+                request.group,
+                list(request.seq_lens),
+                conditioning,
+                request.dtype,
+                representation=request.representation,
+                deadline=deadline_of(context),
+            )
+            kernels = [
+                MemberKernel(k.kernel.payload, k.report, k.kernel.head_hash) for k in result.kernels
+            ]
+            for message in encode_group(result.group.name, result.group.members, kernels, self.chunk_bytes):
+                yield message
+
     # --- plumbing -----------------------------------------------------------------------------
     async def _generate(
         self,
@@ -158,6 +180,11 @@ class KernelGeneratorServicer:
                 self.GetOutputHead,
                 request_deserializer=pb.GetOutputHeadRequest.FromString,
                 response_serializer=pb.OutputHead.SerializeToString,
+            ),
+            "GenerateGroup": grpc.unary_stream_rpc_method_handler(
+                self.GenerateGroup,
+                request_deserializer=pb.GenerateGroupRequest.FromString,
+                response_serializer=raw,
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

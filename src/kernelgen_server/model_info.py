@@ -15,20 +15,23 @@ def config_message(config: ModelConfig) -> pb.ModelConfig:
 
 
 def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
-    """One message per model, ready or not, in name order."""
+    """One message per model, ready or not, in name order (a group's members in the group's order)."""
     infos = []
     for entry in repository.entries():
         if isinstance(entry, LoadedModel):
-            infos.append(
-                pb.ModelInfo(
-                    name=entry.name,
-                    ready=True,
-                    config=config_message(entry.config),
-                    content_hash=entry.content_hash,
-                    parameter_count=entry.parameter_count,
-                    head_hash=entry.head.head_hash,
-                )
+            info = pb.ModelInfo(
+                name=entry.name,
+                ready=True,
+                config=config_message(entry.config),
+                content_hash=entry.content_hash,
+                parameter_count=entry.parameter_count,
+                head_hash=entry.head.head_hash,
             )
         else:
-            infos.append(pb.ModelInfo(name=entry.name, ready=False, reason=entry.reason))
+            info = pb.ModelInfo(name=entry.name, ready=False, reason=entry.reason)
+        place = repository.group_of(entry.name)
+        if place is not None:
+            group, index = place
+            info.group, info.group_index, info.source = group.name, index, group.sources[index]
+        infos.append(info)
     return infos

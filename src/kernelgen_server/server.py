@@ -66,7 +66,7 @@ class Server:
 
     async def start(self) -> None:
         """Listen, warm every model, then report SERVING (overall and per ready model)."""
-        for name in self.repository.names():
+        for name in [*self.repository.names(), *self.repository.groups]:
             await self.health.set(name, NOT_SERVING)
         await self.health.set("", NOT_SERVING)
         await self.grpc_server.start()
@@ -79,6 +79,9 @@ class Server:
             self.service.metrics.models_ready.labels(name).set(1)
         for name in self.repository.failed:
             self.service.metrics.models_ready.labels(name).set(0)
+        for name in self.repository.groups:  # a group serves when every member does
+            if self.repository.group_ready(name):
+                await self.health.set(name, SERVING)
         await self.health.set(SERVICE_NAME, SERVING)
         await self.health.set("", SERVING)
         log.info(

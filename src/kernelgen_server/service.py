@@ -15,7 +15,10 @@ Invariants:
   a miss whose kernel is the centre of a cached larger one (same model and
   dtype) is cut from it on the host thread instead of computed;
 - every limit is checked before any work is queued, so a refused request
-  costs the others nothing.
+  costs the others nothing;
+- a group's kernels (``generate_group``) are its members' requests, each
+  checked first and then run as ``generate`` runs it, all at once: they batch
+  with every other request of their member's bucket.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ from kernelgen_server.errors import (
     DeadlineExpired,
     Draining,
     InvalidRequest,
+    KernelGenError,
     TooLarge,
 )
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.output_head import OutputHead
-from kernelgen_server.repository import LoadedModel, ModelRepository
+from kernelgen_server.repository import LoadedModel, ModelGroup, ModelRepository
 from kernelgen_server.settings import ServerSettings
 from kernelgen_server.tensors import (
     centre,
@@ -57,7 +61,14 @@ from kernelgen_server.threads import ServiceThreads
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
+__all__ = [
+    "FlopSummary",
+    "GeneratedGroup",
+    "GeneratedKernel",
+    "KernelService",
+    "Submitter",
+    "resolve_device",
+]
 
 log = logging.getLogger("kernelgen.core")
 _REPRESENTATION_NAMES = {False: "dense", True: "factored"}
@@ -95,6 +106,31 @@ class GeneratedKernel:
     @property
     def nbytes(self) -> int:
         return self.kernel.nbytes + (0 if self.grid is None else self.grid.nbytes)
+
+
+@dataclass(frozen=True)
+class GeneratedGroup:
+    """A group's kernels as the service made them, in the group's member order."""
+
+    group: ModelGroup
+    kernels: tuple[GeneratedKernel, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kernel.nbytes for kernel in self.kernels)
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A kernel request that passed every check: what to compute, ready to queue."""
+
+    model: LoadedModel
+    lens: tuple[int, ...]
+    out_dtype: torch.dtype
+    wire_dtype: int
+    factored: bool
+    #: Bytes of the kernel (or factors) it asks for.
+    kernel_bytes: int
 
 
 @dataclass(frozen=True)
@@ -229,6 +265,26 @@ class KernelService:
         """
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
+        admitted = self._admit(name, seq_lens, conditioning, dtype, representation)
+        grid_bytes = math.prod(2 * n - 1 for n in admitted.lens) * admitted.model.module.data_dim * 4
+        response_bytes = admitted.kernel_bytes + (grid_bytes if return_grid else 0)
+        if max_bytes is not None and response_bytes > max_bytes:
+            raise TooLarge(
+                f"the response would be {response_bytes} bytes, over the unary limit of "
+                f"{max_bytes} bytes; use StreamKernel for large kernels"
+            )
+        self._check_deadline(deadline)
+        return await self._produce(admitted, conditioning, return_grid, deadline)
+
+    def _admit(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        representation: int,
+    ) -> _Admitted:
+        """Every check of one kernel request that needs no I/O; raises the error of the first that fails."""
         model = self.model(name)
         lens = self.seq_lens(model, seq_lens)
         out_dtype = decode_output_dtype(dtype)
@@ -254,25 +310,30 @@ class KernelService:
         points = math.prod(2 * n - 1 for n in lens)
         width = module.mlp_hidden_dim if factored else module.out_dim
         kernel_bytes = rows * points * width * itemsize(out_dtype)
-        grid_bytes = points * module.data_dim * 4 if return_grid else 0
         if kernel_bytes > self.settings.max_kernel_bytes:
             raise TooLarge(
                 f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
                 f"of {int(self.settings.max_kernel_bytes)} bytes"
             )
-        if max_bytes is not None and kernel_bytes + grid_bytes > max_bytes:
-            raise TooLarge(
-                f"the response would be {kernel_bytes + grid_bytes} bytes, over the unary limit of "
-                f"{max_bytes} bytes; use StreamKernel for large kernels"
-            )
-        self._check_deadline(deadline)
+        return _Admitted(model, lens, out_dtype, wire_dtype, factored, kernel_bytes)
 
+    async def _produce(
+        self,
+        admitted: _Admitted,
+        conditioning: np.ndarray | None,
+        return_grid: bool,
+        deadline: float | None,
+    ) -> GeneratedKernel:
+        """Compute (or fetch) an admitted request: the cache for unconditioned ones, else the batcher."""
+        model, lens, factored = admitted.model, admitted.lens, admitted.factored
         if conditioning is None:
-            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, factored)
+            kernel, report = await self._unconditioned(
+                model, lens, admitted.out_dtype, admitted.wire_dtype, factored
+            )
         else:
             cond = torch.from_numpy(conditioning.copy())
-            key: BucketKey = (model.name, lens, wire_dtype)
-            item = CondItem(cond, kernel_bytes, factored)
+            key: BucketKey = (model.name, lens, admitted.wire_dtype)
+            item = CondItem(cond, admitted.kernel_bytes, factored)
             outcome = await self.submitter.submit(key, item, deadline=deadline)
             kernel = await outcome.result
             report = pb.ServerReport(
@@ -294,6 +355,62 @@ class KernelService:
             engine = self._engines[model.name]
             grid = await self._threads.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
         return GeneratedKernel(kernel, grid, report)
+
+    # --- GenerateGroup ------------------------------------------------------------------------
+    async def generate_group(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+    ) -> GeneratedGroup:
+        """Every member's kernel of group ``name`` for one grid and conditioning, in member order.
+
+        Every member is checked before any work is queued, and the group's
+        kernels together must fit ``max_kernel_bytes``; then the members run
+        concurrently, each as ``generate`` runs one request (its own batch
+        bucket or cache entry). The first failure cancels the others and is
+        raised as its own error class, its message naming the member.
+        """
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        if not name:
+            raise InvalidRequest("group name is empty")
+        group = self.repository.group(name)
+        admitted = []
+        for member in group.members:
+            try:
+                admitted.append(self._admit(member, seq_lens, conditioning, dtype, representation))
+            except KernelGenError as exc:
+                raise _of_member(exc, group, member) from None
+        total = sum(a.kernel_bytes for a in admitted)
+        if total > self.settings.max_kernel_bytes:
+            raise TooLarge(
+                f"the {len(admitted)} kernels of group {name!r} would be {total} bytes together, over the "
+                f"limit of {int(self.settings.max_kernel_bytes)} bytes"
+            )
+        self._check_deadline(deadline)
+
+        async def run(one: _Admitted) -> GeneratedKernel:
+            try:
+                return await self._produce(one, conditioning, False, deadline)
+            except KernelGenError as exc:
+                raise _of_member(exc, group, one.model.name) from None
+
+        tasks = [asyncio.ensure_future(run(one)) for one in admitted]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [task for task in tasks if task in done and task.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            return GeneratedGroup(group, tuple(task.result() for task in tasks))
+        finally:
+            for task in tasks:
+                task.cancel()  # a failed member, or a cancelled caller: the others' work is dropped
+            await asyncio.gather(*tasks, return_exceptions=True)  # and gone before the call ends
 
     async def _unconditioned(
         self,
@@ -388,3 +505,9 @@ class KernelService:
         await self.submitter.close(drain=drain)
         await self._threads.close()
 
+
+def _of_member(error: KernelGenError, group: ModelGroup, member: str) -> KernelGenError:
+    """The same error (class, status, reason), its message naming the group member at fault."""
+    named = type(error)(f"group {group.name!r}, member {member!r}: {error.message}")
+    named.__cause__ = error.__cause__
+    return named
