@@ -137,11 +137,11 @@ def mixed_network(seed: int = 0) -> Network:
     return network
 
 
-def stack(depth: int = 3, seed: int = 0, cond_dim: int = 5, L_cache: int = 7) -> Network:
-    """A trained stack of 2-D FiLM generators sharing one grid and conditioning width."""
+def stack(depth: int = 3, seed: int = 0, cond_dim: int = 5, L_cache: int = 7, out_dim: int = 6) -> Network:
+    """A trained stack of 2-D FiLM generators sharing one grid and conditioning width (hidden 8)."""
     torch.manual_seed(seed)
     config = {
-        "out_dim": 6, "data_dim": 2, "mlp_hidden_dim": 8, "num_layers": 3, "embedding_dim": 8,
+        "out_dim": out_dim, "data_dim": 2, "mlp_hidden_dim": 8, "num_layers": 3, "embedding_dim": 8,
         "omega_0": 10.0, "L_cache": L_cache, "use_bias": True, "hidden_omega_0": 1.0,
         "film_after_pos_embed": False, "film": {"cond_dim": cond_dim, "film_hidden_dim": 6},
     }  # fmt: skip

@@ -39,6 +39,7 @@ from kernelgen_client.errors import (
 from kernelgen_client.types import (
     FiLMConfig,
     FlopReport,
+    GroupInfo,
     HealthStatus,
     KernelResult,
     ModelConfig,
@@ -65,6 +66,7 @@ __all__ = [
     "FailedPrecondition",
     "FiLMConfig",
     "FlopReport",
+    "GroupInfo",
     "HealthStatus",
     "InternalServerError",
     "InvalidRequest",

@@ -30,7 +30,16 @@ from kernelgen_client.types import ModelInfo
 from kernelgen_wire.rpc import HEALTH_CHECK_PATH, method_path
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["METHODS", "Channels", "ClientConfig", "Method", "ModelCache", "bind_methods", "open_channel"]
+__all__ = [
+    "METHODS",
+    "STREAMS",
+    "Channels",
+    "ClientConfig",
+    "Method",
+    "ModelCache",
+    "bind_methods",
+    "open_channel",
+]
 
 
 def _raw(data: bytes) -> bytes:
@@ -59,8 +68,11 @@ METHODS: dict[str, Method] = {
     "ListModels": _service_method("ListModels", pb.ListModelsRequest, pb.ListModelsResponse.FromString),
     "GetModel": _service_method("GetModel", pb.GetModelRequest, pb.ModelInfo.FromString),
     "GetOutputHead": _service_method("GetOutputHead", pb.GetOutputHeadRequest, pb.OutputHead.FromString),
+    "GenerateGroup": _service_method("GenerateGroup", pb.GenerateGroupRequest, _raw),
     "Check": Method(HEALTH_CHECK_PATH, _raw, _raw),
 }
+#: The methods whose responses are streams.
+STREAMS = ("StreamKernel", "GenerateGroup")
 
 
 @dataclass(frozen=True)
@@ -142,21 +154,20 @@ class Channels:
         """The next channel's callable for the unary method ``name``."""
         return next(self._turns)[0][name]
 
-    def stream(self) -> Any:
-        """The next channel's ``StreamKernel`` callable."""
-        return next(self._turns)[1]
+    def stream(self, name: str = "StreamKernel") -> Any:
+        """The next channel's callable for the server-streaming method ``name``."""
+        return next(self._turns)[1][name]
 
 
-def bind_methods(channel: Any) -> tuple[dict[str, Any], Any]:
-    """The channel's callables: unary ones by method name, and ``StreamKernel``."""
-    unary = {
-        name: channel.unary_unary(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
-        for name, m in METHODS.items()
-        if name != "StreamKernel"
-    }
-    m = METHODS["StreamKernel"]
-    stream = channel.unary_stream(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
-    return unary, stream
+def bind_methods(channel: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The channel's callables: unary ones by method name, and streaming ones by method name."""
+    unary: dict[str, Any] = {}
+    streams: dict[str, Any] = {}
+    for name, m in METHODS.items():
+        kind = channel.unary_stream if name in STREAMS else channel.unary_unary
+        bound = kind(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
+        (streams if name in STREAMS else unary)[name] = bound
+    return unary, streams
 
 
 class ModelCache:

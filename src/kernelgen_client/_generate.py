@@ -14,6 +14,11 @@ Flow of a call, identical in both clients:
 4. a factored response names its output head, which the client fetches once
    per head (``GetOutputHead``);
 5. ``finish`` decodes the received bytes into what the caller asked for.
+
+A ``generate_group`` call is the same for every member of the group at once
+(``prepare_group``, ``GroupCall``): it always streams (``GenerateGroup``),
+settles ``"auto"`` over the members together, and decodes each member's
+kernel as a ``generate`` call of that member would.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -46,9 +51,11 @@ __all__ = [
     "STREAM_THRESHOLD_BYTES",
     "Deadline",
     "GenerateCall",
+    "GroupCall",
     "check_seq_lens",
     "predict_bytes",
     "prepare",
+    "prepare_group",
 ]
 
 #: What ``generate(representation=...)`` takes.
@@ -196,6 +203,109 @@ class GenerateCall:
                 representation="factored" if response.factored else "dense",
             )
         return (kernel, grid) if self.return_grid else kernel
+
+
+@dataclass
+class GroupCall:
+    """One ``generate_group`` call's request and the caller's wishes for every member's result."""
+
+    group: str
+    seq_lens: tuple[int, ...]
+    request: pb.GenerateGroupRequest
+    rows: int
+    wire: int
+    as_torch: bool
+    copy: bool
+    with_report: bool
+    representation: str = "dense"
+    started: float = field(default_factory=time.perf_counter)
+
+    def choose_representation(self, members: Sequence[ModelInfo], head_held: Callable[[str], bool]) -> None:
+        """Settle ``"auto"`` for the group: factored when the members' factors, with the output heads
+        not yet held, are fewer bytes than their dense kernels."""
+        if self.representation != "auto":
+            return
+        known = bool(members) and all(m.config is not None for m in members)
+        dense = sum(predict_bytes(m, self.seq_lens, self.rows, self.wire, False) for m in members)
+        factored = sum(
+            predict_bytes(m, self.seq_lens, self.rows, self.wire, False, factored=True)
+            + (0 if head_held(m.head_hash) else head_bytes(m))
+            for m in members
+        )
+        chosen = pb.REPRESENTATION_FACTORED if known and factored < dense else pb.REPRESENTATION_DENSE
+        self.request.representation = chosen  # type: ignore[assignment]
+
+    def member_call(self, model: str) -> GenerateCall:
+        """The ``generate`` call of one member this call stands for, to decode its kernel."""
+        request = pb.GenerateKernelRequest(model=model, representation=self.request.representation)
+        return GenerateCall(
+            model=model,
+            seq_lens=self.seq_lens,
+            request=request,
+            rows=self.rows,
+            wire=self.wire,
+            return_grid=False,
+            as_torch=self.as_torch,
+            copy=self.copy,
+            with_report=self.with_report,
+            stream=True,
+            representation=self.representation,
+            started=self.started,
+        )
+
+    def finish(
+        self,
+        group: str,
+        members: Sequence[str],
+        views: Sequence[ResponseView],
+        heads: Mapping[str, OutputHead],
+    ) -> dict[str, Any]:
+        """Each member's result by model name, in the group's order (``heads``: factored members' heads)."""
+        if group != self.group:
+            raise MalformedResponse(f"asked for group {self.group!r}, got {group!r}")
+        return {
+            name: self.member_call(name).finish(view, streamed=True, head=heads.get(name))
+            for name, view in zip(members, views, strict=True)
+        }
+
+
+def prepare_group(
+    group: str,
+    seq_lens: int | Sequence[int],
+    conditioning: ConditioningLike | None,
+    *,
+    dtype: DTypeLike,
+    as_torch: bool,
+    copy: bool,
+    with_report: bool,
+    representation: str = "dense",
+) -> GroupCall:
+    """Check the arguments and build a group's request; raises ``InvalidRequest`` before any I/O."""
+    if not isinstance(group, str) or not group:
+        raise InvalidRequest(f"group must be a non-empty name, got {group!r}")
+    if representation not in REPRESENTATIONS:
+        choices = ", ".join(REPRESENTATIONS)
+        raise InvalidRequest(f"representation must be one of {choices}, got {representation!r}")
+    lens = check_seq_lens(seq_lens)
+    wire = wire_dtype(dtype)
+    request = pb.GenerateGroupRequest(group=group, seq_lens=lens, dtype=wire)  # type: ignore[arg-type]
+    if representation == "factored":
+        request.representation = pb.REPRESENTATION_FACTORED
+    rows = 1
+    if conditioning is not None:
+        tensor, rows = encode_conditioning(conditioning)
+        request.conditioning.CopyFrom(tensor)
+    return GroupCall(
+        group=group,
+        seq_lens=lens,
+        request=request,
+        rows=rows,
+        wire=wire,
+        as_torch=as_torch,
+        copy=copy,
+        with_report=with_report,
+        representation=representation,
+    )
 
 
 def prepare(

@@ -1,7 +1,8 @@
 """Kernel responses as the client receives them: one message, or a stream into one buffer.
 
 ``read_unary`` reads a ``GenerateKernel`` response and its trailers; a
-``Reassembler`` takes a ``StreamKernel`` stream. Both give a ``ResponseView``
+``Reassembler`` takes a ``StreamKernel`` stream, and a ``GroupReassembler`` a
+``GenerateGroup`` stream (one ``Reassembler`` per member). Both give a ``ResponseView``
 whose tensors view the received bytes, and every malformed response is a
 ``MalformedResponse``. For a stream, the header says how many bytes follow (kernel, then grid); the buffer is
 allocated once at that size and every chunk is copied straight to its
@@ -23,11 +24,12 @@ import numpy as np
 
 from kernelgen_client.errors import MalformedResponse
 from kernelgen_wire.dtypes import DTYPE_NAMES, itemsize
+from kernelgen_wire.group_messages import parse_group_chunk
 from kernelgen_wire.kernel_messages import ResponseView, TensorView, parse_chunk, parse_response
 from kernelgen_wire.protowire import WireFormatError
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["Reassembler", "read_unary"]
+__all__ = ["GroupReassembler", "Reassembler", "read_unary"]
 
 
 def read_unary(raw: bytes, trailers: Iterable[Any] | None) -> ResponseView:
@@ -114,3 +116,54 @@ class Reassembler:
             else None
         )
         return ResponseView(kernel, grid, header.report, header.head_hash)
+
+
+class GroupReassembler:
+    """Feed it each serialized ``GroupKernelChunk`` with ``add``; ``finish`` gives every member's kernel.
+
+    The header (the members, in order) comes first and once; each later
+    message carries one member's ``KernelChunk``, read by that member's
+    ``Reassembler`` with the same checks as a ``StreamKernel`` stream.
+    """
+
+    def __init__(self) -> None:
+        self._header: pb.GroupHeader | None = None
+        self._members: list[Reassembler] = []
+
+    def add(self, message: bytes | memoryview) -> None:
+        try:
+            view = parse_group_chunk(message)
+        except WireFormatError as exc:
+            raise MalformedResponse(f"a group stream message does not decode: {exc}") from None
+        if view.header is not None:
+            if self._header is not None:
+                raise MalformedResponse("the group stream sent a second header")
+            if not view.header.members:
+                raise MalformedResponse("the group stream names no member")
+            self._header = view.header
+            self._members = [Reassembler() for _ in view.header.members]
+        elif self._header is None:
+            raise MalformedResponse("the group stream sent a kernel before its header")
+        if view.chunk is None:
+            return
+        if view.member >= len(self._members):
+            raise MalformedResponse(
+                f"the group stream sent member {view.member} of a group of {len(self._members)}"
+            )
+        try:
+            self._members[view.member].add(view.chunk)
+        except MalformedResponse as exc:
+            raise MalformedResponse(f"member {self._header.members[view.member]!r}: {exc.message}") from None
+
+    def finish(self) -> tuple[str, list[str], list[ResponseView]]:
+        """The group's name, its members' names and each member's kernel, in the group's order."""
+        header = self._header
+        if header is None:
+            raise MalformedResponse("the group stream ended before its header")
+        views = []
+        for name, member in zip(header.members, self._members, strict=True):
+            try:
+                views.append(member.finish())
+            except MalformedResponse as exc:
+                raise MalformedResponse(f"member {name!r}: {exc.message}") from None
+        return header.group, list(header.members), views

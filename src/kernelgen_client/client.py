@@ -15,20 +15,21 @@ import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
-from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare
+from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
-from kernelgen_client._responses import Reassembler, read_unary
+from kernelgen_client._responses import GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import SyncChannels, SyncOnce
 from kernelgen_client.errors import (
     ConnectionFailed,
     KernelServiceError,
     MalformedResponse,
     ModelNotFound,
+    ModelNotReady,
     from_rpc_error,
 )
 from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
-from kernelgen_client.types import FlopReport, HealthStatus, KernelResult, ModelInfo
+from kernelgen_client.types import FlopReport, GroupInfo, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -171,6 +172,43 @@ class KernelClient:
             raise
         return assembler.finish()
 
+    def _group_stream(
+        self, request: pb.GenerateGroupRequest, deadline: Deadline, metadata: MetadataLike | None
+    ) -> tuple[str, list[str], list[ResponseView]]:
+        call = self._channels.stream("GenerateGroup")(
+            request,
+            timeout=deadline.remaining(),
+            metadata=self._config.call_metadata(metadata),
+            wait_for_ready=self._config.retries.wait_for_ready,
+        )
+        assembler = GroupReassembler()
+        try:
+            for message in call:
+                assembler.add(message)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from exc
+        except BaseException:
+            call.cancel()
+            raise
+        return assembler.finish()
+
+    def _model_infos(self, deadline: Deadline, metadata: MetadataLike | None) -> list[ModelInfo]:
+        reply = self._call("ListModels", pb.ListModelsRequest(), deadline, metadata)
+        infos = [ModelInfo.from_pb(m) for m in reply.models]
+        for info in infos:
+            self._models.put(info)
+        return infos
+
+    def _group(self, name: str, deadline: Deadline, metadata: MetadataLike | None) -> GroupInfo:
+        infos = self._model_infos(deadline, metadata)
+        for group in GroupInfo.collect(infos):
+            if group.name == name:
+                return group
+        failed = next((info for info in infos if info.name == name and not info.ready), None)
+        if failed is not None:
+            raise ModelNotReady(f"{name!r} is not ready: {failed.reason}")
+        raise ModelNotFound(f"unknown group {name!r}")
+
     def _info(self, model: str, deadline: Deadline, metadata: MetadataLike | None) -> ModelInfo:
         info = self._models.get(model)
         if info is None:
@@ -184,14 +222,21 @@ class KernelClient:
     def list_models(
         self, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> list[ModelInfo]:
-        """Every model of the server's repository, ready or not, by name."""
-        reply = self._call(
-            "ListModels", pb.ListModelsRequest(), Deadline(self._config.call_timeout(timeout)), metadata
-        )
-        infos = [ModelInfo.from_pb(m) for m in reply.models]
-        for info in infos:
-            self._models.put(info)
-        return infos
+        """Every model of the server's repository, ready or not, by name (a group's members in order)."""
+        return self._model_infos(Deadline(self._config.call_timeout(timeout)), metadata)
+
+    def list_groups(
+        self, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> list[GroupInfo]:
+        """Every group of the server's repository (the kernel generators of one network), by name."""
+        deadline = Deadline(self._config.call_timeout(timeout))
+        return GroupInfo.collect(self._model_infos(deadline, metadata))
+
+    def get_group(
+        self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
+    ) -> GroupInfo:
+        """One group and its members in order; ``ModelNotFound`` when the server has none of that name."""
+        return self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
 
     def get_model(
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
@@ -499,3 +544,171 @@ class KernelClient:
 
         return self._heads.get(head_hash, fetch)
 
+    # --- generate_group -----------------------------------------------------------------------
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        representation: Literal["dense"] = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, NDArray]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        representation: Literal["dense"] = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[False] = False,
+        with_report: Literal[True],
+        copy: bool = False,
+        representation: Literal["dense"] = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, KernelResult[NDArray]]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[True],
+        with_report: Literal[True],
+        copy: bool = False,
+        representation: Literal["dense"] = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, KernelResult[torch.Tensor]]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[False] = False,
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, FactoredKernel[NDArray]]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: Literal[True],
+        with_report: Literal[False] = False,
+        copy: bool = False,
+        representation: Literal["factored"],
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, FactoredKernel[torch.Tensor]]: ...
+    @overload
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: bool = False,
+        with_report: bool = False,
+        copy: bool = False,
+        representation: Representation = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, Any]: ...
+
+    def generate_group(
+        self,
+        group: str,
+        seq_lens: SeqLens,
+        conditioning: ConditioningLike | None = None,
+        *,
+        dtype: DTypeLike = "float32",
+        as_torch: bool = False,
+        with_report: bool = False,
+        copy: bool = False,
+        representation: Representation = "dense",
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> dict[str, Any]:
+        """Every kernel of a group (one network's generators) for one grid and conditioning, in one call.
+
+        The server computes the members concurrently, batching each with the
+        other requests for that member, and streams the kernels once all are
+        ready. A member that fails fails the call: the error is the one that
+        member's ``generate`` would raise, its message naming the member.
+
+        Args:
+            group: the group's name on the server (``ModelInfo.group`` of its members).
+            seq_lens: one length per spatial axis, the same for every member.
+            conditioning: ``[B, cond_dim]`` FiLM conditioning for every member, or ``None``
+                for their unconditioned (cached) kernels.
+            dtype, as_torch, copy, representation: as for ``generate``, for every member;
+                ``"auto"`` picks factored when the members' factors (with the output
+                heads not yet held) are fewer bytes than their dense kernels.
+            with_report: each value a ``KernelResult`` with that member's server report.
+            timeout: deadline for the whole call in seconds (default: the client's).
+            metadata: extra metadata for this call.
+
+        Returns:
+            ``{member model name: kernel}`` in the group's order (``"net/0"``, ``"net/1"``, ...).
+
+        Example::
+
+            kernels = client.generate_group("vision-net", [29, 29], np.zeros((4, 384)))
+            layer_3 = kernels["vision-net/3"]      # or list(kernels.values())[3]
+        """
+        call = prepare_group(
+            group,
+            seq_lens,
+            conditioning,
+            dtype=dtype,
+            as_torch=as_torch,
+            copy=copy,
+            with_report=with_report,
+            representation=representation,
+        )
+        deadline = Deadline(self._config.call_timeout(timeout))
+        if call.representation == "auto":
+            found = self._group(group, deadline, metadata)
+            call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
+        name, members, views = self._group_stream(call.request, deadline, metadata)
+        heads: dict[str, OutputHead] = {}
+        for member, view in zip(members, views, strict=True):
+            if view.factored:
+                heads[member] = self._head(member, view.head_hash, deadline, metadata)
+        return call.finish(name, members, views, heads)

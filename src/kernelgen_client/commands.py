@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kernelgen_client._channel import TLSConfig, default_target
 from kernelgen_client.errors import (
@@ -34,6 +34,9 @@ from kernelgen_client.errors import (
     ModelNotFound,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from kernelgen_client.types import ModelInfo
 
 __all__ = ["EXIT_CODES", "register"]
 
@@ -273,31 +276,52 @@ def _flops(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from kernelgen_client.client import KernelClient
+    from kernelgen_client.types import GroupInfo
 
     with KernelClient(**client_kwargs(args)) as client:
         infos = client.list_models()
     if args.json:
         print(json.dumps([asdict(info) for info in infos]))
         return EXIT_OK
-    rows = [("NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON")]
-    for info in infos:
-        config = info.config
-        rows.append(
-            (
-                info.name,
-                "yes" if info.ready else "no",
-                str(config.data_dim) if config else "-",
-                str(config.out_dim) if config else "-",
-                str(config.cond_dim) if config and config.cond_dim else "-",
-                str(info.parameter_count) if info.ready else "-",
-                info.content_hash[:12] or "-",
-                info.reason,
+    header = ("NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON")
+    _table([header, *(_model_row(info) for info in infos)])
+    groups = GroupInfo.collect(infos)
+    if groups:
+        print()
+        rows = [("GROUP", "MODELS", "READY", "MEMBERS", "FROM")]
+        for group in groups:
+            names, sources = group.names, [m.source for m in group.members]
+            rows.append(
+                (
+                    group.name,
+                    str(len(names)),
+                    "yes" if group.ready else "no",
+                    names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}",
+                    sources[0] if len(sources) == 1 else f"{sources[0]} .. {sources[-1]}",
+                )
             )
-        )
+        _table(rows)
+    return EXIT_OK
+
+
+def _model_row(info: ModelInfo) -> tuple[str, ...]:
+    config = info.config
+    return (
+        info.name,
+        "yes" if info.ready else "no",
+        str(config.data_dim) if config else "-",
+        str(config.out_dim) if config else "-",
+        str(config.cond_dim) if config and config.cond_dim else "-",
+        str(info.parameter_count) if info.ready else "-",
+        info.content_hash[:12] or "-",
+        info.reason,
+    )
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    return EXIT_OK
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -395,7 +419,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=handle_errors(_flops))
 
-    p = sub.add_parser("models", parents=[quick], help="list the server's models", epilog=_EPILOG)
+    p = sub.add_parser(
+        "models", parents=[quick], help="list the server's models, and the groups they form", epilog=_EPILOG
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=handle_errors(_models))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -12,6 +13,7 @@ from kernelgen_wire.v1 import kernelgen_pb2 as pb
 __all__ = [
     "FiLMConfig",
     "FlopReport",
+    "GroupInfo",
     "HealthStatus",
     "KernelResult",
     "ModelConfig",
@@ -136,6 +138,12 @@ class ModelInfo:
     parameter_count: int
     #: Hash of the model's output head, which factored kernels name (empty when not ready).
     head_hash: str = ""
+    #: The group (one network's generators) the model is a member of; empty for a model of its own.
+    group: str = ""
+    #: The member's place in its group (the order ``generate_group`` returns kernels in).
+    group_index: int = 0
+    #: The member's key prefix in the training checkpoint its group was imported from.
+    source: str = ""
 
     @classmethod
     def from_pb(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -147,7 +155,46 @@ class ModelInfo:
             content_hash=message.content_hash,
             parameter_count=int(message.parameter_count),
             head_hash=message.head_hash,
+            group=message.group,
+            group_index=int(message.group_index),
+            source=message.source,
         )
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A group of the server's repository: the kernel generators of one network, in order.
+
+    Example::
+
+        group = client.get_group("vision-net")
+        print(group.name, len(group.members), group.ready, [m.source for m in group.members])
+    """
+
+    name: str
+    #: The members (models named ``<group>/<member>``), in the group's order.
+    members: tuple[ModelInfo, ...]
+
+    @property
+    def ready(self) -> bool:
+        """Every member loaded and can serve."""
+        return all(member.ready for member in self.members)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(member.name for member in self.members)
+
+    @classmethod
+    def collect(cls, infos: Sequence[ModelInfo]) -> list[GroupInfo]:
+        """The groups the models of ``ListModels`` form, by name."""
+        members: dict[str, list[ModelInfo]] = {}
+        for info in infos:
+            if info.group:
+                members.setdefault(info.group, []).append(info)
+        return [
+            cls(name, tuple(sorted(found, key=lambda m: m.group_index)))
+            for name, found in sorted(members.items())
+        ]
 
 
 @dataclass(frozen=True)
