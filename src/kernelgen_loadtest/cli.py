@@ -71,7 +71,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "models", nargs="*", metavar="MODEL[:WEIGHT]", help="models to load, with relative weights"
+        "models",
+        nargs="*",
+        metavar="MODEL[:WEIGHT]",
+        help="models to load, with relative weights; a group's name sends GenerateGroup calls",
     )
     w = p.add_argument_group("workload (flags win over --workload)")
     w.add_argument(

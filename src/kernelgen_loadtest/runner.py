@@ -19,6 +19,7 @@ measured request completes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -117,7 +118,9 @@ def schedule(rate: float, distribution: Distribution, rng: random.Random) -> Ite
 
 class StepRunner:
     """Runs steps with one client; ``client`` is an ``AsyncKernelClient`` or anything with its
-    ``generate(model, seq_lens, conditioning, *, dtype, with_report, stream, representation)``.
+    ``generate(model, seq_lens, conditioning, *, dtype, with_report, stream, representation)``
+    (and, for a workload with a group, ``generate_group(group, seq_lens, conditioning, *, dtype,
+    with_report, representation)``).
     """
 
     def __init__(
@@ -139,6 +142,15 @@ class StepRunner:
         return await step.run()
 
     async def call(self, request: Request) -> Any:
+        if request.group:
+            return await self._client.generate_group(
+                request.model,
+                request.seq_lens,
+                request.conditioning,
+                dtype=request.dtype,
+                with_report=True,
+                representation=request.representation,
+            )
         return await self._client.generate(
             request.model,
             request.seq_lens,
@@ -285,29 +297,32 @@ class _Step:
         progress.ok += 1
 
     def _record(self, request: Request, result: Any, latency: float) -> None:
+        """One successful call; a group's counts as one call of many kernels, each with its report."""
         samples = self.samples
         samples.latencies_s.append(latency)
-        samples.bytes += result.nbytes
-        samples.kernels += result.shape[0] if result.shape else 1
-        report = result.report
-        samples.server_workers[report.worker] += 1
-        samples.representations[report.representation] += 1
-        if request.conditioning is None:
-            samples.unconditioned += 1
-            samples.cache_hits += report.cache_hit
-        if not report.cache_hit:
-            samples.batch_rows.append(report.batch_size)
-            samples.batch_requests.append(report.batch_requests)
-            samples.queue_ms.append(report.queue_ms)
-            samples.compute_ms.append(report.compute_ms)
-        self.kept.offer(lambda: _keep(request, result))
+        members = list(result.items()) if request.group else [(request.model, result)]
+        for model, one in members:
+            samples.bytes += one.nbytes
+            samples.kernels += one.shape[0] if one.shape else 1
+            report = one.report
+            samples.server_workers[report.worker] += 1
+            samples.representations[report.representation] += 1
+            if request.conditioning is None:
+                samples.unconditioned += 1
+                samples.cache_hits += report.cache_hit
+            if not report.cache_hit:
+                samples.batch_rows.append(report.batch_size)
+                samples.batch_requests.append(report.batch_requests)
+                samples.queue_ms.append(report.queue_ms)
+                samples.compute_ms.append(report.compute_ms)
+            self.kept.offer(functools.partial(_keep, request, model, one))
 
 
-def _keep(request: Request, result: Any) -> Kept:
+def _keep(request: Request, model: str, result: Any) -> Kept:
     import numpy as np
 
     return Kept(
-        model=request.model,
+        model=model,
         seq_lens=request.seq_lens,
         conditioning=request.conditioning,
         dtype=request.dtype,

@@ -107,8 +107,9 @@ class Session:
         kwargs = {**client_kwargs, "timeout": min(self.args.timeout, 10.0)}
         with KernelClient(**kwargs, retries=None) as client:
             infos = {info.name: info for info in client.list_models()}
+        groups = {info.group for info in infos.values()}
         for mix in workload.models:
-            if mix.name not in infos:
+            if mix.name not in infos and mix.name not in groups:
                 raise ModelNotFound(f"model {mix.name!r} is not on the server")
         return infos
 
@@ -215,6 +216,7 @@ def _describe(resolved: ResolvedWorkload) -> str:
     w = resolved.workload
     models = "; ".join(
         f"{t.name} {' '.join('x'.join(map(str, s)) for s in t.seq_lens)}"
+        + (f" (group of {len(t.members)})" if t.members else "")
         + ("" if t.cond_dim is not None else " (no FiLM)")
         for t in resolved.targets
     )

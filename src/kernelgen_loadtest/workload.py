@@ -8,6 +8,7 @@ given on the command line win over the file::
         weight: 3
       - name: volume-3d
         seq_lens: [[4, 8, 8]]
+      - name: vision-net         # a group: one GenerateGroup call fetches all its members' kernels
     seq_lens: [[15, 15], "29x29"] # a uniform mix; each model takes those of its data_dim
     rows: 1-4                    # conditioning rows per request: N, "A-B" or [A, B]
     unconditioned: 0.1           # share of requests sent without conditioning (cache traffic)
@@ -17,6 +18,9 @@ given on the command line win over the file::
 
 ``resolve`` checks the workload against the server's ``ModelInfo`` (ready,
 data_dim, FiLM), and ``RequestSource`` draws seeded requests from the result.
+A name may be a group's (``ModelInfo.group`` of its members): its requests
+are ``generate_group`` calls, and its members must share their axes; they
+are conditioned only when every member takes conditioning of one width.
 This module imports numpy only when requests are drawn.
 """
 
@@ -30,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernelgen_client.types import ModelInfo
+from kernelgen_client.types import GroupInfo, ModelInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -305,13 +309,15 @@ def load_file(path: Path) -> dict[str, Any]:
 # --- resolved against the server -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelTarget:
-    """One model as the load tester sends to it: its share, grids and conditioning width."""
+    """One model (or group) as the load tester sends to it: its share, grids and conditioning width."""
 
     name: str
     weight: float
     seq_lens: tuple[SeqLens, ...]
     #: ``None``: the model has no FiLM generator and every request is unconditioned.
     cond_dim: int | None
+    #: A group's members, in order; empty for a model.
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,7 @@ class ResolvedWorkload:
                     "share": t.weight / sum(u.weight for u in self.targets),
                     "seq_lens": [list(s) for s in t.seq_lens],
                     "cond_dim": t.cond_dim,
+                    **({"members": list(t.members)} if t.members else {}),
                 }
                 for t in self.targets
             ],
@@ -344,10 +351,18 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
     """
     targets = []
     used: set[SeqLens] = set()
+    groups = {group.name: group for group in GroupInfo.collect(list(infos.values()))}
     for mix in workload.models:
-        info = infos[mix.name]
-        if not info.ready or info.config is None:
-            raise WorkloadError(f"model {mix.name!r} is not ready on the server: {info.reason or 'unknown'}")
+        if mix.name not in infos and mix.name in groups:
+            info, cond_dim, members = _group_target(groups[mix.name])
+        else:
+            info = infos[mix.name]
+            if not info.ready or info.config is None:
+                raise WorkloadError(
+                    f"model {mix.name!r} is not ready on the server: {info.reason or 'unknown'}"
+                )
+            cond_dim, members = info.config.cond_dim, ()
+        assert info.config is not None
         dims = info.config.data_dim
         if mix.seq_lens:
             options = mix.seq_lens
@@ -364,7 +379,7 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
                 f"model {mix.name!r} has {dims} axes: give seq_lens with {dims} values"
                 f" (got {given or 'none'})"
             )
-        targets.append(ModelTarget(mix.name, mix.weight, tuple(options), info.config.cond_dim))
+        targets.append(ModelTarget(mix.name, mix.weight, tuple(options), cond_dim, members))
     unused = [s for s in workload.seq_lens if s not in used]
     if unused:
         raise WorkloadError(
@@ -373,10 +388,30 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
     return ResolvedWorkload(workload, tuple(targets))
 
 
+def _group_target(group: GroupInfo) -> tuple[ModelInfo, int | None, tuple[str, ...]]:
+    """A group's first member (for its axes and L_cache), the conditioning width, and the members."""
+    for member in group.members:
+        if not member.ready or member.config is None:
+            raise WorkloadError(
+                f"group {group.name!r} is not ready on the server: member {member.name!r}: "
+                f"{member.reason or 'unknown'}"
+            )
+    configs = [m.config for m in group.members if m.config is not None]
+    axes = sorted({c.data_dim for c in configs})
+    if len(axes) > 1:
+        raise WorkloadError(
+            f"group {group.name!r} has members of {' and '.join(map(str, axes))} axes: one seq_lens "
+            "cannot fit them all"
+        )
+    widths = {c.cond_dim for c in configs}
+    cond_dim = widths.pop() if len(widths) == 1 else None  # conditioned only when every member takes it
+    return group.members[0], cond_dim, group.names
+
+
 # --- requests ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Request:
-    """One GenerateKernel call to make."""
+    """One GenerateKernel call to make (or GenerateGroup, for a group)."""
 
     model: str
     seq_lens: SeqLens
@@ -385,6 +420,8 @@ class Request:
     dtype: str
     #: "dense", "factored" or "auto".
     representation: str = "dense"
+    #: ``model`` names a group: one call fetches every member's kernel.
+    group: bool = False
 
     @property
     def kernels(self) -> int:
@@ -435,4 +472,4 @@ class RequestSource:
         if len(self._representations) > 1:  # one draw more only for a mix: seeded runs stay as they were
             index = bisect.bisect_right(self._representation_cumulative, rng.random())
             representation = self._representations[min(index, len(self._representations) - 1)]
-        return Request(target.name, seq_lens, conditioning, self._dtype, representation)
+        return Request(target.name, seq_lens, conditioning, self._dtype, representation, bool(target.members))
