@@ -2,8 +2,8 @@
 
 Modules, each usable alone:
 
-- ``workload``: what to send (models, seq_lens, rows, cache traffic, dtype), from
-  flags or a YAML/JSON file, checked against the server's models; seeded requests.
+- ``workload``: what to send (models or groups, seq_lens, rows, cache traffic, dtype),
+  from flags or a YAML/JSON file, checked against the server's models; seeded requests.
 - ``runner``: one step (a concurrency or a rate) on one ``AsyncKernelClient``.
 - ``processes``: the same step fanned out over client processes (``--workers``), raw
   samples merged.

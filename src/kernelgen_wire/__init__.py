@@ -13,6 +13,8 @@ Everything both ends must agree on lives here and only here:
 - ``kernel_messages``: ``GenerateKernelResponse`` and ``KernelChunk``
   serialized straight from tensor memory and read back as views, without
   copying the kernel bytes;
+- ``group_messages``: ``GenerateGroup``'s stream, each member's ``KernelChunk``
+  messages wrapped with the member's index, written and read the same way;
 - ``model_config``: ``config.json`` values to and from ``ModelConfig``;
 - ``malloc``: the allocator tuning every process that moves large kernel
   buffers applies.
