@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ __all__ = [
     "Generator",
     "ImportBase",
     "PlannedModel",
+    "configure",
     "find_generators",
+    "generator_prefixes",
     "natural_key",
     "plan_network",
 ]
@@ -120,14 +122,7 @@ def find_generators(state: Mapping[str, object], path: Path, under: str = "") ->
     structure that is not one (a missing layer, a bias on some layers only, a
     FiLM output of the wrong width) is a ``CheckpointError`` naming the key.
     """
-    prefixes = sorted(
-        {
-            key[: -len(MARKER)].removesuffix(".")
-            for key in state
-            if key == MARKER or key.endswith("." + MARKER)
-        },
-        key=natural_key,
-    )
+    prefixes = generator_prefixes(state)
     if not prefixes:
         raise CheckpointError(path, _nothing_found(state))
     head = under.strip(".")
@@ -144,6 +139,14 @@ def find_generators(state: Mapping[str, object], path: Path, under: str = "") ->
         if owner in owned:
             owned[owner][key] = value
     return [_generator(prefix, owned[prefix], path) for prefix in chosen]
+
+
+def generator_prefixes(state: Mapping[str, object]) -> list[str]:
+    """The prefix of every generator of a flat training state, in natural order (nothing checked)."""
+    found = {
+        key[: -len(MARKER)].removesuffix(".") for key in state if key == MARKER or key.endswith("." + MARKER)
+    }
+    return sorted(found, key=natural_key)
 
 
 def _nothing_found(state: Mapping[str, object]) -> str:
@@ -390,17 +393,23 @@ class PlannedModel:
         return self.generator.shape_values.get(name)
 
 
-def plan_network(generators: Sequence[Generator], base: ImportBase, path: Path) -> list[PlannedModel]:
+def plan_network(
+    generators: Sequence[Generator],
+    base: ImportBase,
+    path: Path,
+    checkpoint_prefixes: Iterable[str] = (),
+) -> list[PlannedModel]:
     """Each generator's member name (``0``, ``1``, ... in prefix order) and checked config.
 
     Nothing is raised for one generator's fault: its ``PlannedModel.error``
     says it, so a dry run can show every generator. An override naming no
-    generator found is raised at once (a typo must not pass).
+    generator of the checkpoint (``generators``, and ``checkpoint_prefixes``
+    left out of this import) is raised at once: a typo must not pass.
     """
-    prefixes = {g.prefix for g in generators}
+    prefixes = {g.prefix for g in generators} | set(checkpoint_prefixes)
     unknown = sorted(set(base.overrides) - prefixes)
     if unknown:
-        found = ", ".join(repr(g.prefix) for g in generators)
+        found = ", ".join(map(repr, sorted(prefixes, key=natural_key)))
         raise ConfigError(
             Path(base.source), f"overrides name {unknown[0]!r}, which is no generator found (found: {found})"
         )

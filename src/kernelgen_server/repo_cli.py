@@ -182,13 +182,14 @@ def _import(args: argparse.Namespace) -> int:
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
     from kernelgen_server.checkpoint import read_training_checkpoint, training_state
-    from kernelgen_server.discovery import ImportBase, find_generators, plan_network
+    from kernelgen_server.discovery import ImportBase, find_generators, generator_prefixes, plan_network
     from kernelgen_server.repository import NewMember, check_model_name, group_holds, write_group
 
     check_model_name(args.name)
     base = ImportBase.from_file(args.config) if args.config is not None else ImportBase.empty()
     state = training_state(read_training_checkpoint(args.checkpoint), args.checkpoint)
-    plans = plan_network(find_generators(state, args.checkpoint, args.prefix or ""), base, args.checkpoint)
+    generators = find_generators(state, args.checkpoint, args.prefix or "")
+    plans = plan_network(generators, base, args.checkpoint, generator_prefixes(state))
     members = [
         NewMember(plan.member, plan.generator.prefix, plan.config, plan.generator.tensors)
         for plan in plans

@@ -13,7 +13,14 @@ from torch import Tensor
 
 from kernelgen_server.checkpoint import CheckpointError, read_training_checkpoint, training_state
 from kernelgen_server.config import ConfigError, ModelConfig
-from kernelgen_server.discovery import ImportBase, configure, find_generators, natural_key, plan_network
+from kernelgen_server.discovery import (
+    ImportBase,
+    configure,
+    find_generators,
+    generator_prefixes,
+    natural_key,
+    plan_network,
+)
 
 PATH = Path("run.ckpt")
 CONFIG: dict[str, Any] = {
@@ -167,6 +174,13 @@ def test_plan_reports_each_generators_fault_and_an_unknown_override_at_once() ->
     assert bad.value("data_dim") == 1 and bad.value("L_cache") is None
     with pytest.raises(ConfigError, match=r"overrides name 'c', which is no generator found"):
         plan_network(generators, ImportBase("base.json", {}, {"c": {"L_cache": 4}}), PATH)
+    # An override of a generator the checkpoint holds but this import leaves out is no typo.
+    (only_a,) = find_generators(state, PATH, under="a")
+    base = ImportBase("base.json", {"omega_0": 1.0, "L_cache": 5}, {"b": {"L_cache": 9}})
+    (plan,) = plan_network([only_a], base, PATH, generator_prefixes(state))
+    assert plan.error is None
+    with pytest.raises(ConfigError, match=r"overrides name 'b'"):
+        plan_network([only_a], base, PATH)
 
 
 def test_a_base_file_is_strict(tmp_path: Path) -> None:

@@ -168,9 +168,8 @@ def test_dry_run_without_a_base_shows_the_shapes_and_what_is_missing(
 def test_prefix_keeps_the_generators_under_it(tmp_path: Path) -> None:
     checkpoint = save(mixed_network(), "pt", tmp_path / "run")
     repo = tmp_path / "repo"
-    assert run_import(checkpoint, repo, "--prefix", "blocks.1", base=write_base(tmp_path, MIXED_BASE)) == 2
-    base = {**MIXED_BASE, "overrides": {"blocks.1.filter.kernel": {"L_cache": [6, 9]}}}
-    assert run_import(checkpoint, repo, "--prefix", "blocks.1", base=write_base(tmp_path, base)) == 0
+    # The base's override of blocks.2, left out of this import, is no typo: it is kept quiet.
+    assert run_import(checkpoint, repo, "--prefix", "blocks.1", base=write_base(tmp_path, MIXED_BASE)) == 0
     group = ModelRepository.load(repo).groups["net"]
     assert group.members == ("net/0",)
     assert group.sources == ("blocks.1.filter.kernel",)
