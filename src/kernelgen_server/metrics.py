@@ -58,6 +58,12 @@ class Metrics:
         self.inflight = Gauge(
             "kernelgen_inflight_requests", "Calls in progress.", registry=r, multiprocess_mode="livesum"
         )
+        self.inflight_bytes = Gauge(
+            "kernelgen_inflight_bytes",
+            "Response bytes reserved by calls in progress (the --max-inflight-bytes budget).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queue_time = Histogram(
             "kernelgen_queue_time_seconds",
             "Time a conditioned request waited for its batch.",

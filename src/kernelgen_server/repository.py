@@ -44,6 +44,7 @@ __all__ = [
     "check_model_name",
     "content_hash",
     "embedded_repository",
+    "is_model_name",
     "load_model",
     "write_model",
 ]
@@ -59,6 +60,11 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 def embedded_repository() -> Path:
     """The repository shipped inside the package (``kernelgen_server/models``)."""
     return Path(__file__).resolve().parent / "models"
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` can name a model (checked in constant time per character, no backtracking)."""
+    return len(name) <= 128 and _MODEL_NAME.fullmatch(name) is not None
 
 
 def check_model_name(name: str) -> str:

@@ -25,6 +25,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -41,11 +42,14 @@ from kernelgen_server.errors import (
     Draining,
     InvalidRequest,
     TooLarge,
+    shorten,
 )
+from kernelgen_server.inflight import InflightBudget, Reservation
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.output_head import OutputHead
-from kernelgen_server.repository import LoadedModel, ModelRepository
+from kernelgen_server.repository import LoadedModel, ModelRepository, is_model_name
 from kernelgen_server.settings import ServerSettings
+from kernelgen_server.streaming import KernelStream, TiledStream, WholeStream
 from kernelgen_server.tensors import (
     centre,
     decode_output_dtype,
@@ -57,7 +61,15 @@ from kernelgen_server.threads import ServiceThreads
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
+__all__ = [
+    "FlopSummary",
+    "GeneratedKernel",
+    "KernelPlan",
+    "KernelService",
+    "Submitter",
+    "check_name",
+    "resolve_device",
+]
 
 log = logging.getLogger("kernelgen.core")
 _REPRESENTATION_NAMES = {False: "dense", True: "factored"}
@@ -86,15 +98,55 @@ class Submitter(Protocol):
 
 @dataclass(frozen=True)
 class GeneratedKernel:
-    """One kernel as the service made it: its encoded message, the grid if asked, the report."""
+    """One kernel as the service made it: its encoded message, the grid if asked, the report.
+
+    ``reservation`` holds the response's bytes in the server's in-flight budget until
+    ``release()`` (the servicer calls it when the call ends; dropping the result does too).
+    """
 
     kernel: EncodedKernel
     grid: Payload | None
     report: pb.ServerReport
+    reservation: Reservation | None = None
 
     @property
     def nbytes(self) -> int:
         return self.kernel.nbytes + (0 if self.grid is None else self.grid.nbytes)
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """A validated kernel request: what to compute and how many bytes it will take."""
+
+    model: LoadedModel
+    lens: tuple[int, ...]
+    out_dtype: torch.dtype
+    wire_dtype: int
+    factored: bool
+    #: ``[rows, C]`` float32, or None for the plain kernel.
+    conditioning: np.ndarray | None
+    rows: int
+    points: int
+    width: int
+    kernel_bytes: int
+    grid_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kernel_bytes + self.grid_bytes
+
+    @property
+    def head_hash(self) -> str:
+        """The output head's hash for a factored kernel, else empty."""
+        return self.model.head.head_hash if self.factored else ""
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return (self.rows, *(2 * n - 1 for n in self.lens), self.width)
 
 
 @dataclass(frozen=True)
@@ -105,6 +157,17 @@ class FlopSummary:
     grid_points: int
     kernel_bytes: int
     cacheable: bool
+
+
+def check_name(name: str) -> str:
+    """``name`` if it could name a model; else ``InvalidRequest``, the name cut short in the message."""
+    if not name:
+        raise InvalidRequest("model name is empty")
+    if not is_model_name(name):
+        raise InvalidRequest(
+            f"{shorten(name)} is not a model name: letters, digits, '.', '_' or '-', at most 128 characters"
+        )
+    return name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,13 +230,13 @@ class KernelService:
             clock=clock,
             observer=self.metrics,
         )
+        self.budget = InflightBudget(settings.inflight_budget(), observe=self.metrics.inflight_bytes.set)
         self.draining = False
 
     # --- lookups ------------------------------------------------------------------------------
     def model(self, name: str) -> LoadedModel:
-        if not name:
-            raise InvalidRequest("model name is empty")
-        return self.repository.get(name)
+        """The ready model ``name``; refuses a name that could name no model, an unknown or failed one."""
+        return self.repository.get(check_name(name))
 
     def seq_lens(self, model: LoadedModel, values: Sequence[int]) -> tuple[int, ...]:
         data_dim = model.module.data_dim
@@ -210,23 +273,16 @@ class KernelService:
         return self.model(name).head
 
     # --- GenerateKernel -----------------------------------------------------------------------
-    async def generate(
+    def plan(
         self,
         name: str,
         seq_lens: Sequence[int],
         conditioning: np.ndarray | None,
         dtype: int,
         return_grid: bool,
-        *,
         representation: int = pb.REPRESENTATION_DENSE,
-        deadline: float | None = None,
-        max_bytes: int | None = None,
-    ) -> GeneratedKernel:
-        """Compute (or fetch) one kernel, dense or factored.
-
-        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
-        dtype of what travels: the kernel, or its factors.
-        """
+    ) -> KernelPlan:
+        """Validate a kernel request and size it; every refusal happens here, before any work."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         model = self.model(name)
@@ -260,13 +316,116 @@ class KernelService:
                 f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
                 f"of {int(self.settings.max_kernel_bytes)} bytes"
             )
-        if max_bytes is not None and kernel_bytes + grid_bytes > max_bytes:
+        return KernelPlan(
+            model, lens, out_dtype, wire_dtype, factored, conditioning, rows, points, width, kernel_bytes,
+            grid_bytes,
+        )  # fmt: skip
+
+    async def generate(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        return_grid: bool,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
+    ) -> GeneratedKernel:
+        """Compute (or fetch) one kernel, dense or factored, holding its bytes in the in-flight budget.
+
+        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
+        dtype of what travels: the kernel, or its factors.
+        """
+        plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
+        if max_bytes is not None and plan.total_bytes > max_bytes:
             raise TooLarge(
-                f"the response would be {kernel_bytes + grid_bytes} bytes, over the unary limit of "
+                f"the response would be {plan.total_bytes} bytes, over the unary limit of "
                 f"{max_bytes} bytes; use StreamKernel for large kernels"
             )
-        self._check_deadline(deadline)
+        return await self.compute(plan, deadline)
 
+    async def compute(self, plan: KernelPlan, deadline: float | None = None) -> GeneratedKernel:
+        """The kernel of a plan, whole; its bytes are reserved in the in-flight budget first."""
+        self._check_deadline(deadline)
+        reservation = self.budget.reserve(plan.total_bytes)
+        try:
+            result = await self._compute(plan, deadline)
+        except BaseException:
+            reservation.release()
+            raise
+        generated = GeneratedKernel(result.kernel, result.grid, result.report, reservation)
+        # A caller that drops the result without releasing it (in-process use) returns the bytes then.
+        weakref.finalize(generated, reservation.release)
+        return generated
+
+    async def open_stream(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        return_grid: bool,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+    ) -> KernelStream:
+        """A ``StreamKernel`` response: the kernel whole in chunks, or, when large, tile by tile."""
+        plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
+        if not self.tiled(plan):
+            return WholeStream(await self.compute(plan, deadline))
+        self._check_deadline(deadline)
+        settings = self.settings
+        held = 2 * int(settings.stream_tile_bytes) + 2 * int(settings.stream_chunk_bytes)
+        reservation = self.budget.reserve(held, "the stream")
+        model = plan.model
+        label = _REPRESENTATION_NAMES[plan.factored]
+
+        def done(nbytes: int) -> None:
+            self.metrics.kernels_served.labels(model.name, label).inc()
+            self.metrics.payload_bytes.labels(model.name, label).inc(nbytes)
+
+        report = pb.ServerReport(
+            batch_size=plan.rows,
+            batch_requests=1,
+            model_hash=model.content_hash,
+            worker=self.worker,
+            representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
+        )
+        spatial = plan.kernel_shape[1:-1]
+        return TiledStream(
+            engine=self._engines[model.name],
+            threads=self._threads,
+            lens=plan.lens,
+            conditioning=None if plan.conditioning is None else torch.from_numpy(plan.conditioning.copy()),
+            dtype=plan.out_dtype,
+            wire_dtype=plan.wire_dtype,
+            factored=plan.factored,
+            head_hash=plan.head_hash,
+            kernel_shape=plan.kernel_shape,
+            grid_shape=(1, *spatial, model.module.data_dim) if plan.grid_bytes else None,
+            cache_lens=tuple(model.module.L_cache),
+            tile_bytes=int(settings.stream_tile_bytes),
+            report=report,
+            reservation=reservation,
+            on_done=done,
+        )
+
+    def tiled(self, plan: KernelPlan) -> bool:
+        """Whether a streamed kernel is computed in tiles as it is sent, never whole.
+
+        Above ``stream_tile_bytes``; an unconditioned one only when it is also too large
+        for the cache to keep well (a quarter of it), since cached kernels are sent from
+        the cache's bytes to every later caller.
+        """
+        if plan.kernel_bytes <= self.settings.stream_tile_bytes:
+            return False
+        return plan.conditioning is not None or plan.kernel_bytes > int(self.settings.cache_bytes) // 4
+
+    async def _compute(self, plan: KernelPlan, deadline: float | None) -> GeneratedKernel:
+        model, lens, out_dtype, wire_dtype = plan.model, plan.lens, plan.out_dtype, plan.wire_dtype
+        factored, conditioning, kernel_bytes = plan.factored, plan.conditioning, plan.kernel_bytes
         if conditioning is None:
             kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, factored)
         else:
@@ -290,7 +449,7 @@ class KernelService:
             kernel.payload.nbytes
         )
         grid = None
-        if return_grid:
+        if plan.grid_bytes:
             engine = self._engines[model.name]
             grid = await self._threads.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
         return GeneratedKernel(kernel, grid, report)
