@@ -9,6 +9,7 @@ with a pass-through response serializer. Errors become statuses in
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, TypeVar
 
 import grpc
@@ -27,6 +28,8 @@ from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["KernelGeneratorServicer", "decode"]
+
+log = logging.getLogger("kernelgen.rpc")
 
 T = TypeVar("T", bound=Any)
 
@@ -146,6 +149,11 @@ class KernelGeneratorServicer:
                 f"the client took no message for {self.send_timeout_s:g} s; the stream is stopped "
                 "(--stream-send-timeout-s)"
             ) from None
+        except Exception as exc:
+            # A write fails only once the call is over: the client cancelled, its deadline
+            # passed or its connection went. An ordinary end, not a server error.
+            log.debug("a stream write failed, the call is over: %s", type(exc).__name__)
+            raise asyncio.CancelledError() from None
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers: requests come as bytes (decoded in the scope), kernels go as bytes."""

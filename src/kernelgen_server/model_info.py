@@ -30,5 +30,13 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
                 )
             )
         else:
-            infos.append(pb.ModelInfo(name=entry.name, ready=False, reason=entry.reason))
+            infos.append(pb.ModelInfo(name=entry.name, ready=False, reason=_cut(entry.reason)))
     return infos
+
+
+#: Longest reason a listing carries: one bad model never makes ``ListModels`` too large to send.
+MAX_REASON_CHARS = 1000
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "... (cut)"
