@@ -613,13 +613,17 @@ def cmd_build(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--engine", choices=["auto", "podman", "docker"], default=os.environ.get("CONTAINER_ENGINE", "auto")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--engine",
+        choices=["auto", "podman", "docker"],
+        default=os.environ.get("CONTAINER_ENGINE", "auto"),
+        help="auto (default, or $CONTAINER_ENGINE): docker where its daemon answers, else podman",
     )
-    parser.add_argument(
-        "--base", help="base image for every stage (default: the Dockerfile's, else the local one)"
+    common.add_argument(
+        "--base", help="base image of every stage (default: the Dockerfile's, else the local one)"
     )
-    parser.add_argument(
+    common.add_argument(
         "--with",
         dest="with_tools",
         action="append",
@@ -628,8 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also make sure of what `podman kube play` (kube) or podman-compose (compose) needs",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("engine", help="make a container engine usable; print it and the base image")
-    build = sub.add_parser("build", help="build an image unless one with the same inputs exists")
+    sub.add_parser("engine", parents=[common], help="make a container engine usable; print it and the base")
+    build = sub.add_parser(
+        "build", parents=[common], help="build an image unless one of the same inputs exists"
+    )
     build.add_argument("--dockerfile", default=DEFAULT_DOCKERFILE, help=f"default: {DEFAULT_DOCKERFILE}")
     build.add_argument("--tag", default=DEFAULT_TAG, help=f"default: {DEFAULT_TAG}")
     build.add_argument("--target", help="build only up to this stage")
