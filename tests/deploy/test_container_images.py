@@ -310,11 +310,23 @@ def history(engine: str, image: str) -> list[tuple[int, str]]:
 
 
 SLIMMED = """
-import importlib.util, os, sys, torch
+import importlib.util, os, struct, sys, torch
+
+def symtab(path):  # an ELF64 section of type SHT_SYMTAB (2): what strip removes
+    with open(path, "rb") as f:
+        shoff, = struct.unpack_from("<Q", f.read(64), 0x28)
+        f.seek(0x3A)
+        size, count = struct.unpack("<HH", f.read(4))
+        f.seek(shoff)
+        table = f.read(size * count)
+    return any(struct.unpack_from("<I", table, n * size + 4)[0] == 2 for n in range(count))
+
 d = os.path.dirname(torch.__file__)
+lib = os.path.join(d, "lib")
 left = [p for p in ("include", "test", "share/cmake") if os.path.exists(os.path.join(d, p))]
 left += [f for f in os.listdir(os.path.join(d, "bin")) if f != "torch_shm_manager"]
-left += [f for f in os.listdir(os.path.join(d, "lib")) if "test" in f]
+left += [f for f in os.listdir(lib) if "test" in f]
+left += [f + " unstripped" for f in os.listdir(lib) if ".so" in f and symtab(os.path.join(lib, f))]
 left += ["pip"] if importlib.util.find_spec("pip") else []
 print(torch.__version__, torch.version.cuda, left)
 sys.exit(1 if left else 0)
@@ -322,7 +334,8 @@ sys.exit(1 if left else 0)
 
 
 def assert_slimmed(engine: str, image: str) -> str:
-    """Nothing of torch's build and test payload, nor pip, is left in the image's venv."""
+    """Nothing of torch's build and test payload, nor a static symbol table in its libraries,
+    nor pip, is left in the image's venv."""
     out = subprocess.run(
         [engine, "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", SLIMMED],
         capture_output=True, text=True, timeout=120, check=False,
