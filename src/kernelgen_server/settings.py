@@ -108,9 +108,9 @@ class ServerSettings(BaseSettings):
     max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls in progress before refusing more")
     max_inflight_bytes: ByteSize | None = Field(
         None,
-        description="response bytes the server may hold at once (computed, encoded, or waiting to be sent); "
-        "a call over it gets RESOURCE_EXHAUSTED with pushback (default: a quarter of the memory the server "
-        "may use)",
+        description="response bytes one server process may hold at once (computed, encoded, or waiting to be "
+        "sent); a call over it gets RESOURCE_EXHAUSTED with pushback (default: a quarter of the memory the "
+        "server may use, shared by its --workers)",
     )
     stream_tile_bytes: ByteSize = Field(
         ByteSize(4 * MiB),
@@ -171,10 +171,10 @@ class ServerSettings(BaseSettings):
         return "127.0.0.1" if self.secured else self.host
 
     def inflight_budget(self) -> int:
-        """``max_inflight_bytes``, else a quarter of the memory this process may use."""
+        """``max_inflight_bytes``, else a quarter of the memory the server may use, shared by its workers."""
         if self.max_inflight_bytes is not None:
             return int(self.max_inflight_bytes)
-        return max(64 * MiB, usable_memory() // 4)
+        return max(64 * MiB, usable_memory() // 4 // self.workers)
 
     def connection_limit(self) -> int:
         """``max_connections``, else the open-file limit less 256 for the server's own files."""

@@ -131,6 +131,7 @@ def test_memory_and_connection_budgets() -> None:
 
     defaults = load_settings({})
     assert defaults.inflight_budget() == max(64 << 20, usable_memory() // 4)
+    assert load_settings({"workers": 4}).inflight_budget() == max(64 << 20, usable_memory() // 16)
     assert 0 < usable_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY:
