@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit setup clean bench
+.PHONY: serve test lint typecheck unit setup clean bench image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest --junitxml=reports/junit.xml $(PYTEST_ARGS)
+
+# The CPU image, docker/Dockerfile.cpu, with podman (docker where its daemon answers): installs
+# podman and makes a local base image where they are missing, rebuilds only when the inputs
+# changed; IMAGE_ARGS passes options (python3 scripts/container_image.py build --help).
+image:
+	$(PYTHON) scripts/container_image.py build $(IMAGE_ARGS)
 
 # The benchmark suite (several minutes); results and README in benchmarks/results/.
 bench: $(STAMP)

@@ -13,7 +13,8 @@ Runs on this machine, one after another:
    its own that the benchmark makes; skipped with the reason where it cannot) on the same model
    and load;
 6. ``bench_factored.py``: dense against factored kernels, both delivered as dense arrays;
-7. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+7. ``bench_hostile.py``: small requests while large kernels stream, tiled against whole;
+8. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -262,6 +263,8 @@ def page(
         triton_section(load("triton.json")),
         "## Dense against factored kernels",
         factored_section(load("factored.json")),
+        "## Small requests while large kernels stream",
+        hostile_section(load("hostile.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -289,7 +292,27 @@ def factored_section(factored: dict[str, Any] | None) -> str:
     )
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,factored,sweep"
+def hostile_section(hostile: dict[str, Any] | None) -> str:
+    if not hostile:
+        return "(not run)"
+    rows = [
+        {
+            "server": name,
+            "small p99 idle ms": f"{s['idle_p99_ms']:.1f}",
+            "small p99 under streams ms": f"{s['loaded_p99_ms']:.1f}",
+            "under / idle": f"{s['p99_ratio']:.1f}",
+            "server peak RSS MB": f"{s['peak_rss_loaded_MB']:.0f}",
+        }
+        for name, s in hostile["servers"].items()
+    ]
+    return (
+        f"`bench_hostile.py`, {hostile['machine']['date']}.\n\n"
+        + markdown_table(rows)
+        + "\n\nDetails: [hostile.md](hostile.md)."
+    )
+
+
+ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,sweep"
 
 
 def main() -> None:
@@ -339,6 +362,8 @@ def main() -> None:
         run([sys.executable, str(BENCH / "bench_triton.py"), *(["--quick"] if args.quick else [])])
     if "factored" in parts:
         run([sys.executable, str(BENCH / "bench_factored.py"), *(["--quick"] if args.quick else [])])
+    if "hostile" in parts:
+        run([sys.executable, str(BENCH / "bench_hostile.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

@@ -13,7 +13,7 @@ within a status by reason::
     │   ├── ConditioningNotSupported   reason no-film
     │   └── ModelNotReady              reason model-not-ready
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
-    │   ├── Overloaded                 reason queue-full (retryable)
+    │   ├── Overloaded                 reason queue-full or memory-full (retryable)
     │   └── KernelTooLarge             reason too-large (never retried)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED (also a TimeoutError)
     ├── Cancelled                 CANCELLED
@@ -219,6 +219,7 @@ _BY_REASON: dict[str, type[KernelServiceError]] = {
     Reason.NO_FILM: ConditioningNotSupported,
     Reason.MODEL_NOT_READY: ModelNotReady,
     Reason.QUEUE_FULL: Overloaded,
+    Reason.MEMORY_FULL: Overloaded,
     Reason.TOO_LARGE: KernelTooLarge,
     Reason.DRAINING: ServerDraining,
 }

@@ -1,7 +1,9 @@
 """``config.json``: the constructor arguments of one served ``SIRENKernelND``.
 
 The schema is strict: unknown keys are refused, no bool stands in for an int,
-no string is coerced into a number. Architectural rules (minimum sizes,
+no string is coerced into a number. Every size has an upper bound (``LIMITS``),
+checked before anything is built, so a hostile or mistaken config is refused
+in milliseconds with a short message naming its key. Architectural rules (minimum sizes,
 ``L_cache`` per axis, ``film_after_pos_embed`` needing ``embedding_dim ==
 mlp_hidden_dim``, ...) are not restated here: a valid config is one for which
 ``SIRENKernelND.__init__`` succeeds, checked by building the module on the
@@ -13,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -42,14 +45,25 @@ class ConfigError(ValueError):
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+#: Upper bounds of a served model's sizes: far above any SIREN kernel generator in use,
+#: far below what would take the server's memory or seconds of its time to refuse.
+LIMITS = {
+    "data_dim": 8,
+    "width": 16384,  # out_dim, mlp_hidden_dim, embedding_dim, cond_dim, film_hidden_dim
+    "num_layers": 256,
+    "L_cache": 1 << 24,
+    "parameters": 1 << 30,
+}
+_Width = Annotated[int, Field(le=LIMITS["width"])]
+
 
 class FiLMSection(BaseModel):
     """The ``film`` entry: the shape of the FiLM generator."""
 
     model_config = _STRICT
 
-    cond_dim: int
-    film_hidden_dim: int = FILM_DEFAULTS["film_hidden_dim"]
+    cond_dim: _Width
+    film_hidden_dim: _Width = FILM_DEFAULTS["film_hidden_dim"]
 
 
 class ModelConfig(BaseModel):
@@ -57,11 +71,11 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    out_dim: int
-    data_dim: int
-    mlp_hidden_dim: int
-    num_layers: int
-    embedding_dim: int
+    out_dim: _Width
+    data_dim: Annotated[int, Field(le=LIMITS["data_dim"])]
+    mlp_hidden_dim: _Width
+    num_layers: Annotated[int, Field(le=LIMITS["num_layers"])]
+    embedding_dim: _Width
     omega_0: float
     L_cache: int | tuple[int, ...]
     use_bias: bool
@@ -76,15 +90,43 @@ class ModelConfig(BaseModel):
         # The union's per-member errors ("L_cache.int: ...", "L_cache.tuple[int, ...]: ...")
         # would be noise; one sentence says what is expected.
         try:
-            return handler(tuple(value) if isinstance(value, list) else value)
+            lens = handler(tuple(value) if isinstance(value, list) else value)
         except ValidationError:
-            raise ValueError(f"must be an int or a list of ints (one per axis), got {value!r}") from None
+            raise ValueError(
+                f"must be an int or a list of ints (one per axis), got {_short(value)}"
+            ) from None
+        values = lens if isinstance(lens, tuple) else (lens,)
+        if len(values) > LIMITS["data_dim"] or any(n > LIMITS["L_cache"] for n in values):
+            raise ValueError(
+                f"at most {LIMITS['data_dim']} axes of at most {LIMITS['L_cache']} each, got {_short(value)}"
+            )
+        return lens
 
     @model_validator(mode="after")
     def _check_architecture(self) -> ModelConfig:
+        # Counted before anything is built: a huge model is refused without building it.
+        parameters = self.parameter_bound()
+        if parameters > LIMITS["parameters"]:
+            raise ValueError(
+                f"the model would have about {parameters} parameters, over {LIMITS['parameters']}"
+            )
         # The model's own constructor is the one definition of a valid architecture.
-        self.build(device="meta")
+        try:
+            self.build(device="meta")
+        except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+            raise ValueError(_short(str(exc), 300)) from None
         return self
+
+    def parameter_bound(self) -> int:
+        """An upper bound of the model's parameter count, from the sizes alone."""
+        hidden, embed = self.mlp_hidden_dim, self.embedding_dim
+        count = (self.data_dim + 1) * embed + (embed + 1) * hidden
+        count += max(self.num_layers - 2, 0) * (hidden + 1) * hidden + (hidden + 1) * self.out_dim
+        if self.film is not None:
+            n_film = self.num_layers + 1
+            count += (self.film.cond_dim + 1) * self.film.film_hidden_dim
+            count += (self.film.film_hidden_dim + 1) * n_film * 2 * hidden
+        return count
 
     # -- construction --------------------------------------------------------
 
@@ -160,8 +202,14 @@ class ModelConfig(BaseModel):
             raise ConfigError(Path(source), f"invalid config: {describe_errors(exc)}") from None
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (a config's values are not ours to print whole)."""
+    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def describe_errors(exc: ValidationError) -> str:
-    """One line per pydantic error, joined by '; ', each naming its key."""
+    """One short line per pydantic error (at most 8), joined by '; ', each naming its key."""
     parts = []
     for err in exc.errors(include_url=False):
         key = ".".join(str(p) for p in err["loc"])
@@ -171,7 +219,9 @@ def describe_errors(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             parts.append(f"missing key {key!r}")
         elif err["type"].endswith("_type"):
-            parts.append(f"{key}: {msg}, got {err['input']!r}")
+            parts.append(f"{key}: {msg}, got {_short(err['input'])}")
         else:
-            parts.append(f"{key}: {msg}" if key else msg)
+            parts.append(f"{key}: {_short(msg, 300)}" if key else _short(msg, 300))
+    if len(parts) > 8:
+        parts = [*parts[:8], f"and {len(parts) - 8} more"]
     return "; ".join(parts)

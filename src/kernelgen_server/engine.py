@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
 from kernelgen_server.memory import ALIGN as _ALIGN
 from kernelgen_server.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
-from kernelgen_server.model import SIRENKernelND, kernel_grid, normalize_lengths
+from kernelgen_server.model import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
 
 __all__ = [
     "OUTPUT_DTYPES",
@@ -301,6 +301,55 @@ class KernelEngine:
             del pinned  # on CUDA, only now is its host -> device copy known to be done
         return result
 
+    def points(
+        self,
+        seq_lens: int | Sequence[int],
+        start: int,
+        stop: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        conditioning: Tensor | None = None,
+        factored: bool = False,
+    ) -> Tensor:
+        """The kernel (or its factors) at flat grid points ``start:stop`` only, ``[stop - start, width]``.
+
+        One tile of a kernel too large to hold whole: grid points are independent, so
+        the tiles of a kernel, in order, are its rows in row-major order. ``conditioning``
+        is one ``[1, C]`` row, or None for the plain kernel. The grid's coordinates are
+        gathered for these points alone, and no shared prefix is cached; values equal the
+        whole kernel's to float32 rounding. Contiguous, on CPU.
+        """
+        lens = self.normalize_seq_lens(seq_lens)
+        _check_dtype(dtype)
+        total = math.prod(self.spatial_shape(lens))
+        if not 0 <= start < stop <= total:
+            raise InvalidRequest(f"points {start}:{stop} are not within the grid's {total}")
+        width = self.width(factored)
+        result = self._result((stop - start, width), dtype)
+        with torch.inference_mode(), self._on_device():
+            h = torch.sin(self._pos(tile_coordinates(lens, self._cache_lens, start, stop).to(self.device)))
+            for lin in self._shared:
+                h = torch.sin(lin(h))
+            if conditioning is None:
+                for lin in self._per_row[:-1]:
+                    h = torch.sin(lin(h))
+                self._deliver(h if factored else self._per_row[-1](h), result)
+                return result
+            if self._film_head is None or self._film_in is None:
+                raise ConditioningNotSupported("this model has no FiLM generator; send no conditioning")
+            cond = conditioning.detach().to(self.device, torch.float32).reshape(1, -1)
+            film = self._film_head(nn.functional.gelu(self._film_in(cond)))[0]
+            last = len(self._per_row) - 1
+            for k, (lin, (gamma, bias)) in enumerate(zip(self._per_row, self._film_slices, strict=True)):
+                if k == last and factored:
+                    h = torch.addcmul(film[self._last_beta], h, film[gamma])
+                    break
+                h = torch.addmm(film[bias], h, lin.weight_t * film[gamma, None])
+                if k < last:
+                    h = h.sin_()
+            self._deliver(h, result)
+        return result
+
     # -- internals ----------------------------------------------------------------------------
 
     def _on_device(self) -> contextlib.ExitStack:
@@ -383,6 +432,24 @@ class KernelEngine:
                       out=host[:, : self.cond_dim])
         device = host.to(self.device, non_blocking=True) if cuda else host
         return device[:, : self.cond_dim], host
+
+
+def tile_coordinates(
+    seq_lens: Sequence[int], cache_lens: Sequence[int], start: int, stop: int
+) -> Tensor:
+    """Rows ``start:stop`` of the flattened ``[G, D]`` float32 grid of ``seq_lens``, and only those.
+
+    Each axis's coordinates are gathered by the points' indices along it, so every
+    value is bit for bit the whole grid's (``model.axis_coordinates``).
+    """
+    flat = torch.arange(start, stop, dtype=torch.int64)
+    sizes = [2 * s - 1 for s in seq_lens]
+    columns = []
+    stride = math.prod(sizes)
+    for s, cache, size in zip(seq_lens, cache_lens, sizes, strict=True):
+        stride //= size
+        columns.append(axis_coordinates(s, cache)[(flat // stride) % size])
+    return torch.stack(columns, dim=1)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

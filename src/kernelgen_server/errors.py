@@ -19,11 +19,21 @@ __all__ = [
     "Draining",
     "InvalidRequest",
     "KernelGenError",
+    "MemoryFull",
     "ModelNotFound",
     "ModelNotReady",
     "QueueFull",
+    "SlowReader",
     "TooLarge",
+    "shorten",
 ]
+
+
+def shorten(text: str, limit: int = 64) -> str:
+    """``repr(text)``, cut to about ``limit`` characters: client-given strings go into messages and logs."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class KernelGenError(Exception):
@@ -71,6 +81,21 @@ class QueueFull(KernelGenError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.QUEUE_FULL
     retry_pushback_ms = 50
+
+
+class MemoryFull(KernelGenError):
+    """Back-pressure: the responses in flight hold the server's byte budget; retryable."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.MEMORY_FULL
+    retry_pushback_ms = 100
+
+
+class SlowReader(KernelGenError):
+    """A stream's client took nothing for too long; the stream is given up."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = Reason.SLOW_READER
 
 
 class TooLarge(KernelGenError):

@@ -8,63 +8,85 @@ with a pass-through response serializer. Errors become statuses in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import logging
+from typing import Any, TypeVar
 
 import grpc
 import torch
 from grpc import aio
 
-from kernelgen_server.errors import TooLarge
+from kernelgen_server.errors import InvalidRequest, SlowReader, TooLarge
 from kernelgen_server.model_info import model_info
 from kernelgen_server.output_head import OutputHead
-from kernelgen_server.service import GeneratedKernel, KernelService
+from kernelgen_server.service import KernelService, check_name
 from kernelgen_server.status import deadline_of, rpc_scope
 from kernelgen_server.tensors import decode_conditioning
 from kernelgen_wire.group_messages import MemberKernel, encode_group
-from kernelgen_wire.kernel_messages import encode_chunks, encode_response
+from kernelgen_wire.kernel_messages import encode_response
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["KernelGeneratorServicer"]
+__all__ = ["KernelGeneratorServicer", "decode"]
+
+log = logging.getLogger("kernelgen.rpc")
+
+T = TypeVar("T", bound=Any)
 
 
 class KernelGeneratorServicer:
-    """Implements ``kernelgen.v1.KernelGenerator`` over a ``KernelService``."""
+    """Implements ``kernelgen.v1.KernelGenerator`` over a ``KernelService``.
+
+    Requests arrive as bytes and are decoded inside ``rpc_scope``: bytes that are
+    not the method's message are an INVALID_ARGUMENT like any other bad request,
+    counted and logged once, and only after the call was authenticated.
+    """
 
     def __init__(self, service: KernelService) -> None:
         self.service = service
         self.metrics = service.metrics
-        self.max_message_bytes = int(service.settings.max_message_bytes)
-        self.chunk_bytes = int(service.settings.stream_chunk_bytes)
+        settings = service.settings
+        self.max_message_bytes = int(settings.max_message_bytes)
+        self.chunk_bytes = int(settings.stream_chunk_bytes)
+        self.send_timeout_s = float(settings.stream_send_timeout_s)
 
     # --- methods ------------------------------------------------------------------------------
-    async def GenerateKernel(
-        self, request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]
-    ) -> bytes:
-        async with rpc_scope(self.metrics, "GenerateKernel", request.model, context):
-            result = await self._generate(request, context, max_bytes=self.max_message_bytes)
+    async def GenerateKernel(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
+        async with rpc_scope(self.metrics, "GenerateKernel", context, self._label) as call:
+            request = decode(pb.GenerateKernelRequest, data)
+            call.model = request.model
+            result = await self.service.generate(
+                *self._kernel_args(request),
+                representation=request.representation,
+                deadline=deadline_of(context),
+                max_bytes=self.max_message_bytes,
+            )
+            # The response's bytes stay reserved until gRPC is done sending them.
+            context.add_done_callback(lambda _context: result.release())
             context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))
             return encode_response(result.kernel, result.grid)
         raise AssertionError("unreachable: errors leave through context.abort")
 
-    async def StreamKernel(
-        self, request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        async with rpc_scope(self.metrics, "StreamKernel", request.model, context):
-            result = await self._generate(request, context, max_bytes=None)
-            kernel = result.kernel
-            chunks = encode_chunks(
-                kernel.payload, result.grid, result.report, self.chunk_bytes, head_hash=kernel.head_hash
+    async def StreamKernel(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+        async with rpc_scope(self.metrics, "StreamKernel", context, self._label) as call:
+            request = decode(pb.GenerateKernelRequest, data)
+            call.model = request.model
+            stream = await self.service.open_stream(
+                *self._kernel_args(request),
+                representation=request.representation,
+                deadline=deadline_of(context),
             )
-            for message in chunks:
-                yield message
+            try:
+                async for message in stream.messages(self.chunk_bytes):
+                    await self._write(context, message)
+            finally:
+                stream.close()
 
-    async def FlopCount(
-        self, request: pb.FlopCountRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.FlopCountResponse:
-        async with rpc_scope(self.metrics, "FlopCount", request.model, context):
+    async def FlopCount(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> pb.FlopCountResponse:
+        async with rpc_scope(self.metrics, "FlopCount", context, self._label) as call:
+            request = decode(pb.FlopCountRequest, data)
+            call.model = request.model
             summary = self.service.flop_count(request.model, list(request.seq_lens), request.inference)
             return pb.FlopCountResponse(
                 flops=summary.flops,
@@ -74,27 +96,27 @@ class KernelGeneratorServicer:
             )
         raise AssertionError("unreachable: errors leave through context.abort")
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.ListModelsResponse:
-        async with rpc_scope(self.metrics, "ListModels", "", context):
+    async def ListModels(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> pb.ListModelsResponse:
+        async with rpc_scope(self.metrics, "ListModels", context, self._label):
+            decode(pb.ListModelsRequest, data)
             return pb.ListModelsResponse(models=model_info(self.service.repository))
         raise AssertionError("unreachable: errors leave through context.abort")
 
-    async def GetModel(
-        self, request: pb.GetModelRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.ModelInfo:
-        async with rpc_scope(self.metrics, "GetModel", request.model, context):
+    async def GetModel(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> pb.ModelInfo:
+        async with rpc_scope(self.metrics, "GetModel", context, self._label) as call:
+            request = decode(pb.GetModelRequest, data)
+            call.model = request.model
+            check_name(request.model)
             for info in model_info(self.service.repository):
                 if info.name == request.model:
                     return info  # a model that failed to load is listed too, not ready
-            self.service.model(request.model)  # raises: empty name or unknown model
+            self.service.model(request.model)  # raises: unknown model
         raise AssertionError("unreachable: errors leave through context.abort")
 
-    async def GetOutputHead(
-        self, request: pb.GetOutputHeadRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.OutputHead:
-        async with rpc_scope(self.metrics, "GetOutputHead", request.model, context):
+    async def GetOutputHead(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> pb.OutputHead:
+        async with rpc_scope(self.metrics, "GetOutputHead", context, self._label) as call:
+            request = decode(pb.GetOutputHeadRequest, data)
+            call.model = request.model
             head = self.service.output_head(request.model)
             if head.nbytes > self.max_message_bytes:
                 raise TooLarge(
@@ -104,10 +126,10 @@ class KernelGeneratorServicer:
             return _head_message(head)
         raise AssertionError("unreachable: errors leave through context.abort")
 
-    async def GenerateGroup(
-        self, request: pb.GenerateGroupRequest, context: aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        async with rpc_scope(self.metrics, "GenerateGroup", request.group, context):
+    async def GenerateGroup(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+        async with rpc_scope(self.metrics, "GenerateGroup", context, self._label) as call:
+            request = decode(pb.GenerateGroupRequest, data)
+            call.model = request.group
             conditioning = (
                 decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
             )
@@ -119,75 +141,83 @@ class KernelGeneratorServicer:
                 representation=request.representation,
                 deadline=deadline_of(context),
             )
-            kernels = [
-                MemberKernel(k.kernel.payload, k.report, k.kernel.head_hash) for k in result.kernels
-            ]
-            for message in encode_group(result.group.name, result.group.members, kernels, self.chunk_bytes):
-                yield message
+            try:
+                kernels = [
+                    MemberKernel(k.kernel.payload, k.report, k.kernel.head_hash) for k in result.kernels
+                ]
+                for message in encode_group(
+                    result.group.name, result.group.members, kernels, self.chunk_bytes
+                ):
+                    await self._write(context, message)
+            finally:
+                result.release()
 
     # --- plumbing -----------------------------------------------------------------------------
-    async def _generate(
-        self,
-        request: pb.GenerateKernelRequest,
-        context: aio.ServicerContext[Any, Any],
-        max_bytes: int | None,
-    ) -> GeneratedKernel:
+    def _kernel_args(self, request: pb.GenerateKernelRequest) -> tuple[Any, ...]:
         conditioning = decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
-        return await self.service.generate(
+        return (
             request.model,
             list(request.seq_lens),
             conditioning,
             request.dtype,
             request.return_grid,
-            representation=request.representation,
-            deadline=deadline_of(context),
-            max_bytes=max_bytes,
         )
 
+    def _label(self, model: str) -> str:
+        """The ``model`` label of a call's metrics: a served model's (or group's) name, never a stranger's."""
+        repository = self.service.repository
+        return model if model in repository or model in repository.groups else ""
+
+    async def _write(self, context: aio.ServicerContext[Any, Any], message: bytes) -> None:
+        """Send one stream message; a client that takes none for ``send_timeout_s`` is given up."""
+        try:
+            await asyncio.wait_for(context.write(message), self.send_timeout_s)
+        except TimeoutError:
+            raise SlowReader(
+                f"the client took no message for {self.send_timeout_s:g} s; the stream is stopped "
+                "(--stream-send-timeout-s)"
+            ) from None
+        except Exception as exc:
+            # A write fails only once the call is over: the client cancelled, its deadline
+            # passed or its connection went. An ordinary end, not a server error.
+            log.debug("a stream write failed, the call is over: %s", type(exc).__name__)
+            raise asyncio.CancelledError() from None
+
     def handler(self) -> grpc.GenericRpcHandler:
-        """Method handlers; kernel responses are already serialized bytes."""
+        """Method handlers: requests come as bytes (decoded in the scope), kernels go as bytes."""
 
         def raw(data: bytes) -> bytes:
             return data
 
+        def unary(method: Any, response_serializer: Any = raw) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=raw, response_serializer=response_serializer
+            )
+
         handlers = {
-            "GenerateKernel": grpc.unary_unary_rpc_method_handler(
-                self.GenerateKernel,
-                request_deserializer=pb.GenerateKernelRequest.FromString,
-                response_serializer=raw,
-            ),
+            "GenerateKernel": unary(self.GenerateKernel),
             "StreamKernel": grpc.unary_stream_rpc_method_handler(
-                self.StreamKernel,
-                request_deserializer=pb.GenerateKernelRequest.FromString,
-                response_serializer=raw,
+                self.StreamKernel, request_deserializer=raw, response_serializer=raw
             ),
-            "FlopCount": grpc.unary_unary_rpc_method_handler(
-                self.FlopCount,
-                request_deserializer=pb.FlopCountRequest.FromString,
-                response_serializer=pb.FlopCountResponse.SerializeToString,
-            ),
-            "ListModels": grpc.unary_unary_rpc_method_handler(
-                self.ListModels,
-                request_deserializer=pb.ListModelsRequest.FromString,
-                response_serializer=pb.ListModelsResponse.SerializeToString,
-            ),
-            "GetModel": grpc.unary_unary_rpc_method_handler(
-                self.GetModel,
-                request_deserializer=pb.GetModelRequest.FromString,
-                response_serializer=pb.ModelInfo.SerializeToString,
-            ),
-            "GetOutputHead": grpc.unary_unary_rpc_method_handler(
-                self.GetOutputHead,
-                request_deserializer=pb.GetOutputHeadRequest.FromString,
-                response_serializer=pb.OutputHead.SerializeToString,
-            ),
+            "FlopCount": unary(self.FlopCount, pb.FlopCountResponse.SerializeToString),
+            "ListModels": unary(self.ListModels, pb.ListModelsResponse.SerializeToString),
+            "GetModel": unary(self.GetModel, pb.ModelInfo.SerializeToString),
+            "GetOutputHead": unary(self.GetOutputHead, pb.OutputHead.SerializeToString),
             "GenerateGroup": grpc.unary_stream_rpc_method_handler(
-                self.GenerateGroup,
-                request_deserializer=pb.GenerateGroupRequest.FromString,
-                response_serializer=raw,
+                self.GenerateGroup, request_deserializer=raw, response_serializer=raw
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def decode(message: type[T], data: bytes) -> T:
+    """``data`` as a ``message``; anything else is an ``InvalidRequest`` with a short message."""
+    try:
+        decoded: T = message.FromString(data)
+    except Exception:  # protobuf's DecodeError, whose module varies by backend
+        name = message.DESCRIPTOR.full_name
+        raise InvalidRequest(f"the request ({len(data)} bytes) is not a valid {name}") from None
+    return decoded
 
 
 def _head_message(head: OutputHead) -> pb.OutputHead:

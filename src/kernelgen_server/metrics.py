@@ -13,8 +13,11 @@ knows about Prometheus.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kernelgen_server.metrics_http import MetricsEndpoint, serve_metrics
 
 __all__ = ["Metrics"]
 
@@ -57,6 +60,12 @@ class Metrics:
         )
         self.inflight = Gauge(
             "kernelgen_inflight_requests", "Calls in progress.", registry=r, multiprocess_mode="livesum"
+        )
+        self.inflight_bytes = Gauge(
+            "kernelgen_inflight_bytes",
+            "Response bytes reserved by calls in progress (the --max-inflight-bytes budget).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_time = Histogram(
             "kernelgen_queue_time_seconds",
@@ -135,10 +144,16 @@ class Metrics:
             multiprocess_mode="livemin",
         )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+    def serve(
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        *,
+        tokens: list[bytes] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> MetricsEndpoint:
+        """Start the /metrics endpoint in a daemon thread (``metrics_http``)."""
+        return serve_metrics(self.registry, host, port, tokens=tokens, tls=tls)
 
     # --- cache observer -------------------------------------------------------------------------
     def on_hit(self) -> None:

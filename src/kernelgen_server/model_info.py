@@ -28,10 +28,18 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
                 head_hash=entry.head.head_hash,
             )
         else:
-            info = pb.ModelInfo(name=entry.name, ready=False, reason=entry.reason)
+            info = pb.ModelInfo(name=entry.name, ready=False, reason=_cut(entry.reason))
         place = repository.group_of(entry.name)
         if place is not None:
             group, index = place
             info.group, info.group_index, info.source = group.name, index, group.sources[index]
         infos.append(info)
     return infos
+
+
+#: Longest reason a listing carries: one bad model never makes ``ListModels`` too large to send.
+MAX_REASON_CHARS = 1000
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "... (cut)"

@@ -63,6 +63,8 @@ __all__ = [
     "content_hash",
     "embedded_repository",
     "group_holds",
+    "is_model_name",
+    "is_served_name",
     "load_group",
     "load_model",
     "write_group",
@@ -81,6 +83,17 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 def embedded_repository() -> Path:
     """The repository shipped inside the package (``kernelgen_server/models``)."""
     return Path(__file__).resolve().parent / "models"
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` can name a model (checked in constant time per character, no backtracking)."""
+    return len(name) <= 128 and _MODEL_NAME.fullmatch(name) is not None
+
+
+def is_served_name(name: str) -> bool:
+    """Whether ``name`` can name a served model: a model's name, or a group member's ``GROUP/MEMBER``."""
+    group, slash, member = name.partition("/")
+    return is_model_name(group) and (not slash or is_model_name(member))
 
 
 def check_model_name(name: str) -> str:

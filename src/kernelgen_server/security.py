@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-__all__ = ["BearerTokenInterceptor", "load_tokens", "server_credentials"]
+__all__ = ["BearerTokenInterceptor", "bearer_matches", "load_tokens", "server_credentials"]
 
 log = logging.getLogger("kernelgen.security")
 
@@ -45,6 +45,21 @@ def load_tokens(path: Path) -> list[bytes]:
     return tokens
 
 
+def bearer_matches(header: bytes, tokens: list[bytes]) -> bool:
+    """Whether an ``Authorization`` value is ``Bearer <token>`` for one of ``tokens``.
+
+    Compared against every token, in constant time, so timing says nothing about
+    which one (or none) matched.
+    """
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    matched = False
+    for accepted in tokens:
+        matched |= hmac.compare_digest(token.strip(), accepted)
+    return matched
+
+
 class BearerTokenInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses calls without ``authorization: Bearer <token>`` for an accepted token."""
 
@@ -53,17 +68,8 @@ class BearerTokenInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
         for key, value in metadata:
-            if key != "authorization":
-                continue
-            raw = value.encode() if isinstance(value, str) else value
-            scheme, _, token = raw.partition(b" ")
-            if scheme.lower() != b"bearer":
-                return False
-            # Compare against every token, so timing says nothing about which one (or none) matched.
-            matched = False
-            for accepted in self._tokens:
-                matched |= hmac.compare_digest(token.strip(), accepted)
-            return matched
+            if key == "authorization":
+                return bearer_matches(value.encode() if isinstance(value, str) else value, self._tokens)
         return False
 
     async def intercept_service(

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kernelgen_server.generator_servicer import KernelGeneratorServicer
 from kernelgen_server.metrics import Metrics
+from kernelgen_server.metrics_http import MetricsEndpoint
 from kernelgen_server.repository import ModelRepository, embedded_repository
 from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials
 from kernelgen_server.service import KernelService
@@ -35,6 +36,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Room for the protobuf envelope around the largest payload a message may carry.
 _ENVELOPE_BYTES = 64 * 1024
+_HANDSHAKE_TIMEOUT_MS = 10_000
+#: Calls at once on one connection; more wait for one to finish (HTTP/2 flow, not an error).
+_STREAMS_PER_CONNECTION = 1024
 
 
 class ModelsFailedError(RuntimeError):
@@ -51,6 +55,7 @@ class Server:
         grpc_server: aio.Server,
         health: health_aio.HealthServicer,
         port: int,
+        tokens: list[bytes] | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -58,6 +63,8 @@ class Server:
         self.health = health
         self.port = port
         self.metrics_port: int | None = None
+        self._tokens = tokens
+        self._metrics: MetricsEndpoint | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -70,8 +77,13 @@ class Server:
             await self.health.set(name, NOT_SERVING)
         await self.health.set("", NOT_SERVING)
         await self.grpc_server.start()
-        if self.settings.metrics_port:
-            self.metrics_port = self.service.metrics.serve(self.settings.metrics_port, self.settings.host)
+        settings = self.settings
+        if settings.metrics_port:
+            tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+            self._metrics = self.service.metrics.serve(
+                settings.metrics_port, settings.metrics_address(), tokens=self._tokens, tls=tls
+            )
+            self.metrics_port = self._metrics.port
         if self.settings.warmup:
             await self.service.warmup()
         for name in self.repository.ready:
@@ -105,6 +117,8 @@ class Server:
         # their batches keep running because the batcher is closed only afterwards.
         await self.grpc_server.stop(grace)
         await self.service.close(drain=True)
+        if self._metrics is not None:
+            self._metrics.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -144,8 +158,9 @@ def create_server(
     repository = repository or _load_repository(settings)
     service = KernelService(repository, settings, metrics=metrics, worker=worker)
     interceptors: list[aio.ServerInterceptor] = []
-    if settings.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(load_tokens(settings.auth_token_file)))
+    tokens = load_tokens(settings.auth_token_file) if settings.auth_token_file is not None else None
+    if tokens is not None:
+        interceptors.append(BearerTokenInterceptor(tokens))
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", int(settings.max_message_bytes) + _ENVELOPE_BYTES),
         ("grpc.max_receive_message_length", _receive_limit(repository, settings)),
@@ -156,6 +171,13 @@ def create_server(
         # A lone server never shares its port: a second one started by mistake must fail to
         # bind. Only the workers of one supervisor share theirs (supervisor.py).
         ("grpc.so_reuseport", int(reuse_port)),
+        # Connections are bounded: at most connection_limit() at once (the file-descriptor
+        # budget), one with no call in progress is closed after max_connection_idle_s, and
+        # one that has not completed its handshake within 10 s is dropped.
+        ("grpc.max_allowed_incoming_connections", settings.connection_limit()),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_concurrent_streams", _STREAMS_PER_CONNECTION),
     ]
     grpc_server = aio.server(
         interceptors=interceptors,
@@ -178,7 +200,7 @@ def create_server(
         port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return Server(settings, service, grpc_server, health, port), port
+    return Server(settings, service, grpc_server, health, port, tokens), port
 
 
 async def serve(

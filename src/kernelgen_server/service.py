@@ -17,7 +17,7 @@ Invariants:
 - every limit is checked before any work is queued, so a refused request
   costs the others nothing;
 - a group's kernels (``generate_group``) are its members' requests, each
-  checked first and then run as ``generate`` runs it, all at once: they batch
+  planned first and then computed as one request is, all at once: they batch
   with every other request of their member's bucket.
 """
 
@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -45,11 +46,14 @@ from kernelgen_server.errors import (
     InvalidRequest,
     KernelGenError,
     TooLarge,
+    shorten,
 )
+from kernelgen_server.inflight import InflightBudget, Reservation
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.output_head import OutputHead
-from kernelgen_server.repository import LoadedModel, ModelGroup, ModelRepository
+from kernelgen_server.repository import LoadedModel, ModelGroup, ModelRepository, is_served_name
 from kernelgen_server.settings import ServerSettings
+from kernelgen_server.streaming import KernelStream, TiledStream, WholeStream
 from kernelgen_server.tensors import (
     centre,
     decode_output_dtype,
@@ -65,8 +69,10 @@ __all__ = [
     "FlopSummary",
     "GeneratedGroup",
     "GeneratedKernel",
+    "KernelPlan",
     "KernelService",
     "Submitter",
+    "check_name",
     "resolve_device",
 ]
 
@@ -97,40 +103,75 @@ class Submitter(Protocol):
 
 @dataclass(frozen=True)
 class GeneratedKernel:
-    """One kernel as the service made it: its encoded message, the grid if asked, the report."""
+    """One kernel as the service made it: its encoded message, the grid if asked, the report.
+
+    ``reservation`` holds the response's bytes in the server's in-flight budget until
+    ``release()`` (the servicer calls it when the call ends; dropping the result does too).
+    """
 
     kernel: EncodedKernel
     grid: Payload | None
     report: pb.ServerReport
+    reservation: Reservation | None = None
 
     @property
     def nbytes(self) -> int:
         return self.kernel.nbytes + (0 if self.grid is None else self.grid.nbytes)
 
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+
 
 @dataclass(frozen=True)
 class GeneratedGroup:
-    """A group's kernels as the service made them, in the group's member order."""
+    """A group's kernels as the service made them, in the group's member order.
+
+    ``reservation`` holds all their bytes in the in-flight budget until ``release()``.
+    """
 
     group: ModelGroup
     kernels: tuple[GeneratedKernel, ...]
+    reservation: Reservation | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(kernel.nbytes for kernel in self.kernels)
 
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+
 
 @dataclass(frozen=True)
-class _Admitted:
-    """A kernel request that passed every check: what to compute, ready to queue."""
+class KernelPlan:
+    """A validated kernel request: what to compute and how many bytes it will take."""
 
     model: LoadedModel
     lens: tuple[int, ...]
     out_dtype: torch.dtype
     wire_dtype: int
     factored: bool
-    #: Bytes of the kernel (or factors) it asks for.
+    #: ``[rows, C]`` float32, or None for the plain kernel.
+    conditioning: np.ndarray | None
+    rows: int
+    points: int
+    width: int
     kernel_bytes: int
+    grid_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kernel_bytes + self.grid_bytes
+
+    @property
+    def head_hash(self) -> str:
+        """The output head's hash for a factored kernel, else empty."""
+        return self.model.head.head_hash if self.factored else ""
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return (self.rows, *(2 * n - 1 for n in self.lens), self.width)
 
 
 @dataclass(frozen=True)
@@ -141,6 +182,19 @@ class FlopSummary:
     grid_points: int
     kernel_bytes: int
     cacheable: bool
+
+
+def check_name(name: str, what: str = "model") -> str:
+    """``name`` if it could name a model (or a group's member, ``GROUP/MEMBER``); else
+    ``InvalidRequest``, the name cut short in the message."""
+    if not name:
+        raise InvalidRequest(f"{what} name is empty")
+    if not is_served_name(name):
+        raise InvalidRequest(
+            f"{shorten(name)} is not a {what} name: letters, digits, '.', '_' or '-', at most 128 "
+            "characters (a group's member: GROUP/MEMBER)"
+        )
+    return name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,13 +257,13 @@ class KernelService:
             clock=clock,
             observer=self.metrics,
         )
+        self.budget = InflightBudget(settings.inflight_budget(), observe=self.metrics.inflight_bytes.set)
         self.draining = False
 
     # --- lookups ------------------------------------------------------------------------------
     def model(self, name: str) -> LoadedModel:
-        if not name:
-            raise InvalidRequest("model name is empty")
-        return self.repository.get(name)
+        """The ready model ``name``; refuses a name that could name no model, an unknown or failed one."""
+        return self.repository.get(check_name(name))
 
     def seq_lens(self, model: LoadedModel, values: Sequence[int]) -> tuple[int, ...]:
         data_dim = model.module.data_dim
@@ -246,45 +300,18 @@ class KernelService:
         return self.model(name).head
 
     # --- GenerateKernel -----------------------------------------------------------------------
-    async def generate(
+    def plan(
         self,
         name: str,
         seq_lens: Sequence[int],
         conditioning: np.ndarray | None,
         dtype: int,
         return_grid: bool,
-        *,
         representation: int = pb.REPRESENTATION_DENSE,
-        deadline: float | None = None,
-        max_bytes: int | None = None,
-    ) -> GeneratedKernel:
-        """Compute (or fetch) one kernel, dense or factored.
-
-        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
-        dtype of what travels: the kernel, or its factors.
-        """
+    ) -> KernelPlan:
+        """Validate a kernel request and size it; every refusal happens here, before any work."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
-        admitted = self._admit(name, seq_lens, conditioning, dtype, representation)
-        grid_bytes = math.prod(2 * n - 1 for n in admitted.lens) * admitted.model.module.data_dim * 4
-        response_bytes = admitted.kernel_bytes + (grid_bytes if return_grid else 0)
-        if max_bytes is not None and response_bytes > max_bytes:
-            raise TooLarge(
-                f"the response would be {response_bytes} bytes, over the unary limit of "
-                f"{max_bytes} bytes; use StreamKernel for large kernels"
-            )
-        self._check_deadline(deadline)
-        return await self._produce(admitted, conditioning, return_grid, deadline)
-
-    def _admit(
-        self,
-        name: str,
-        seq_lens: Sequence[int],
-        conditioning: np.ndarray | None,
-        dtype: int,
-        representation: int,
-    ) -> _Admitted:
-        """Every check of one kernel request that needs no I/O; raises the error of the first that fails."""
         model = self.model(name)
         lens = self.seq_lens(model, seq_lens)
         out_dtype = decode_output_dtype(dtype)
@@ -310,30 +337,128 @@ class KernelService:
         points = math.prod(2 * n - 1 for n in lens)
         width = module.mlp_hidden_dim if factored else module.out_dim
         kernel_bytes = rows * points * width * itemsize(out_dtype)
+        grid_bytes = points * module.data_dim * 4 if return_grid else 0
         if kernel_bytes > self.settings.max_kernel_bytes:
             raise TooLarge(
                 f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
                 f"of {int(self.settings.max_kernel_bytes)} bytes"
             )
-        return _Admitted(model, lens, out_dtype, wire_dtype, factored, kernel_bytes)
+        return KernelPlan(
+            model, lens, out_dtype, wire_dtype, factored, conditioning, rows, points, width, kernel_bytes,
+            grid_bytes,
+        )  # fmt: skip
 
-    async def _produce(
+    async def generate(
         self,
-        admitted: _Admitted,
+        name: str,
+        seq_lens: Sequence[int],
         conditioning: np.ndarray | None,
+        dtype: int,
         return_grid: bool,
-        deadline: float | None,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
     ) -> GeneratedKernel:
-        """Compute (or fetch) an admitted request: the cache for unconditioned ones, else the batcher."""
-        model, lens, factored = admitted.model, admitted.lens, admitted.factored
-        if conditioning is None:
-            kernel, report = await self._unconditioned(
-                model, lens, admitted.out_dtype, admitted.wire_dtype, factored
+        """Compute (or fetch) one kernel, dense or factored, holding its bytes in the in-flight budget.
+
+        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
+        dtype of what travels: the kernel, or its factors.
+        """
+        plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
+        if max_bytes is not None and plan.total_bytes > max_bytes:
+            raise TooLarge(
+                f"the response would be {plan.total_bytes} bytes, over the unary limit of "
+                f"{max_bytes} bytes; use StreamKernel for large kernels"
             )
+        return await self.compute(plan, deadline)
+
+    async def compute(self, plan: KernelPlan, deadline: float | None = None) -> GeneratedKernel:
+        """The kernel of a plan, whole; its bytes are reserved in the in-flight budget first."""
+        self._check_deadline(deadline)
+        reservation = self.budget.reserve(plan.total_bytes)
+        try:
+            result = await self._compute(plan, deadline)
+        except BaseException:
+            reservation.release()
+            raise
+        generated = GeneratedKernel(result.kernel, result.grid, result.report, reservation)
+        # A caller that drops the result without releasing it (in-process use) returns the bytes then.
+        weakref.finalize(generated, reservation.release)
+        return generated
+
+    async def open_stream(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        return_grid: bool,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+    ) -> KernelStream:
+        """A ``StreamKernel`` response: the kernel whole in chunks, or, when large, tile by tile."""
+        plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
+        if not self.tiled(plan):
+            return WholeStream(await self.compute(plan, deadline))
+        self._check_deadline(deadline)
+        settings = self.settings
+        held = 2 * int(settings.stream_tile_bytes) + 2 * int(settings.stream_chunk_bytes)
+        reservation = self.budget.reserve(held, "the stream")
+        model = plan.model
+        label = _REPRESENTATION_NAMES[plan.factored]
+
+        def done(nbytes: int) -> None:
+            self.metrics.kernels_served.labels(model.name, label).inc()
+            self.metrics.payload_bytes.labels(model.name, label).inc(nbytes)
+
+        report = pb.ServerReport(
+            batch_size=plan.rows,
+            batch_requests=1,
+            model_hash=model.content_hash,
+            worker=self.worker,
+            representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
+        )
+        spatial = plan.kernel_shape[1:-1]
+        return TiledStream(
+            engine=self._engines[model.name],
+            threads=self._threads,
+            lens=plan.lens,
+            conditioning=None if plan.conditioning is None else torch.from_numpy(plan.conditioning.copy()),
+            dtype=plan.out_dtype,
+            wire_dtype=plan.wire_dtype,
+            factored=plan.factored,
+            head_hash=plan.head_hash,
+            kernel_shape=plan.kernel_shape,
+            grid_shape=(1, *spatial, model.module.data_dim) if plan.grid_bytes else None,
+            cache_lens=tuple(model.module.L_cache),
+            tile_bytes=int(settings.stream_tile_bytes),
+            report=report,
+            reservation=reservation,
+            on_done=done,
+        )
+
+    def tiled(self, plan: KernelPlan) -> bool:
+        """Whether a streamed kernel is computed in tiles as it is sent, never whole.
+
+        Above ``stream_tile_bytes``; an unconditioned one only when it is also too large
+        for the cache to keep well (a quarter of it), since cached kernels are sent from
+        the cache's bytes to every later caller.
+        """
+        if plan.kernel_bytes <= self.settings.stream_tile_bytes:
+            return False
+        return plan.conditioning is not None or plan.kernel_bytes > int(self.settings.cache_bytes) // 4
+
+    async def _compute(self, plan: KernelPlan, deadline: float | None) -> GeneratedKernel:
+        model, lens, out_dtype, wire_dtype = plan.model, plan.lens, plan.out_dtype, plan.wire_dtype
+        factored, conditioning, kernel_bytes = plan.factored, plan.conditioning, plan.kernel_bytes
+        if conditioning is None:
+            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, factored)
         else:
             cond = torch.from_numpy(conditioning.copy())
-            key: BucketKey = (model.name, lens, admitted.wire_dtype)
-            item = CondItem(cond, admitted.kernel_bytes, factored)
+            key: BucketKey = (model.name, lens, wire_dtype)
+            item = CondItem(cond, kernel_bytes, factored)
             outcome = await self.submitter.submit(key, item, deadline=deadline)
             kernel = await outcome.result
             report = pb.ServerReport(
@@ -351,66 +476,10 @@ class KernelService:
             kernel.payload.nbytes
         )
         grid = None
-        if return_grid:
+        if plan.grid_bytes:
             engine = self._engines[model.name]
             grid = await self._threads.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
         return GeneratedKernel(kernel, grid, report)
-
-    # --- GenerateGroup ------------------------------------------------------------------------
-    async def generate_group(
-        self,
-        name: str,
-        seq_lens: Sequence[int],
-        conditioning: np.ndarray | None,
-        dtype: int,
-        *,
-        representation: int = pb.REPRESENTATION_DENSE,
-        deadline: float | None = None,
-    ) -> GeneratedGroup:
-        """Every member's kernel of group ``name`` for one grid and conditioning, in member order.
-
-        Every member is checked before any work is queued, and the group's
-        kernels together must fit ``max_kernel_bytes``; then the members run
-        concurrently, each as ``generate`` runs one request (its own batch
-        bucket or cache entry). The first failure cancels the others and is
-        raised as its own error class, its message naming the member.
-        """
-        if self.draining:
-            raise Draining("the server is shutting down; retry on another replica")
-        if not name:
-            raise InvalidRequest("group name is empty")
-        group = self.repository.group(name)
-        admitted = []
-        for member in group.members:
-            try:
-                admitted.append(self._admit(member, seq_lens, conditioning, dtype, representation))
-            except KernelGenError as exc:
-                raise _of_member(exc, group, member) from None
-        total = sum(a.kernel_bytes for a in admitted)
-        if total > self.settings.max_kernel_bytes:
-            raise TooLarge(
-                f"the {len(admitted)} kernels of group {name!r} would be {total} bytes together, over the "
-                f"limit of {int(self.settings.max_kernel_bytes)} bytes"
-            )
-        self._check_deadline(deadline)
-
-        async def run(one: _Admitted) -> GeneratedKernel:
-            try:
-                return await self._produce(one, conditioning, False, deadline)
-            except KernelGenError as exc:
-                raise _of_member(exc, group, one.model.name) from None
-
-        tasks = [asyncio.ensure_future(run(one)) for one in admitted]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            failed = [task for task in tasks if task in done and task.exception() is not None]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
-            return GeneratedGroup(group, tuple(task.result() for task in tasks))
-        finally:
-            for task in tasks:
-                task.cancel()  # a failed member, or a cancelled caller: the others' work is dropped
-            await asyncio.gather(*tasks, return_exceptions=True)  # and gone before the call ends
 
     async def _unconditioned(
         self,
@@ -481,6 +550,75 @@ class KernelService:
         engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
         head_hash = self.repository.ready[name].head.head_hash
         return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)
+
+    # --- GenerateGroup ------------------------------------------------------------------------
+    async def generate_group(
+        self,
+        name: str,
+        seq_lens: Sequence[int],
+        conditioning: np.ndarray | None,
+        dtype: int,
+        *,
+        representation: int = pb.REPRESENTATION_DENSE,
+        deadline: float | None = None,
+    ) -> GeneratedGroup:
+        """Every member's kernel of group ``name`` for one grid and conditioning, in member order.
+
+        Every member is planned (every check of one request) and the group's
+        kernels together must fit ``max_kernel_bytes`` and the in-flight budget,
+        all before any work is queued; then the members are computed
+        concurrently, each as one request is (its own batch bucket or cache
+        entry). The first failure cancels the others and is raised as its own
+        error class, its message naming the member.
+        """
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        group = self.repository.group(check_name(name, "group"))
+        plans = []
+        for member in group.members:
+            try:
+                plans.append(self.plan(member, seq_lens, conditioning, dtype, False, representation))
+            except KernelGenError as exc:
+                raise _of_member(exc, group, member) from None
+        total = sum(plan.total_bytes for plan in plans)
+        if total > self.settings.max_kernel_bytes:
+            raise TooLarge(
+                f"the {len(plans)} kernels of group {name!r} would be {total} bytes together, over the "
+                f"limit of {int(self.settings.max_kernel_bytes)} bytes"
+            )
+        self._check_deadline(deadline)
+        reservation = self.budget.reserve(total, f"the {len(plans)} kernels of group {name!r}")
+        try:
+            kernels = await self._members(group, plans, deadline)
+        except BaseException:
+            reservation.release()
+            raise
+        generated = GeneratedGroup(group, kernels, reservation)
+        weakref.finalize(generated, reservation.release)
+        return generated
+
+    async def _members(
+        self, group: ModelGroup, plans: list[KernelPlan], deadline: float | None
+    ) -> tuple[GeneratedKernel, ...]:
+        """Compute the members' plans at once; the first failure cancels the rest."""
+
+        async def run(plan: KernelPlan) -> GeneratedKernel:
+            try:
+                return await self._compute(plan, deadline)
+            except KernelGenError as exc:
+                raise _of_member(exc, group, plan.model.name) from None
+
+        tasks = [asyncio.ensure_future(run(plan)) for plan in plans]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [task for task in tasks if task in done and task.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            return tuple(task.result() for task in tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # a failed member, or a cancelled caller: the others' work is dropped
+            await asyncio.gather(*tasks, return_exceptions=True)  # and gone before the call ends
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._clock() >= deadline:

@@ -31,6 +31,19 @@ class SettingsError(ValueError):
     """Invalid settings; the message lists every problem, one per line."""
 
 
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the host's, or its cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
 class ServerSettings(BaseSettings):
     """Everything ``kernelgen serve`` can be told. Each field is also ``KERNELGEN_<NAME>``."""
 
@@ -41,6 +54,11 @@ class ServerSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0 disables)")
+    metrics_host: str | None = Field(
+        None,
+        description="address of /metrics (default: 127.0.0.1 when TLS or bearer tokens are on, else --host); "
+        "with tokens /metrics wants one of them too, with TLS it is served over HTTPS",
+    )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     workers: int = Field(
         1,
@@ -88,6 +106,30 @@ class ServerSettings(BaseSettings):
     max_conditioning_rows: int = Field(1024, ge=1, description="most conditioning rows in one request")
     stream_chunk_bytes: ByteSize = Field(ByteSize(MiB), description="payload bytes per StreamKernel message")
     max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls in progress before refusing more")
+    max_inflight_bytes: ByteSize | None = Field(
+        None,
+        description="response bytes one server process may hold at once (computed, encoded, or waiting to be "
+        "sent); a call over it gets RESOURCE_EXHAUSTED with pushback (default: a quarter of the memory the "
+        "server may use, shared by its --workers)",
+    )
+    stream_tile_bytes: ByteSize = Field(
+        ByteSize(4 * MiB),
+        description="streamed kernels over this size (and over a quarter of --cache-bytes when "
+        "unconditioned) are computed in tiles of about this many bytes as the client reads them, each "
+        "tile a slice of device time behind any waiting small request",
+    )
+    stream_send_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a stream whose client takes nothing for this long is cancelled"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="client connections at once; more are refused (default: the open-file limit less "
+        "256 for the server's own files)",
+    )
+    max_connection_idle_s: float = Field(
+        300.0, gt=0, description="a connection with no call in progress for this long is closed"
+    )
 
     # --- batching of conditioned requests ---------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="conditioning rows per batch (1 turns batching off)")
@@ -112,6 +154,38 @@ class ServerSettings(BaseSettings):
     def url(self, port: int) -> str:
         """Where clients reach this server once bound to ``port``: ``grpc[s]://host:port``."""
         return f"{'grpcs' if self.tls_cert else 'grpc'}://{self.host}:{port}"
+
+    @property
+    def secured(self) -> bool:
+        """TLS or bearer tokens are on."""
+        return self.tls_cert is not None or self.auth_token_file is not None
+
+    def metrics_address(self) -> str:
+        """Where /metrics listens: ``metrics_host``, else loopback for a secured server, else ``host``.
+
+        A secured server's metrics name its models and traffic; they stay on the host unless the
+        operator says otherwise.
+        """
+        if self.metrics_host is not None:
+            return self.metrics_host
+        return "127.0.0.1" if self.secured else self.host
+
+    def inflight_budget(self) -> int:
+        """``max_inflight_bytes``, else a quarter of the memory the server may use, shared by its workers."""
+        if self.max_inflight_bytes is not None:
+            return int(self.max_inflight_bytes)
+        return max(64 * MiB, usable_memory() // 4 // self.workers)
+
+    def connection_limit(self) -> int:
+        """``max_connections``, else the open-file limit less 256 for the server's own files."""
+        if self.max_connections is not None:
+            return self.max_connections
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 65536
+        return max(16, int(soft) - 256)
 
     def torch_threads(self, cpus: int | None = None) -> int:
         """Torch intra-op threads for one worker: ``cpu_threads``, else its share of the spare CPUs.
@@ -156,6 +230,10 @@ class ServerSettings(BaseSettings):
             )
         if self.max_kernel_bytes < self.max_message_bytes:
             raise ValueError("max_kernel_bytes must be at least max_message_bytes")
+        if self.stream_tile_bytes < self.stream_chunk_bytes:
+            raise ValueError("stream_tile_bytes must be at least stream_chunk_bytes")
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < 2 * self.stream_tile_bytes:
+            raise ValueError("max_inflight_bytes must hold at least two stream tiles (2 x stream_tile_bytes)")
         return self
 
     @classmethod

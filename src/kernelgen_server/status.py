@@ -14,17 +14,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from kernelgen_server.errors import KernelGenError
+from kernelgen_server.errors import KernelGenError, shorten
 from kernelgen_server.metrics import Metrics
 from kernelgen_wire.metadata import REASON_TRAILER, RETRY_PUSHBACK_TRAILER, Reason
 
-__all__ = ["deadline_of", "rpc_scope"]
+__all__ = ["Call", "deadline_of", "rpc_scope"]
 
 log = logging.getLogger("kernelgen.rpc")
 
@@ -35,31 +36,48 @@ def deadline_of(context: aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+@dataclass
+class Call:
+    """What a call's scope knows of it; the method sets ``model`` once it has decoded the request."""
+
+    model: str = ""
+
+
 @contextlib.asynccontextmanager
 async def rpc_scope(
-    metrics: Metrics, method: str, model: str, context: aio.ServicerContext[Any, Any]
-) -> AsyncIterator[None]:
-    """Metrics, logging and the status of one call; every exception leaves as a status."""
+    metrics: Metrics,
+    method: str,
+    context: aio.ServicerContext[Any, Any],
+    label: Callable[[str], str] = lambda model: model,
+) -> AsyncIterator[Call]:
+    """Metrics, logging and the status of one call; every exception leaves as a status.
+
+    ``label`` maps the requested model name to the metrics label: the name of a
+    served model, never an arbitrary client string (the label set stays bounded).
+    """
     start = time.perf_counter()
     metrics.inflight.inc()
+    call = Call()
     code = grpc.StatusCode.OK
     try:
-        yield
+        yield call
     except KernelGenError as exc:
         code = exc.code
-        await _abort(context, exc, model)
+        await _abort(context, exc, call.model)
     except (asyncio.CancelledError, GeneratorExit):  # the caller went away, mid-stream too
         code = grpc.StatusCode.CANCELLED
+        log.debug("%s model=%s cancelled by the client", method, shorten(call.model))
         raise
     except Exception:
         code = grpc.StatusCode.INTERNAL
-        await _internal(context, method, model)
+        await _internal(context, method, call.model)
     finally:
         elapsed = time.perf_counter() - start
+        model = label(call.model)
         metrics.inflight.dec()
         metrics.requests.labels(model, method, code.name).inc()
         metrics.latency.labels(model, method).observe(elapsed)
-        log.debug("%s model=%r code=%s %.2f ms", method, model, code.name, elapsed * 1000.0)
+        log.debug("%s model=%s code=%s %.2f ms", method, shorten(call.model), code.name, elapsed * 1000.0)
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], exc: KernelGenError, model: str) -> None:
@@ -67,12 +85,12 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: KernelGenError, mo
     if exc.retry_pushback_ms is not None:
         trailers.append((RETRY_PUSHBACK_TRAILER, str(exc.retry_pushback_ms)))
     context.set_trailing_metadata(tuple(trailers))
-    log.warning("%s model=%r: %s", exc.code.name, model, exc.message)
+    log.warning("%s model=%s: %s", exc.code.name, shorten(model), exc.message)
     await context.abort(exc.code, exc.message)
 
 
 async def _internal(context: aio.ServicerContext[Any, Any], method: str, model: str) -> None:
     # The caller gets no details: they may reveal paths or internals. The log has them.
-    log.exception("unexpected error in %s (model=%r)", method, model)
+    log.exception("unexpected error in %s (model=%s)", method, shorten(model))
     context.set_trailing_metadata(((REASON_TRAILER, Reason.INTERNAL),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")

@@ -327,19 +327,24 @@ class Supervisor:
 
     @contextlib.contextmanager
     def _serve_metrics(self) -> Iterator[None]:
-        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        from kernelgen_server.metrics_http import serve_metrics
+        from kernelgen_server.security import load_tokens
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         registry.register(_SupervisorCollector(self))
-        server, thread = start_http_server(
-            self.settings.metrics_port, addr=self.settings.host, registry=registry
+        settings = self.settings
+        tokens = load_tokens(settings.auth_token_file) if settings.auth_token_file is not None else None
+        tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+        endpoint = serve_metrics(
+            registry, settings.metrics_address(), settings.metrics_port, tokens=tokens, tls=tls
         )
         try:
             yield
         finally:
-            server.shutdown()
-            thread.join(timeout=5)
+            endpoint.close()
 
 
 async def supervise(settings: ServerSettings) -> int:

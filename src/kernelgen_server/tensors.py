@@ -48,7 +48,7 @@ def decode_output_dtype(value: int) -> torch.dtype:
         return _OUTPUT_DTYPES[value]
     except KeyError:
         names = ", ".join(pb.DType.Name(v) for v in _OUTPUT_DTYPES if v)
-        raise InvalidRequest(f"dtype {value} is not supported; use one of {names}") from None
+        raise InvalidRequest(f"dtype {int(value)} is not supported; use one of {names}") from None
 
 
 def decode_representation(value: int) -> bool:
@@ -65,12 +65,14 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def decode_conditioning(tensor: pb.Tensor) -> np.ndarray:
-    """A ``[B, C]`` float32 conditioning, checked for shape, size and finiteness."""
+    """A ``[B, C]`` float32 conditioning, checked for dtype, shape, size and finiteness."""
     if tensor.dtype not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32):
-        raise InvalidRequest(f"conditioning must be float32, got {pb.DType.Name(tensor.dtype)}")
+        known = tensor.dtype in pb.DType.values()
+        name = pb.DType.Name(tensor.dtype) if known else f"unknown dtype {tensor.dtype}"
+        raise InvalidRequest(f"conditioning must be float32, got {name}")
     shape = tuple(tensor.shape)
     if len(shape) != 2 or min(shape) < 1:
-        raise InvalidRequest(f"conditioning must have shape [B, C] with B, C >= 1, got {list(shape)}")
+        raise InvalidRequest(f"conditioning must have shape [B, C] with B, C >= 1, got {list(shape)[:4]}")
     expected = shape[0] * shape[1] * 4
     if len(tensor.data) != expected:
         raise InvalidRequest(

@@ -1,9 +1,10 @@
 """The service's two threads: the device thread and the host thread.
 
 Invariants:
-- every tensor operation of the device runs on the one device thread, in
-  submission order, so a GPU sees one ordered stream and the event loop never
-  computes;
+- every tensor operation of the device runs on the one device thread
+  (``DeviceQueue``), so a GPU sees one ordered stream and the event loop never
+  computes; interactive work (batches, cache misses) runs before bulk work (the
+  tiles of large streams), each class in submission order;
 - host-memory work that needs no device (encoding responses, cutting cached
   kernels) may run on the one host thread, in submission order;
 - a pipelined batch leaves the device thread as a host tensor and is encoded
@@ -22,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from kernelgen_server.device_queue import BULK, INTERACTIVE, DeviceQueue
 from kernelgen_server.engine import KernelEngine
 from kernelgen_server.errors import Cancelled
 from kernelgen_server.tensors import to_payload
@@ -43,14 +45,13 @@ class ServiceThreads:
 
         init_device_thread()
         self.pipelined = pipelined
-        self._device = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kernelgen-device", initializer=init_device_thread
-        )
+        self._device = DeviceQueue("kernelgen-device", init_device_thread)
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgen-host")
         self._encoding: set[asyncio.Future[list[EncodedKernel]]] = set()
 
-    def on_device(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._device, fn)
+    def on_device(self, fn: Callable[[], T], *, bulk: bool = False) -> asyncio.Future[T]:
+        """Run ``fn`` on the device thread; ``bulk`` work waits for every interactive job."""
+        return self._device.submit(fn, BULK if bulk else INTERACTIVE)
 
     def on_host(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._host, fn)
@@ -113,7 +114,7 @@ class ServiceThreads:
         """Wait for the encodings in flight, then stop both threads (after their queued work)."""
         if self._encoding:
             await asyncio.wait(set(self._encoding))
-        self._device.shutdown(wait=True)
+        self._device.shutdown()
         self._host.shutdown(wait=True)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kernelgen_wire.kernel_messages import Payload, chunk_parts
+from kernelgen_wire.kernel_messages import Payload, encode_header
 from kernelgen_wire.protowire import VARINT, WireFormatError, fields, key, length_delimited, varint
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -34,16 +34,28 @@ class MemberKernel(NamedTuple):
 def encode_group(
     group: str, members: Sequence[str], kernels: Sequence[MemberKernel], chunk_bytes: int
 ) -> Iterator[bytes]:
-    """Serialized ``GroupKernelChunk`` messages: the header, then each member's chunks in order."""
+    """Serialized ``GroupKernelChunk`` messages: the header, then each member's chunks in order.
+
+    Each member's ``KernelChunk`` messages are those ``encode_chunks`` writes
+    (its header, then ``chunk_bytes`` slices), written here inside the wrapper
+    so that each payload byte is copied once.
+    """
     if len(members) != len(kernels):
         raise ValueError(f"{len(members)} members but {len(kernels)} kernels")
     yield pb.GroupKernelChunk(group=pb.GroupHeader(group=group, members=members)).SerializeToString()
     for index, kernel in enumerate(kernels):
         member = [key(2, VARINT), varint(index)] if index else []  # proto3 leaves a zero out
-        messages = chunk_parts(kernel.payload, None, kernel.report, chunk_bytes, head_hash=kernel.head_hash)
-        for parts in messages:
-            size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
-            yield b"".join([*member, length_delimited(3, size), *parts])
+        payload = kernel.payload
+        header = encode_header(
+            payload.shape, payload.dtype, payload.nbytes, (), 0, kernel.report, kernel.head_hash
+        )
+        yield b"".join([*member, length_delimited(3, len(header)), header])
+        for offset in range(0, payload.nbytes, chunk_bytes):
+            piece = payload.data[offset : offset + chunk_bytes]
+            chunk: list[bytes | memoryview] = [key(2, VARINT), varint(offset)] if offset else []
+            chunk += [length_delimited(3, piece.nbytes), piece]
+            size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in chunk)
+            yield b"".join([*member, length_delimited(3, size), *chunk])
 
 
 @dataclass(frozen=True)

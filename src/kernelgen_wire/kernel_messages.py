@@ -45,8 +45,9 @@ __all__ = [
     "Payload",
     "ResponseView",
     "TensorView",
-    "chunk_parts",
     "encode_chunks",
+    "encode_data",
+    "encode_header",
     "encode_kernel",
     "encode_response",
     "parse_chunk",
@@ -149,6 +150,39 @@ def encode_response(kernel: EncodedKernel, grid: Payload | None = None) -> bytes
     return b"".join([kernel.message, *_tensor_field(2, grid)])
 
 
+def encode_header(
+    kernel_shape: Sequence[int],
+    kernel_dtype: int,
+    kernel_bytes: int,
+    grid_shape: Sequence[int],
+    grid_bytes: int,
+    report: pb.ServerReport,
+    head_hash: str = "",
+) -> bytes:
+    """The first ``KernelChunk`` of a stream: what follows (with ``head_hash``: factors), and the report."""
+    header = pb.KernelHeader(
+        kernel_shape=kernel_shape,
+        kernel_dtype=kernel_dtype,  # type: ignore[arg-type]
+        kernel_bytes=kernel_bytes,
+        grid_shape=grid_shape,
+        grid_bytes=grid_bytes,
+        report=report,
+        representation=pb.REPRESENTATION_FACTORED if head_hash else pb.REPRESENTATION_DENSE,
+        head_hash=head_hash,
+    )
+    message: bytes = pb.KernelChunk(header=header).SerializeToString()
+    return message
+
+
+def encode_data(offset: int, data: memoryview) -> bytes:
+    """A ``KernelChunk`` of payload bytes at ``offset`` (the one copy of them)."""
+    parts: list[bytes | memoryview] = []
+    if offset:
+        parts += [key(2, VARINT), varint(offset)]
+    parts += [length_delimited(3, data.nbytes), data]
+    return b"".join(parts)
+
+
 def encode_chunks(
     kernel: Payload,
     grid: Payload | None,
@@ -163,44 +197,21 @@ def encode_chunks(
     followed by the grid bytes; each chunk's ``offset`` is its position in
     that concatenation.
     """
-    for parts in chunk_parts(kernel, grid, report, chunk_bytes, head_hash=head_hash):
-        yield b"".join(parts)
-
-
-def chunk_parts(
-    kernel: Payload,
-    grid: Payload | None,
-    report: pb.ServerReport,
-    chunk_bytes: int,
-    *,
-    head_hash: str = "",
-) -> Iterator[list[bytes | memoryview]]:
-    """``encode_chunks`` before the join: each message as the pieces that make it, payload slices as views.
-
-    For a message that wraps each chunk in one of its own (``GenerateGroup``'s),
-    so that the payload is still copied once.
-    """
-    header = pb.KernelHeader(
-        kernel_shape=kernel.shape,
-        kernel_dtype=kernel.dtype,  # type: ignore[arg-type]
-        kernel_bytes=kernel.nbytes,
-        grid_shape=grid.shape if grid is not None else (),
-        grid_bytes=grid.nbytes if grid is not None else 0,
-        report=report,
-        representation=pb.REPRESENTATION_FACTORED if head_hash else pb.REPRESENTATION_DENSE,
-        head_hash=head_hash,
+    yield encode_header(
+        kernel.shape,
+        kernel.dtype,
+        kernel.nbytes,
+        grid.shape if grid is not None else (),
+        grid.nbytes if grid is not None else 0,
+        report,
+        head_hash,
     )
-    yield [pb.KernelChunk(header=header).SerializeToString()]
     offset = 0
     buffers: Sequence[memoryview] = [kernel.data] if grid is None else [kernel.data, grid.data]
     for buffer in buffers:
         for start in range(0, buffer.nbytes, chunk_bytes):
             piece = buffer[start : start + chunk_bytes]
-            parts: list[bytes | memoryview] = []
-            if offset:
-                parts += [key(2, VARINT), varint(offset)]
-            parts += [length_delimited(3, piece.nbytes), piece]
-            yield parts
+            yield encode_data(offset, piece)
             offset += piece.nbytes
 
 

@@ -31,8 +31,10 @@ class Reason(enum.StrEnum):
     MODEL_NOT_READY = "model-not-ready"  # FAILED_PRECONDITION: the model failed to load
     NO_FILM = "no-film"  # FAILED_PRECONDITION: conditioning for a model without FiLM
     QUEUE_FULL = "queue-full"  # RESOURCE_EXHAUSTED, retryable after the pushback
+    MEMORY_FULL = "memory-full"  # RESOURCE_EXHAUSTED: responses in flight hold the budget; retryable
     TOO_LARGE = "too-large"  # RESOURCE_EXHAUSTED, never retryable
     DEADLINE_EXCEEDED = "deadline-exceeded"  # DEADLINE_EXCEEDED
+    SLOW_READER = "slow-reader"  # DEADLINE_EXCEEDED: a stream's client stopped taking messages
     CANCELLED = "cancelled"  # CANCELLED
     DRAINING = "draining"  # UNAVAILABLE: the server is shutting down
     INTERNAL = "internal"  # INTERNAL

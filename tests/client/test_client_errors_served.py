@@ -74,8 +74,8 @@ async def test_model_not_found(server: Any) -> None:
         assert isinstance(caught.value, LookupError)
         with pytest.raises(ModelNotFound):
             await client.flop_count("nope", [5])
-    assert calls(server, "nope", "GetModel", "NOT_FOUND") == 1
-    assert calls(server, "nope", "FlopCount", "NOT_FOUND") == 1
+    assert calls(server, "", "GetModel", "NOT_FOUND") == 1  # unknown names are not labels
+    assert calls(server, "", "FlopCount", "NOT_FOUND") == 1
 
 
 async def test_conditioning_not_supported(server: Any) -> None:

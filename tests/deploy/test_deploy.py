@@ -1,12 +1,12 @@
 """The deployment files (docker/): linted, rendered, validated, and consistent with the server.
 
-No container engine or cluster runs here, so the checks are the next best
-thing: hadolint on both Dockerfiles, yamllint on the YAML, the kustomization
-rendered (scripts/render_k8s.py) and validated against pinned Kubernetes
-schemas, and the facts the files share (ports, settings, paths, probes,
-start command) checked against each other and against the server's settings
-model. tests/e2e/test_container_entrypoint.py then runs the images' start
-command on the host.
+These checks need no container engine or cluster: hadolint on both
+Dockerfiles, yamllint on the YAML, the kustomization rendered
+(scripts/render_k8s.py) and validated against pinned Kubernetes schemas, and
+the facts the files share (ports, settings, paths, probes, start command)
+checked against each other and against the server's settings model.
+tests/e2e/test_container_entrypoint.py runs the images' start command on the
+host; tests/deploy/test_container_images.py builds and runs the images.
 
 The lint tools come from the dev extra; a missing tool is a failure, not a skip.
 """

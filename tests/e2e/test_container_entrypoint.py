@@ -1,7 +1,8 @@
 """The images' start command, run on the host.
 
-No container engine runs here, so this proves the next best thing about each
-Dockerfile: its ENTRYPOINT + CMD, run with exactly its ENV (nothing inherited
+Without a container engine, this proves the next best thing about each
+Dockerfile (tests/deploy/test_container_images.py runs the images themselves):
+its ENTRYPOINT + CMD, run with exactly its ENV (nothing inherited
 from the test's environment) and its WORKDIR, starts a server that its own
 HEALTHCHECK command line reports healthy, and that its STOPSIGNAL stops
 cleanly within KERNELGEN_GRACE_S. The image's paths are mapped onto the host:

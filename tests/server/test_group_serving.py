@@ -318,3 +318,34 @@ async def test_a_draining_server_refuses_groups(repo: Path) -> None:
 
     with pytest.raises(Draining):
         await service.generate_group("stack", (3, 3), None, 0)
+
+
+async def test_a_group_holds_its_bytes_in_the_in_flight_budget_until_sent(repo: Path) -> None:
+    from kernelgen_server.errors import MemoryFull
+
+    service = kernel_service(ModelRepository.load(repo))
+    try:
+        result = await service.generate_group("stack", (5, 5), np.ones((2, 5), np.float32), 0)
+        assert result.reservation is not None
+        assert service.budget.used == result.reservation.nbytes == 3 * 2 * 81 * 6 * 4  # the kernels' bytes
+        result.release()
+        assert service.budget.used == 0
+        held = service.budget.reserve(service.budget.limit - 1000)  # the server is nearly full
+        with pytest.raises(MemoryFull, match="the 3 kernels of group 'stack' needs 5832 more"):
+            await service.generate_group("stack", (5, 5), np.ones((1, 5), np.float32), 0)
+        held.release()
+        failing = service.generate_group("stack", (5, 5), np.ones((1, 5), np.float32), 0, deadline=0.0)
+        with pytest.raises(Exception, match="deadline"):
+            await failing
+        assert service.budget.used == 0  # a refused or failed group holds nothing
+    finally:
+        await service.close()
+
+
+async def test_the_servicer_returns_a_groups_bytes_when_the_call_ends(stub: Any) -> None:
+    await fetch(stub, group_request("stack", (4, 4), np.ones((3, 5), np.float32)))
+    for _ in range(50):
+        if stub.server.service.budget.used == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert stub.server.service.budget.used == 0

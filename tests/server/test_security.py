@@ -19,7 +19,7 @@ from kernelgen_server.security import BearerTokenInterceptor, load_tokens
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 
-from support import run_server
+from support import free_port, run_server
 
 
 @dataclass
@@ -221,3 +221,43 @@ async def test_request_size_limit_fits_the_largest_legal_conditioning() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.GenerateKernel(request(4096))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _get(url: str, token: str | None = None, ca: Path | None = None) -> tuple[int, bytes]:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+
+
+async def test_metrics_want_the_same_token(tmp_path: Path) -> None:
+    import asyncio
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("metrics-secret\n")
+    settings = {"auth_token_file": str(tokens), "metrics_port": free_port(), "host": "127.0.0.1"}
+    async with run_server(**settings) as server:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        status, _ = await asyncio.to_thread(_get, url)
+        assert status == 401
+        status, _ = await asyncio.to_thread(_get, url, "wrong")
+        assert status == 401
+        status, body = await asyncio.to_thread(_get, url, "metrics-secret")
+        assert status == 200 and b"kernelgen_requests_total" in body
+
+
+async def test_metrics_over_tls(pki: Pki) -> None:
+    import asyncio
+
+    settings = {"tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "metrics_port": free_port()}
+    async with run_server(**settings) as server:
+        url = f"https://127.0.0.1:{server.metrics_port}/metrics"
+        status, body = await asyncio.to_thread(_get, url, None, pki.ca)
+        assert status == 200 and b"kernelgen_inflight_bytes" in body

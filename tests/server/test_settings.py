@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,32 @@ def test_tri_state_switches_take_the_flag_form(
     settings = load_settings(values)
     assert settings.batched_gemm is batched_gemm
     assert settings.pipeline_batches is pipeline_batches
+
+
+def test_metrics_address_defaults_to_loopback_when_secured(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t\n")
+    assert load_settings({"host": "0.0.0.0"}).metrics_address() == "0.0.0.0"
+    assert load_settings({"host": "0.0.0.0", "auth_token_file": str(tokens)}).metrics_address() == "127.0.0.1"
+    chosen = {"host": "0.0.0.0", "auth_token_file": str(tokens), "metrics_host": "10.1.2.3"}
+    assert load_settings(chosen).metrics_address() == "10.1.2.3"  # the operator's choice stands
+
+
+def test_memory_and_connection_budgets() -> None:
+    import resource
+
+    from kernelgen_server.settings import usable_memory
+
+    defaults = load_settings({})
+    assert defaults.inflight_budget() == max(64 << 20, usable_memory() // 4)
+    assert load_settings({"workers": 4}).inflight_budget() == max(64 << 20, usable_memory() // 16)
+    assert 0 < usable_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        assert defaults.connection_limit() == max(16, soft - 256)
+    given = load_settings({"max_inflight_bytes": "1GiB", "max_connections": 7})
+    assert (given.inflight_budget(), given.connection_limit()) == (1 << 30, 7)
+    with pytest.raises(SettingsError, match="two stream tiles"):
+        load_settings({"max_inflight_bytes": "4MiB", "stream_tile_bytes": "4MiB"})
+    with pytest.raises(SettingsError, match="stream_tile_bytes must be at least stream_chunk_bytes"):
+        load_settings({"stream_tile_bytes": "64KiB"})
