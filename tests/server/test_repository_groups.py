@@ -162,3 +162,18 @@ def test_a_group_that_does_not_load_back_is_not_moved_into_place(tmp_path: Path)
     with pytest.raises(ValueError, match=r"the written group does not load back: .*'out_linear.bias'"):
         write_group(tmp_path, "net", bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_members_name_is_group_slash_member_and_nothing_else() -> None:
+    from kernelgen_server.repository import is_served_name
+    from kernelgen_server.service import check_name
+
+    for good in ("net", "net/0", "vision-net.v2/block_3"):
+        assert is_served_name(good)
+        assert check_name(good) == good
+    for bad in ("net/", "/0", "a/b/c", "net/../x", "net/.hidden", "n" * 129 + "/0", "net/" + "m" * 129):
+        assert not is_served_name(bad)
+        with pytest.raises(InvalidRequest, match="is not a model name"):
+            check_name(bad)
+    with pytest.raises(InvalidRequest, match="group name is empty"):
+        check_name("", "group")
