@@ -55,7 +55,7 @@ class ServerReport(_message.Message):
     model_hash: str
     worker: int
     representation: Representation
-    def __init__(self, cache_hit: _Optional[bool] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
     __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation")
@@ -71,7 +71,7 @@ class GenerateKernelRequest(_message.Message):
     dtype: DType
     return_grid: bool
     representation: Representation
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: bool = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelResponse(_message.Message):
     __slots__ = ("kernel", "grid", "factors", "head_hash")
@@ -123,7 +123,7 @@ class FlopCountRequest(_message.Message):
     model: str
     seq_lens: _containers.RepeatedScalarFieldContainer[int]
     inference: bool
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., inference: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., inference: bool = ...) -> None: ...
 
 class FlopCountResponse(_message.Message):
     __slots__ = ("flops", "grid_points", "kernel_bytes", "cacheable")
@@ -135,7 +135,7 @@ class FlopCountResponse(_message.Message):
     grid_points: int
     kernel_bytes: int
     cacheable: bool
-    def __init__(self, flops: _Optional[int] = ..., grid_points: _Optional[int] = ..., kernel_bytes: _Optional[int] = ..., cacheable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, flops: _Optional[int] = ..., grid_points: _Optional[int] = ..., kernel_bytes: _Optional[int] = ..., cacheable: bool = ...) -> None: ...
 
 class FiLMConfig(_message.Message):
     __slots__ = ("cond_dim", "film_hidden_dim")
@@ -169,7 +169,7 @@ class ModelConfig(_message.Message):
     hidden_omega_0: float
     film_after_pos_embed: bool
     film: FiLMConfig
-    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: _Optional[bool] = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: _Optional[bool] = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash")
@@ -187,7 +187,7 @@ class ModelInfo(_message.Message):
     content_hash: str
     parameter_count: int
     head_hash: str
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -5,7 +5,7 @@ import warnings
 
 from . import kernelgen_pb2 as kernelgen_dot_v1_dot_kernelgen__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class KernelGeneratorStub:
+class KernelGeneratorStub(object):
     """Generates SIREN convolution kernels.
     """
 
@@ -67,7 +67,7 @@ class KernelGeneratorStub:
                 _registered_method=True)
 
 
-class KernelGeneratorServicer:
+class KernelGeneratorServicer(object):
     """Generates SIREN convolution kernels.
     """
 
@@ -157,7 +157,7 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KernelGenerator:
+class KernelGenerator(object):
     """Generates SIREN convolution kernels.
     """
 
