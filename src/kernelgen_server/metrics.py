@@ -16,6 +16,8 @@ from collections.abc import Hashable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from kernelgen_server.statistics import InferenceStatistics
+
 __all__ = ["Metrics"]
 
 # Latencies from a cache hit (~1 ms) to a large streamed kernel (seconds).
@@ -134,6 +136,8 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        #: The same observations per model, for the Open Inference Protocol's ModelStatistics.
+        self.statistics = InferenceStatistics()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
@@ -160,6 +164,7 @@ class Metrics:
         self.batches.labels(model).inc()
         self.batch_size.labels(model).observe(rows)
         self.compute_time.labels(model).observe(compute_s)
+        self.statistics.on_batch(model, rows, compute_s)
 
     def on_queue_time(self, key: Hashable, seconds: float) -> None:
         self.queue_time.labels(_model_of(key)).observe(seconds)

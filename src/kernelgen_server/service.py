@@ -227,6 +227,7 @@ class KernelService:
         ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
         dtype of what travels: the kernel, or its factors.
         """
+        started = self._clock()
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         model = self.model(name)
@@ -285,6 +286,15 @@ class KernelService:
         report.model_hash = model.content_hash
         report.worker = self.worker
         report.representation = kernel.representation
+        self.metrics.statistics.on_kernel(
+            model.name,
+            rows=rows,
+            conditioned=conditioning is not None,
+            cache_hit=report.cache_hit,
+            queue_s=report.queue_ms / 1000.0,
+            compute_s=report.compute_ms / 1000.0,
+            seconds=self._clock() - started,
+        )
         self.metrics.kernels_served.labels(model.name, _REPRESENTATION_NAMES[factored]).inc()
         self.metrics.payload_bytes.labels(model.name, _REPRESENTATION_NAMES[factored]).inc(
             kernel.payload.nbytes

@@ -59,6 +59,7 @@ async def rpc_scope(
         metrics.inflight.dec()
         metrics.requests.labels(model, method, code.name).inc()
         metrics.latency.labels(model, method).observe(elapsed)
+        metrics.statistics.on_call(model, method, code == grpc.StatusCode.OK, elapsed)
         log.debug("%s model=%r code=%s %.2f ms", method, model, code.name, elapsed * 1000.0)
 
 

@@ -37,6 +37,7 @@ def test_reasons_are_the_documented_strings() -> None:
     assert {r.value for r in metadata.Reason} == {
         "invalid-argument", "model-not-found", "model-not-ready", "no-film", "queue-full",
         "too-large", "deadline-exceeded", "cancelled", "draining", "internal",
+        "shared-memory-off", "region-not-found", "region-exists", "not-supported",
     }  # fmt: skip
     assert metadata.REPORT_TRAILER.endswith("-bin")  # binary metadata: gRPC carries it base64
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckernelgen/v1/kernelgen.proto\x12\x0ckernelgen.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcd\x01\n\x0cServerReport\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x12\n\nmodel_hash\x18\x06 \x01(\t\x12\x0e\n\x06worker\x18\x07 \x01(\r\x12\x34\n\x0erepresentation\x18\x08 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"\xd3\x01\n\x15GenerateKernelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x13\n\x0breturn_grid\x18\x05 \x01(\x08\x12\x34\n\x0erepresentation\x18\x06 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"\xaa\x01\n\x16GenerateKernelResponse\x12$\n\x06kernel\x18\x01 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04grid\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12%\n\x07\x66\x61\x63tors\x18\x04 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\x11\n\thead_hash\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04R\x06report\"\x82\x02\n\x0cKernelHeader\x12\x14\n\x0ckernel_shape\x18\x01 \x03(\x03\x12)\n\x0ckernel_dtype\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x12\n\ngrid_shape\x18\x04 \x03(\x03\x12\x12\n\ngrid_bytes\x18\x05 \x01(\x04\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.kernelgen.v1.ServerReport\x12\x34\n\x0erepresentation\x18\x07 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x11\n\thead_hash\x18\x08 \x01(\t\"W\n\x0bKernelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kernelgen.v1.KernelHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x10\x46lopCountRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\x11\n\tinference\x18\x03 \x01(\x08\"`\n\x11\x46lopCountResponse\x12\r\n\x05\x66lops\x18\x01 \x01(\x04\x12\x13\n\x0bgrid_points\x18\x02 \x01(\x04\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x11\n\tcacheable\x18\x04 \x01(\x08\"7\n\nFiLMConfig\x12\x10\n\x08\x63ond_dim\x18\x01 \x01(\r\x12\x17\n\x0f\x66ilm_hidden_dim\x18\x02 \x01(\r\"\x85\x02\n\x0bModelConfig\x12\x0f\n\x07out_dim\x18\x01 \x01(\r\x12\x10\n\x08\x64\x61ta_dim\x18\x02 \x01(\r\x12\x16\n\x0emlp_hidden_dim\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07omega_0\x18\x06 \x01(\x01\x12\x0f\n\x07L_cache\x18\x07 \x03(\r\x12\x10\n\x08use_bias\x18\x08 \x01(\x08\x12\x16\n\x0ehidden_omega_0\x18\t \x01(\x01\x12\x1c\n\x14\x66ilm_after_pos_embed\x18\n \x01(\x08\x12&\n\x04\x66ilm\x18\x0b \x01(\x0b\x32\x18.kernelgen.v1.FiLMConfig\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.kernelgen.v1.ModelConfig\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x11\n\thead_hash\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kernelgen.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"%\n\x14GetOutputHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\nOutputHead\x12\x11\n\thead_hash\x18\x01 \x01(\t\x12&\n\x08weight_t\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04\x62ias\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*g\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x18\n\x14REPRESENTATION_DENSE\x10\x01\x12\x1b\n\x17REPRESENTATION_FACTORED\x10\x02\x32\xf2\x03\n\x0fKernelGenerator\x12[\n\x0eGenerateKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a$.kernelgen.v1.GenerateKernelResponse\x12P\n\x0cStreamKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a\x19.kernelgen.v1.KernelChunk0\x01\x12L\n\tFlopCount\x12\x1e.kernelgen.v1.FlopCountRequest\x1a\x1f.kernelgen.v1.FlopCountResponse\x12O\n\nListModels\x12\x1f.kernelgen.v1.ListModelsRequest\x1a .kernelgen.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.kernelgen.v1.GetModelRequest\x1a\x17.kernelgen.v1.ModelInfo\x12M\n\rGetOutputHead\x12\".kernelgen.v1.GetOutputHeadRequest\x1a\x18.kernelgen.v1.OutputHeadB.\n\x10\x64\x65v.kernelgen.v1P\x01Z\x18kernelgen/v1;kernelgenv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckernelgen/v1/kernelgen.proto\x12\x0ckernelgen.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcd\x01\n\x0cServerReport\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x12\n\nmodel_hash\x18\x06 \x01(\t\x12\x0e\n\x06worker\x18\x07 \x01(\r\x12\x34\n\x0erepresentation\x18\x08 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"\x8c\x02\n\x15GenerateKernelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x13\n\x0breturn_grid\x18\x05 \x01(\x08\x12\x34\n\x0erepresentation\x18\x06 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x37\n\routput_region\x18\x08 \x01(\x0b\x32 .kernelgen.v1.SharedMemoryOutput\"G\n\x12SharedMemoryOutput\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xc7\x01\n\x16GenerateKernelResponse\x12$\n\x06kernel\x18\x01 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04grid\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12%\n\x07\x66\x61\x63tors\x18\x04 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x1b\n\x13shared_memory_bytes\x18\x08 \x01(\x04J\x04\x08\x03\x10\x04R\x06report\"\x82\x02\n\x0cKernelHeader\x12\x14\n\x0ckernel_shape\x18\x01 \x03(\x03\x12)\n\x0ckernel_dtype\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x12\n\ngrid_shape\x18\x04 \x03(\x03\x12\x12\n\ngrid_bytes\x18\x05 \x01(\x04\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.kernelgen.v1.ServerReport\x12\x34\n\x0erepresentation\x18\x07 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x11\n\thead_hash\x18\x08 \x01(\t\"W\n\x0bKernelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kernelgen.v1.KernelHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x10\x46lopCountRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\x11\n\tinference\x18\x03 \x01(\x08\"`\n\x11\x46lopCountResponse\x12\r\n\x05\x66lops\x18\x01 \x01(\x04\x12\x13\n\x0bgrid_points\x18\x02 \x01(\x04\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x11\n\tcacheable\x18\x04 \x01(\x08\"7\n\nFiLMConfig\x12\x10\n\x08\x63ond_dim\x18\x01 \x01(\r\x12\x17\n\x0f\x66ilm_hidden_dim\x18\x02 \x01(\r\"\x85\x02\n\x0bModelConfig\x12\x0f\n\x07out_dim\x18\x01 \x01(\r\x12\x10\n\x08\x64\x61ta_dim\x18\x02 \x01(\r\x12\x16\n\x0emlp_hidden_dim\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07omega_0\x18\x06 \x01(\x01\x12\x0f\n\x07L_cache\x18\x07 \x03(\r\x12\x10\n\x08use_bias\x18\x08 \x01(\x08\x12\x16\n\x0ehidden_omega_0\x18\t \x01(\x01\x12\x1c\n\x14\x66ilm_after_pos_embed\x18\n \x01(\x08\x12&\n\x04\x66ilm\x18\x0b \x01(\x0b\x32\x18.kernelgen.v1.FiLMConfig\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.kernelgen.v1.ModelConfig\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x11\n\thead_hash\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kernelgen.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"%\n\x14GetOutputHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\nOutputHead\x12\x11\n\thead_hash\x18\x01 \x01(\t\x12&\n\x08weight_t\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04\x62ias\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\"[\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"\x1e\n\x1cRegisterSharedMemoryResponse\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*g\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x18\n\x14REPRESENTATION_DENSE\x10\x01\x12\x1b\n\x17REPRESENTATION_FACTORED\x10\x02\x32\xd6\x05\n\x0fKernelGenerator\x12[\n\x0eGenerateKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a$.kernelgen.v1.GenerateKernelResponse\x12P\n\x0cStreamKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a\x19.kernelgen.v1.KernelChunk0\x01\x12L\n\tFlopCount\x12\x1e.kernelgen.v1.FlopCountRequest\x1a\x1f.kernelgen.v1.FlopCountResponse\x12O\n\nListModels\x12\x1f.kernelgen.v1.ListModelsRequest\x1a .kernelgen.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.kernelgen.v1.GetModelRequest\x1a\x17.kernelgen.v1.ModelInfo\x12M\n\rGetOutputHead\x12\".kernelgen.v1.GetOutputHeadRequest\x1a\x18.kernelgen.v1.OutputHead\x12m\n\x14RegisterSharedMemory\x12).kernelgen.v1.RegisterSharedMemoryRequest\x1a*.kernelgen.v1.RegisterSharedMemoryResponse\x12s\n\x16UnregisterSharedMemory\x12+.kernelgen.v1.UnregisterSharedMemoryRequest\x1a,.kernelgen.v1.UnregisterSharedMemoryResponseB.\n\x10\x64\x65v.kernelgen.v1P\x01Z\x18kernelgen/v1;kernelgenv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,42 +32,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernelgen.v1.kernelgen_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.kernelgen.v1P\001Z\030kernelgen/v1;kernelgenv1'
-  _globals['_DTYPE']._serialized_start=1991
-  _globals['_DTYPE']._serialized_end=2079
-  _globals['_REPRESENTATION']._serialized_start=2081
-  _globals['_REPRESENTATION']._serialized_end=2184
+  _globals['_DTYPE']._serialized_start=2356
+  _globals['_DTYPE']._serialized_end=2444
+  _globals['_REPRESENTATION']._serialized_start=2446
+  _globals['_REPRESENTATION']._serialized_end=2549
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=119
   _globals['_SERVERREPORT']._serialized_start=122
   _globals['_SERVERREPORT']._serialized_end=327
   _globals['_GENERATEKERNELREQUEST']._serialized_start=330
-  _globals['_GENERATEKERNELREQUEST']._serialized_end=541
-  _globals['_GENERATEKERNELRESPONSE']._serialized_start=544
-  _globals['_GENERATEKERNELRESPONSE']._serialized_end=714
-  _globals['_KERNELHEADER']._serialized_start=717
-  _globals['_KERNELHEADER']._serialized_end=975
-  _globals['_KERNELCHUNK']._serialized_start=977
-  _globals['_KERNELCHUNK']._serialized_end=1064
-  _globals['_FLOPCOUNTREQUEST']._serialized_start=1066
-  _globals['_FLOPCOUNTREQUEST']._serialized_end=1136
-  _globals['_FLOPCOUNTRESPONSE']._serialized_start=1138
-  _globals['_FLOPCOUNTRESPONSE']._serialized_end=1234
-  _globals['_FILMCONFIG']._serialized_start=1236
-  _globals['_FILMCONFIG']._serialized_end=1291
-  _globals['_MODELCONFIG']._serialized_start=1294
-  _globals['_MODELCONFIG']._serialized_end=1555
-  _globals['_MODELINFO']._serialized_start=1558
-  _globals['_MODELINFO']._serialized_end=1723
-  _globals['_LISTMODELSREQUEST']._serialized_start=1725
-  _globals['_LISTMODELSREQUEST']._serialized_end=1744
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1746
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1807
-  _globals['_GETMODELREQUEST']._serialized_start=1809
-  _globals['_GETMODELREQUEST']._serialized_end=1841
-  _globals['_GETOUTPUTHEADREQUEST']._serialized_start=1843
-  _globals['_GETOUTPUTHEADREQUEST']._serialized_end=1880
-  _globals['_OUTPUTHEAD']._serialized_start=1882
-  _globals['_OUTPUTHEAD']._serialized_end=1989
-  _globals['_KERNELGENERATOR']._serialized_start=2187
-  _globals['_KERNELGENERATOR']._serialized_end=2685
+  _globals['_GENERATEKERNELREQUEST']._serialized_end=598
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_start=600
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_end=671
+  _globals['_GENERATEKERNELRESPONSE']._serialized_start=674
+  _globals['_GENERATEKERNELRESPONSE']._serialized_end=873
+  _globals['_KERNELHEADER']._serialized_start=876
+  _globals['_KERNELHEADER']._serialized_end=1134
+  _globals['_KERNELCHUNK']._serialized_start=1136
+  _globals['_KERNELCHUNK']._serialized_end=1223
+  _globals['_FLOPCOUNTREQUEST']._serialized_start=1225
+  _globals['_FLOPCOUNTREQUEST']._serialized_end=1295
+  _globals['_FLOPCOUNTRESPONSE']._serialized_start=1297
+  _globals['_FLOPCOUNTRESPONSE']._serialized_end=1393
+  _globals['_FILMCONFIG']._serialized_start=1395
+  _globals['_FILMCONFIG']._serialized_end=1450
+  _globals['_MODELCONFIG']._serialized_start=1453
+  _globals['_MODELCONFIG']._serialized_end=1714
+  _globals['_MODELINFO']._serialized_start=1717
+  _globals['_MODELINFO']._serialized_end=1882
+  _globals['_LISTMODELSREQUEST']._serialized_start=1884
+  _globals['_LISTMODELSREQUEST']._serialized_end=1903
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1905
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1966
+  _globals['_GETMODELREQUEST']._serialized_start=1968
+  _globals['_GETMODELREQUEST']._serialized_end=2000
+  _globals['_GETOUTPUTHEADREQUEST']._serialized_start=2002
+  _globals['_GETOUTPUTHEADREQUEST']._serialized_end=2039
+  _globals['_OUTPUTHEAD']._serialized_start=2041
+  _globals['_OUTPUTHEAD']._serialized_end=2148
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=2150
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=2241
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=2243
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=2273
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=2275
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=2320
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=2322
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=2354
+  _globals['_KERNELGENERATOR']._serialized_start=2552
+  _globals['_KERNELGENERATOR']._serialized_end=3278
 # @@protoc_insertion_point(module_scope)

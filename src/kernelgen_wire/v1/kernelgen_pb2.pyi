@@ -58,32 +58,46 @@ class ServerReport(_message.Message):
     def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
-    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation")
+    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation", "output_region")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRID_FIELD_NUMBER: _ClassVar[int]
     REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     model: str
     seq_lens: _containers.RepeatedScalarFieldContainer[int]
     conditioning: Tensor
     dtype: DType
     return_grid: bool
     representation: Representation
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: bool = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    output_region: SharedMemoryOutput
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: bool = ..., representation: _Optional[_Union[Representation, str]] = ..., output_region: _Optional[_Union[SharedMemoryOutput, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryOutput(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class GenerateKernelResponse(_message.Message):
-    __slots__ = ("kernel", "grid", "factors", "head_hash")
+    __slots__ = ("kernel", "grid", "factors", "head_hash", "shared_memory_bytes")
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     kernel: Tensor
     grid: Tensor
     factors: Tensor
     head_hash: str
-    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., factors: _Optional[_Union[Tensor, _Mapping]] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    shared_memory_bytes: int
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., factors: _Optional[_Union[Tensor, _Mapping]] = ..., head_hash: _Optional[str] = ..., shared_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class KernelHeader(_message.Message):
     __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report", "representation", "head_hash")
@@ -220,3 +234,29 @@ class OutputHead(_message.Message):
     weight_t: Tensor
     bias: Tensor
     def __init__(self, head_hash: _Optional[str] = ..., weight_t: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name", "key", "offset", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

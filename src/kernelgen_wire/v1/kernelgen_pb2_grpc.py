@@ -65,6 +65,16 @@ class KernelGeneratorStub(object):
                 request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
                 response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/kernelgen.v1.KernelGenerator/RegisterSharedMemory',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/kernelgen.v1.KernelGenerator/UnregisterSharedMemory',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class KernelGeneratorServicer(object):
@@ -116,6 +126,22 @@ class KernelGeneratorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Register a shared-memory region for kernels written in place (the server
+        must run with --shared-memory). ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unregister a region (every region when the name is empty); once this
+        returns the server never touches it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelGeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +174,16 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
                     servicer.GetOutputHead,
                     request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.FromString,
                     response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +349,60 @@ class KernelGenerator(object):
             '/kernelgen.v1.KernelGenerator/GetOutputHead',
             kernelgen_dot_v1_dot_kernelgen__pb2.GetOutputHeadRequest.SerializeToString,
             kernelgen_dot_v1_dot_kernelgen__pb2.OutputHead.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/RegisterSharedMemory',
+            kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/UnregisterSharedMemory',
+            kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
