@@ -59,6 +59,14 @@ METHODS: dict[str, Method] = {
     "ListModels": _service_method("ListModels", pb.ListModelsRequest, pb.ListModelsResponse.FromString),
     "GetModel": _service_method("GetModel", pb.GetModelRequest, pb.ModelInfo.FromString),
     "GetOutputHead": _service_method("GetOutputHead", pb.GetOutputHeadRequest, pb.OutputHead.FromString),
+    "RegisterSharedMemory": _service_method(
+        "RegisterSharedMemory", pb.RegisterSharedMemoryRequest, pb.RegisterSharedMemoryResponse.FromString
+    ),
+    "UnregisterSharedMemory": _service_method(
+        "UnregisterSharedMemory",
+        pb.UnregisterSharedMemoryRequest,
+        pb.UnregisterSharedMemoryResponse.FromString,
+    ),
     "Check": Method(HEALTH_CHECK_PATH, _raw, _raw),
 }
 
