@@ -161,9 +161,7 @@ def _shape(tensor: oip.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
     return shape
 
 
-def _seq_lens(
-    tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None
-) -> tuple[list[int], int]:
+def _seq_lens(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> tuple[list[int], int]:
     if tensor.datatype != "INT64":
         raise InvalidRequest(f"input {SEQ_LENS} must be INT64, got {tensor.datatype or 'no datatype'}")
     shape = _shape(tensor)
@@ -185,9 +183,7 @@ def _seq_lens(
         values = np.asarray(contents, dtype=np.int64).reshape(shape)
     rows = values.reshape(-1, shape[-1])
     if (rows != rows[0]).any():
-        raise InvalidRequest(
-            f"every row of input {SEQ_LENS} must be the same: one request computes one grid"
-        )
+        raise InvalidRequest(f"every row of input {SEQ_LENS} must be the same: one request computes one grid")
     return [int(v) for v in rows[0]], rows.shape[0]
 
 
@@ -319,7 +315,7 @@ def encode_infer(call: InferCall, result: GeneratedKernel, *, in_shared_memory: 
         id=call.id,
         parameters=_report_parameters(result),
         outputs=[output],
-    ).SerializeToString()
+    ).SerializeToString(deterministic=True)  # map entries in key order, as tests compare
     header = cast(bytes, header)
     if in_shared_memory:
         return header
