@@ -19,6 +19,7 @@ def test_method_paths_are_the_protos() -> None:
     assert rpc.SERVICE_NAME == "kernelgen.v1.KernelGenerator"
     assert rpc.METHOD_NAMES == (
         "GenerateKernel", "StreamKernel", "FlopCount", "ListModels", "GetModel", "GetOutputHead",
+        "RegisterSharedMemory", "UnregisterSharedMemory",
     )  # fmt: skip
     for method in service.methods:
         assert rpc.method_path(method.name) == f"/kernelgen.v1.KernelGenerator/{method.name}"
