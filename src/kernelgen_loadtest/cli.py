@@ -22,6 +22,7 @@ examples:
   kernelgen loadtest hyena-2d --seq-lens 29,29 --seq-lens 15,15 --rows 1-4 --unconditioned 0.2 \\
       --rate 50,100,200 --duration 30 --json out.json --slo-p99-ms 250 --max-error-rate 0.001
   kernelgen loadtest --workload mix.yaml --concurrency 32 --workers 2 --check-correctness
+  kernelgen loadtest hyena-2d --seq-lens 15,15 --concurrency 32 --protocol oip --shared-memory
 """
 
 
@@ -136,6 +137,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--connections", type=_number(1, 256, integer=True), default=1, metavar="N",
         help="connections per client process, taken in turn by its calls; more than one reaches "
         "every worker of a `kernelgen serve --workers N` server (1)",
+    )  # fmt: skip
+
+    wire = p.add_argument_group("protocol")
+    wire.add_argument(
+        "--protocol", choices=("native", "oip"), default="native",
+        help="kernelgen.v1 GenerateKernel calls (native), or Open Inference Protocol ModelInfer calls "
+        "to the same server (oip) (native)",
+    )  # fmt: skip
+    wire.add_argument(
+        "--shared-memory", action="store_true",
+        help="have kernels written into shared-memory regions the client owns instead of the response "
+        "(a server on this host started with --shared-memory; one connection per client process)",
     )  # fmt: skip
 
     out = p.add_argument_group("output")
