@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,6 +247,20 @@ def test_error_statuses(triton: Any, call: Any, code: str, match: str) -> None:
         call(triton)
     assert status_of(caught.value) == f"StatusCode.{code}", caught.value
     assert match in str(caught.value)
+
+
+def test_the_readme_example_runs_as_written(server: ServeProcess, tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = re.search(r"^## The Open Inference Protocol.*?\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert section, "README has no Open Inference Protocol section"
+    [block] = re.findall(r"^```python\n(.*?)^```", section.group(1), flags=re.M | re.S)
+    script = tmp_path / "readme.py"
+    script.write_text(
+        block.replace("127.0.0.1:50051", server.target) + "\nprint(kernel.shape, kernel.dtype)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "(2, 29, 29, 384) bfloat16"
 
 
 def test_bearer_token_guards_all_but_health(tmp_path: Path) -> None:
