@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "loadtest",
         parents=[commands.connection_options(timeout=30.0)],
         help="closed/open-loop load test with a latency and throughput report",
-        description="Load a kernelgen server with GenerateKernel calls through AsyncKernelClient: a closed "
+        description="Load a kernelgen server with GenerateKernel calls through AsyncKernelClient (or, with "
+        "--protocol oip, Open Inference Protocol ModelInfer calls): a closed "
         "loop at each --concurrency or an open loop at each --rate. Reports throughput, latency "
         "percentiles, errors by status code and the server's batching, queueing and cache figures per step. "
         "--timeout is each call's deadline. Calls are not retried: every failure is counted.",

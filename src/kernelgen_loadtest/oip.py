@@ -4,8 +4,8 @@
 runner calls, so every workload option, statistic and gate works unchanged:
 each request becomes a ``ModelInferRequest`` (``seq_lens`` and
 ``conditioning`` as raw contents, the ``dtype`` parameter, the ``kernel`` or
-``factors`` output), and the server's report comes back from the response's
-``kernelgen_*`` parameters. With ``shared_memory`` the output is written into a
+``factors`` output), and the server's report comes back in the call's
+``kernelgen-report-bin`` trailer. With ``shared_memory`` the output is written into a
 region of the client's pool (``kernelgen_client.shared_memory``), registered
 with ``SystemSharedMemoryRegister``.
 
@@ -37,7 +37,7 @@ from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolicy
 from kernelgen_client.tensors import decode_numpy
 from kernelgen_client.types import KernelResult, ServerReport
-from kernelgen_wire.kernel_messages import ResponseView, TensorView
+from kernelgen_wire.kernel_messages import ResponseView, TensorView, report_from_trailers
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["OipClient"]
@@ -194,7 +194,7 @@ class OipClient:
         if self._pool is not None:
             region = await self._output_region(request, model, lens, conditioning, dtype, factored)
         try:
-            response = await self._call(request, region)
+            response, trailers = await self._call(request, region)
             output = response.outputs[0]
             datatype, shape = output.datatype, tuple(int(n) for n in output.shape)
             wire = _WIRE.get(datatype, 1)
@@ -222,7 +222,7 @@ class OipClient:
         return KernelResult(
             kernel=kernel,
             grid=None,
-            report=_report(response, factored),
+            report=_report(trailers, factored),
             wire_dtype=dtype,
             raw=raw,
             streamed=False,
@@ -255,19 +255,25 @@ class OipClient:
         output.parameters["shared_memory_byte_size"].int64_param = size
         return region
 
-    async def _call(self, request: Any, region: Region | None) -> Any:
+    async def _call(self, request: Any, region: Region | None) -> tuple[Any, Any]:
+        """The response and its trailers (the server's report); a lost region is registered again, once."""
         try:
-            return await next(self._infer)(request, timeout=self._timeout, metadata=self._metadata)
+            return await self._attempt(request)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc, self.target)
         if isinstance(error, RegionNotFound) and region is not None:
             region.registered = False
             await self._register(region)
             try:
-                return await next(self._infer)(request, timeout=self._timeout, metadata=self._metadata)
+                return await self._attempt(request)
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc, self.target) from exc
         raise error
+
+    async def _attempt(self, request: Any) -> tuple[Any, Any]:
+        call = next(self._infer)(request, timeout=self._timeout, metadata=self._metadata)
+        response = await call
+        return response, await call.trailing_metadata()
 
     async def _head(self, model: str) -> OutputHead:
         """The model's output head, from kernelgen.v1's GetOutputHead on the same server, once per model."""
@@ -293,22 +299,13 @@ class OipClient:
         return cache[key]
 
 
-def _report(response: Any, factored: bool) -> ServerReport:
-    params = response.parameters
-
-    def value(name: str, kind: str, default: Any) -> Any:
-        return getattr(params[name], kind) if name in params else default
-
-    return ServerReport(
-        cache_hit=bool(value("kernelgen_cache_hit", "bool_param", False)),
-        batch_size=int(value("kernelgen_batch_size", "int64_param", 0)),
-        batch_requests=int(value("kernelgen_batch_requests", "int64_param", 0)),
-        queue_ms=float(value("kernelgen_queue_ms", "double_param", 0.0)),
-        compute_ms=float(value("kernelgen_compute_ms", "double_param", 0.0)),
-        model_hash="",
-        worker=int(value("kernelgen_worker", "int64_param", 0)),
-        representation="factored" if factored else "dense",
-    )
+def _report(trailers: Any, factored: bool) -> ServerReport:
+    """The server's report from the call's ``kernelgen-report-bin`` trailer, as kernelgen.v1 sends it."""
+    message = report_from_trailers(trailers) or pb.ServerReport()
+    report = ServerReport.from_pb(message)
+    if factored != (report.representation == "factored"):
+        raise MalformedResponse("the server's report names another representation than the one asked")
+    return report
 
 
 def _pem(value: Any) -> bytes | None:

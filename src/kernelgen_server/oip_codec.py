@@ -18,10 +18,12 @@ shared memory, or for none), typed contents, or a registered shared-memory
 region (parameters ``shared_memory_region``, ``shared_memory_byte_size``,
 ``shared_memory_offset``); an output may name a region the same way.
 
-A response is written by hand around the kernel's bytes (one copy into the
-message, as ``kernelgen_wire.kernel_messages`` does for kernelgen.v1): the
-protobuf-serialized header fields, then ``raw_output_contents``, exactly what
-protobuf itself would write.
+A response is written by hand around the kernel's bytes: the protobuf-serialized
+header fields, then ``raw_output_contents``, exactly what protobuf itself would
+write. A computed kernel is written so where the batch encodes it
+(``infer_encoder``: its one copy, as kernelgen.v1's responses get); a cached
+one, held as kernelgen.v1's message, is copied once more here. A unary call's
+report travels in the ``kernelgen-report-bin`` trailer, as for kernelgen.v1.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import numpy as np
 
 from kernelgen_server.errors import InvalidRequest
 from kernelgen_server.repository import LoadedModel
-from kernelgen_server.service import GeneratedKernel
+from kernelgen_server.service import Encoder, GeneratedKernel
 from kernelgen_server.settings import ServerSettings
+from kernelgen_wire.kernel_messages import EncodedKernel, Payload
 from kernelgen_wire.oip import grpc_service_pb2 as oip
 from kernelgen_wire.oip import model_config_pb2 as oip_config
 from kernelgen_wire.protowire import length_delimited
@@ -52,6 +55,7 @@ __all__ = [
     "encode_infer",
     "encode_stream_error",
     "encode_stream_response",
+    "infer_encoder",
     "model_config",
     "model_metadata",
 ]
@@ -283,44 +287,58 @@ def _outputs(request: oip.ModelInferRequest) -> tuple[bool, SharedMemoryRef | No
     return output.name == FACTORS, _shared_memory(output.parameters, f"output {output.name}")
 
 
-# --- responses ----------------------------------------------------------------------------------
-def _report_parameters(result: GeneratedKernel) -> dict[str, oip.InferParameter]:
-    report = result.report
-    return {
-        "kernelgen_cache_hit": oip.InferParameter(bool_param=report.cache_hit),
-        "kernelgen_batch_size": oip.InferParameter(int64_param=report.batch_size),
-        "kernelgen_batch_requests": oip.InferParameter(int64_param=report.batch_requests),
-        "kernelgen_queue_ms": oip.InferParameter(double_param=report.queue_ms),
-        "kernelgen_compute_ms": oip.InferParameter(double_param=report.compute_ms),
-        "kernelgen_worker": oip.InferParameter(int64_param=report.worker),
-    }
+# --- responses ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferEncoded(EncodedKernel):
+    """A kernel whose ``message`` is already the Open Inference Protocol's response (written where
+    the batch encodes it, by ``infer_encoder``)."""
 
 
-def encode_infer(call: InferCall, result: GeneratedKernel, *, in_shared_memory: bool) -> bytes:
-    """A serialized ``ModelInferResponse``: the output's bytes follow the header unless in shared memory."""
-    payload = result.kernel.payload
+def _header(call: InferCall, payload: Payload, head_hash: str, in_shared_memory: bool) -> bytes:
+    """``ModelInferResponse`` fields 1-5: the model, the request's id and the output's metadata."""
     output = oip.ModelInferResponse.InferOutputTensor(
         name=call.output_name, datatype=_WIRE_DATATYPES[payload.dtype], shape=payload.shape
     )
-    if call.factored:
-        output.parameters["head_hash"].string_param = result.kernel.head_hash
+    if head_hash:
+        output.parameters["head_hash"].string_param = head_hash
     if in_shared_memory and call.output_shm is not None:
         output.parameters[_SHM_REGION].string_param = call.output_shm.region
         output.parameters[_SHM_SIZE].int64_param = payload.nbytes
         if call.output_shm.offset:
             output.parameters[_SHM_OFFSET].int64_param = call.output_shm.offset
     header = oip.ModelInferResponse(
-        model_name=call.model,
-        model_version=VERSION,
-        id=call.id,
-        parameters=_report_parameters(result),
-        outputs=[output],
-    ).SerializeToString(deterministic=True)  # map entries in key order, as tests compare
-    header = cast(bytes, header)
+        model_name=call.model, model_version=VERSION, id=call.id, outputs=[output]
+    )
+    return cast(bytes, header.SerializeToString(deterministic=True))  # map entries in key order
+
+
+def encode_infer(call: InferCall, result: GeneratedKernel, *, in_shared_memory: bool) -> bytes:
+    """A serialized ``ModelInferResponse``: the output's bytes follow the header unless in shared memory.
+
+    A kernel the batch already wrote as this response (``infer_encoder``) is sent as it is.
+    """
+    kernel = result.kernel
+    if isinstance(kernel, InferEncoded) and not in_shared_memory:
+        return kernel.message
+    header = _header(call, kernel.payload, kernel.head_hash, in_shared_memory)
     if in_shared_memory:
         return header
     # Field 6 (raw_output_contents) follows fields 1-5, as protobuf orders them.
-    return b"".join([header, length_delimited(6, payload.nbytes), payload.data])
+    return b"".join([header, length_delimited(6, kernel.payload.nbytes), kernel.payload.data])
+
+
+def infer_encoder(call: InferCall) -> Encoder:
+    """An encoder that writes the whole response around the kernel where the batch encodes it:
+    the kernel's one copy, as kernelgen.v1's responses get, instead of a second one here."""
+
+    def encode(payload: Payload, head_hash: str) -> EncodedKernel:
+        parts = [_header(call, payload, head_hash, False), length_delimited(6, payload.nbytes)]
+        start = sum(len(part) for part in parts)
+        message = b"".join([*parts, payload.data])
+        view = memoryview(message)[start : start + payload.nbytes]
+        return InferEncoded(message, Payload(payload.shape, payload.dtype, view), head_hash)
+
+    return encode
 
 
 def encode_stream_response(infer_response: bytes) -> bytes:

@@ -35,6 +35,7 @@ from kernelgen_server.oip_codec import (
     encode_infer,
     encode_stream_error,
     encode_stream_response,
+    infer_encoder,
     model_config,
     model_metadata,
 )
@@ -45,6 +46,7 @@ from kernelgen_server.shared_memory import NotSupported, RegionNotFound, SharedM
 from kernelgen_server.statistics import Duration, ModelStatistics
 from kernelgen_server.status import deadline_of, rpc_scope
 from kernelgen_server.tensors import decode_conditioning
+from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.oip import grpc_service_pb2 as oip
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -179,7 +181,9 @@ class InferenceServicer:
         self, request: oip.ModelInferRequest, context: aio.ServicerContext[Any, Any]
     ) -> bytes:
         async with rpc_scope(self.metrics, "ModelInfer", request.model_name, context):
-            return await self._infer(request, deadline_of(context))
+            body, report = await self._infer(request, deadline_of(context))
+            context.set_trailing_metadata(((REPORT_TRAILER, report.SerializeToString()),))
+            return body
         raise AssertionError("unreachable: errors leave through context.abort")
 
     async def ModelStreamInfer(
@@ -229,7 +233,8 @@ class InferenceServicer:
         code = grpc.StatusCode.OK
         model = request.model_name
         try:
-            return encode_stream_response(await self._infer(request, deadline))
+            body, _report = await self._infer(request, deadline)
+            return encode_stream_response(body)
         except KernelGenError as exc:
             code = exc.code
             log.warning("%s model=%r (stream): %s", exc.code.name, model, exc.message)
@@ -248,8 +253,13 @@ class InferenceServicer:
             self.metrics.latency.labels(model, "ModelStreamInfer").observe(elapsed)
             self.metrics.statistics.on_call(model, "ModelStreamInfer", code == grpc.StatusCode.OK, elapsed)
 
-    async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> bytes:
-        """One inference: checks and limits first, then the service, then the output's place."""
+    async def _infer(
+        self, request: oip.ModelInferRequest, deadline: float | None
+    ) -> tuple[bytes, pb.ServerReport]:
+        """One inference: checks and limits first, then the service, then the output's place.
+
+        Returns the serialized response and the server's report.
+        """
         model = self._model(request.model_name, request.model_version)
         call = decode_infer(request, model)
         lens = self.service.seq_lens(model, call.seq_lens)
@@ -275,11 +285,13 @@ class InferenceServicer:
             False,
             representation=pb.REPRESENTATION_FACTORED if call.factored else pb.REPRESENTATION_DENSE,
             deadline=deadline,
+            # Computed kernels are written as this protocol's response where the batch encodes them.
+            encoder=None if region is not None else infer_encoder(call),
         )
         if region is not None and out is not None and self.registry is not None:
             await self.registry.write(region, out.offset, result.kernel.payload.data)
-            return encode_infer(call, result, in_shared_memory=True)
-        return encode_infer(call, result, in_shared_memory=False)
+            return encode_infer(call, result, in_shared_memory=True), result.report
+        return encode_infer(call, result, in_shared_memory=False), result.report
 
     async def _conditioning(self, call: InferCall, model: LoadedModel) -> Any:
         """The request's conditioning as a checked float32 array (None when absent).

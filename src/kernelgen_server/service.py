@@ -57,7 +57,7 @@ from kernelgen_server.threads import ServiceThreads
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
+__all__ = ["Encoder", "FlopSummary", "GeneratedKernel", "KernelService", "Submitter", "resolve_device"]
 
 log = logging.getLogger("kernelgen.core")
 _REPRESENTATION_NAMES = {False: "dense", True: "factored"}
@@ -66,12 +66,18 @@ BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtyp
 CacheKey = tuple[str, tuple[int, ...], int, bool]  # (model content hash, seq_lens, wire dtype, factored)
 
 
+#: Writes one computed kernel (or its factors) as the message its caller sends, from the payload and
+#: the output head's hash (empty: dense); ``encode_kernel`` (kernelgen.v1's response) by default.
+Encoder = Callable[[Payload, str], EncodedKernel]
+
+
 class CondItem(NamedTuple):
     """One conditioned request in a batch bucket: its ``[B, C]`` rows, output size and representation."""
 
     conditioning: torch.Tensor
     nbytes: int
     factored: bool = False
+    encoder: Encoder | None = None
 
 
 class Submitter(Protocol):
@@ -221,11 +227,15 @@ class KernelService:
         representation: int = pb.REPRESENTATION_DENSE,
         deadline: float | None = None,
         max_bytes: int | None = None,
+        encoder: Encoder | None = None,
     ) -> GeneratedKernel:
         """Compute (or fetch) one kernel, dense or factored.
 
         ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
-        dtype of what travels: the kernel, or its factors.
+        dtype of what travels: the kernel, or its factors. ``encoder`` writes a
+        conditioned kernel's message where the batch encodes it (another
+        protocol's response, one copy in all); a cached kernel is always
+        kernelgen.v1's message.
         """
         started = self._clock()
         if self.draining:
@@ -273,7 +283,7 @@ class KernelService:
         else:
             cond = torch.from_numpy(conditioning.copy())
             key: BucketKey = (model.name, lens, wire_dtype)
-            item = CondItem(cond, kernel_bytes, factored)
+            item = CondItem(cond, kernel_bytes, factored, encoder)
             outcome = await self.submitter.submit(key, item, deadline=deadline)
             kernel = await outcome.result
             report = pb.ServerReport(
@@ -370,7 +380,7 @@ class KernelService:
     ) -> list[asyncio.Future[EncodedKernel]]:
         """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
-        requests = [(item.conditioning, item.factored) for item in items]
+        requests = [(item.conditioning, item.factored, item.encoder) for item in items]
         engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
         head_hash = self.repository.ready[name].head.head_hash
         return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)

@@ -81,7 +81,11 @@ def cond_tensor(rows: np.ndarray) -> pb.Tensor:
 async def test_infer_equals_the_native_kernel(served: Any, dtype: str) -> None:
     _server, stub, native_stub = served
     wire = {"FP32": pb.DTYPE_FLOAT32, "FP16": pb.DTYPE_FLOAT16, "BF16": pb.DTYPE_BFLOAT16}[dtype]
-    response = await stub.ModelInfer(infer_request(dtype=dtype))
+    call = stub.ModelInfer(infer_request(dtype=dtype))
+    response = await call
+    trailers = dict(await call.trailing_metadata() or ())
+    report = pb.ServerReport.FromString(trailers["kernelgen-report-bin"])  # as kernelgen.v1's
+    assert report.batch_size >= 3 and report.model_hash
     assert response.id == "req-1" and response.model_version == "1"
     assert response.outputs[0].name == "kernel" and response.outputs[0].datatype == dtype
     got = output_array(response)
@@ -90,7 +94,6 @@ async def test_infer_equals_the_native_kernel(served: Any, dtype: str) -> None:
     )
     assert got.shape == (3, 9, 9, 384)
     np.testing.assert_array_equal(got, want)
-    assert response.parameters["kernelgen_batch_size"].int64_param >= 3
 
 
 async def test_unconditioned_typed_contents_and_factors(served: Any) -> None:
@@ -450,3 +453,30 @@ async def test_a_failing_stream_request_harms_no_other(served: Any) -> None:
     answers = [a async for a in stub.ModelStreamInfer(requests())]
     assert sum(bool(a.error_message) for a in answers) == 4
     assert sorted(a.infer_response.id for a in answers if not a.error_message) == ["1", "3", "5", "7"]
+
+
+async def test_a_batch_writes_the_protocols_response_in_place(served: Any) -> None:
+    """A conditioned kernel's response is written where its batch encodes it (one copy of the
+    kernel); a cached kernel stays kernelgen.v1's message."""
+    from kernelgen_server.oip_codec import InferEncoded, decode_infer, infer_encoder
+
+    server, _stub, native_stub = served
+    service = server.service
+    model = service.model("hyena-2d")
+    calls: list[int] = []
+    call = decode_infer(infer_request(), model)
+    encoder = infer_encoder(call)
+
+    def counting(payload: Any, head_hash: str) -> Any:
+        calls.append(payload.nbytes)
+        return encoder(payload, head_hash)
+
+    result = await service.generate("hyena-2d", [5, 5], ROWS, pb.DTYPE_FLOAT32, False, encoder=counting)
+    assert calls == [3 * 81 * 384 * 4] and isinstance(result.kernel, InferEncoded)
+    response = oip.ModelInferResponse.FromString(result.kernel.message)
+    assert response.id == "req-1" and list(response.outputs[0].shape) == [3, 9, 9, 384]
+    want = await native(native_stub, model="hyena-2d", seq_lens=[5, 5], conditioning=cond_tensor(ROWS))
+    np.testing.assert_array_equal(output_array(response), want)
+    assert result.kernel.payload.data.obj is result.kernel.message  # the payload views the message
+    cached = await service.generate("hyena-2d", [5, 5], None, pb.DTYPE_FLOAT32, False, encoder=counting)
+    assert len(calls) == 1 and not isinstance(cached.kernel, InferEncoded)
