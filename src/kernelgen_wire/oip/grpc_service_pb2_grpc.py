@@ -173,7 +173,7 @@ class GRPCInferenceServiceServicer(object):
 
     def ModelStreamInfer(self, request_iterator, context):
         """Inferences over one stream: a response (or an error) per request, in the
-        order the requests were sent.
+        order they finish; each carries its request's id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
