@@ -14,7 +14,9 @@ Runs on this machine, one after another:
    and load;
 6. ``bench_factored.py``: dense against factored kernels, both delivered as dense arrays;
 7. ``bench_hostile.py``: small requests while large kernels stream, tiled against whole;
-8. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+8. ``bench_oip.py``: Triton's client on the Open Inference Protocol and kernels through shared
+   memory against the native client;
+9. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -265,8 +267,31 @@ def page(
         factored_section(load("factored.json")),
         "## Small requests while large kernels stream",
         hostile_section(load("hostile.json")),
+        "## The Open Inference Protocol and shared memory",
+        oip_section(load("oip.json")),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def oip_section(oip: dict[str, Any] | None) -> str:
+    if not oip:
+        return "(not run)"
+    rows = [
+        {
+            "concurrency": r["concurrency"],
+            "native kernels/s": f"{r['native']['kernels_per_s']:.0f}",
+            "OIP (tritonclient) / native": f"{r['oip_over_native']['median']:.2f}",
+            "shared memory / native": f"{r['shm_over_native']['median']:.2f}",
+        }
+        for r in oip["hyena"]
+    ]
+    long = oip["long"]
+    return (
+        f"`bench_oip.py`, {oip['machine']['date']}, hyena-2d 29x29, one FiLM row per request.\n\n"
+        + markdown_table(rows)
+        + f"\n\nThe 82 MB long-1d kernel through shared memory: {long['shm_over_memcpy']:.2f}x a plain "
+        f"copy of its bytes. Details: [oip.md](oip.md)."
+    )
 
 
 def factored_section(factored: dict[str, Any] | None) -> str:
@@ -312,7 +337,7 @@ def hostile_section(hostile: dict[str, Any] | None) -> str:
     )
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,sweep"
+ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,sweep"
 
 
 def main() -> None:
@@ -364,6 +389,8 @@ def main() -> None:
         run([sys.executable, str(BENCH / "bench_factored.py"), *(["--quick"] if args.quick else [])])
     if "hostile" in parts:
         run([sys.executable, str(BENCH / "bench_hostile.py"), *(["--quick"] if args.quick else [])])
+    if "oip" in parts:
+        run([sys.executable, str(BENCH / "bench_oip.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

@@ -9,6 +9,11 @@ No package imports another's private modules or names (a path or name part
 starting with "_"), nor a third-party package's private modules. The server's
 contributions to the ``kernelgen`` command and the load tester reach them
 through entry points, not imports; the generated protobuf modules are left out.
+
+The Open Inference Protocol's modules (``kernelgen_wire.oip``) are the server's,
+and the load tester's inside a function (``--protocol oip`` imports them when
+used): the client never imports them, so a process that uses Triton's client
+and kernelgen's never loads them by accident.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-GENERATED = SRC / "kernelgen_wire" / "v1"
+GENERATED = (SRC / "kernelgen_wire" / "v1", SRC / "kernelgen_wire" / "oip")
+OIP = "kernelgen_wire.oip"
 
 #: What each package may import of the others.
 ALLOWED: dict[str, set[str]] = {
@@ -39,19 +45,27 @@ class Import:
     line: int
     module: str  # the absolute module imported from
     names: tuple[str, ...]  # the names taken from it (empty for ``import module``)
+    top_level: bool = True  # outside any function
 
 
 def imports(root: Path, package: str) -> Iterator[Import]:
     for path in sorted((root / package).rglob("*.py")):
-        if GENERATED in path.parents:
+        if any(folder in path.parents for folder in GENERATED):
             continue
         tree = ast.parse(path.read_text(), str(path))
+        nested = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            for inner in ast.walk(node)
+        }
         for node in ast.walk(tree):
+            top = id(node) not in nested
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    yield Import(path, node.lineno, alias.name, ())
+                    yield Import(path, node.lineno, alias.name, (), top)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                yield Import(path, node.lineno, node.module, tuple(a.name for a in node.names))
+                yield Import(path, node.lineno, node.module, tuple(a.name for a in node.names), top)
 
 
 def _private(parts: list[str]) -> bool:
@@ -64,6 +78,15 @@ def violations(root: Path) -> list[str]:
         for item in imports(root, package):
             where = f"{item.file.relative_to(root)}:{item.line}"
             top, *rest = item.module.split(".")
+            oip = item.module == OIP or item.module.startswith(OIP + ".")
+            oip |= item.module == "kernelgen_wire" and "oip" in item.names
+            if oip and not (
+                package == "kernelgen_server" or (package == "kernelgen_loadtest" and not item.top_level)
+            ):
+                found.append(
+                    f"{where}: {package} imports the Open Inference Protocol's modules ({item.module})"
+                )
+                continue
             if top == package:
                 continue  # a package may use its own private parts
             if top in ALLOWED:
@@ -93,6 +116,9 @@ def test_the_layers_hold() -> None:
         ("kernelgen_loadtest", "from kernelgen_client._base import METHODS", "private part"),
         ("kernelgen_loadtest", "from kernelgen_client.commands import _run", "private part"),
         ("kernelgen_server", "from grpc_health.v1._async import HealthServicer", "private module"),
+        ("kernelgen_client", "from kernelgen_wire.oip import grpc_service_pb2", "Open Inference Protocol"),
+        ("kernelgen_client", "from kernelgen_wire import oip", "Open Inference Protocol"),
+        ("kernelgen_loadtest", "from kernelgen_wire.oip import grpc_service_pb2", "Open Inference Protocol"),
     ],
 )
 def test_a_broken_layer_is_reported(tmp_path: Path, package: str, source: str, message: str) -> None:
@@ -104,3 +130,15 @@ def test_a_broken_layer_is_reported(tmp_path: Path, package: str, source: str, m
     assert len(found) == 1
     assert message in found[0]
     assert found[0].startswith(f"{package}/leak.py:1:")
+
+
+def test_the_load_tester_may_import_the_protocol_lazily(tmp_path: Path) -> None:
+    for name in ALLOWED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    source = "def run():\n    from kernelgen_wire.oip import grpc_service_pb2\n"
+    (tmp_path / "kernelgen_loadtest" / "lazy.py").write_text(source)
+    (tmp_path / "kernelgen_server" / "eager.py").write_text(
+        "from kernelgen_wire.oip import grpc_service_pb2\n"
+    )
+    assert violations(tmp_path) == []

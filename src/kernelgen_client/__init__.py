@@ -31,8 +31,10 @@ from kernelgen_client.errors import (
     ModelNotReady,
     Overloaded,
     PermissionDenied,
+    RegionNotFound,
     ResourceExhausted,
     ServerDraining,
+    SharedMemoryUnavailable,
     Unauthenticated,
     Unavailable,
 )
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from kernelgen_client.aio import AsyncKernelClient
     from kernelgen_client.client import KernelClient
     from kernelgen_client.factored import FactoredKernel, OutputHead
+    from kernelgen_client.shared_memory import SharedMemoryPolicy
 
 __version__ = "0.1.0"
 
@@ -82,10 +85,13 @@ __all__ = [
     "OutputHead",
     "Overloaded",
     "PermissionDenied",
+    "RegionNotFound",
     "ResourceExhausted",
     "RetryPolicy",
     "ServerDraining",
     "ServerReport",
+    "SharedMemoryPolicy",
+    "SharedMemoryUnavailable",
     "TLSConfig",
     "Unauthenticated",
     "Unavailable",
@@ -98,6 +104,7 @@ _LAZY = {
     "AsyncKernelClient": "kernelgen_client.aio",
     "FactoredKernel": "kernelgen_client.factored",
     "OutputHead": "kernelgen_client.factored",
+    "SharedMemoryPolicy": "kernelgen_client.shared_memory",
 }
 
 

@@ -69,6 +69,14 @@ METHODS: dict[str, Method] = {
     "GetModel": _service_method("GetModel", pb.GetModelRequest, pb.ModelInfo.FromString),
     "GetOutputHead": _service_method("GetOutputHead", pb.GetOutputHeadRequest, pb.OutputHead.FromString),
     "GenerateGroup": _service_method("GenerateGroup", pb.GenerateGroupRequest, _raw),
+    "RegisterSharedMemory": _service_method(
+        "RegisterSharedMemory", pb.RegisterSharedMemoryRequest, pb.RegisterSharedMemoryResponse.FromString
+    ),
+    "UnregisterSharedMemory": _service_method(
+        "UnregisterSharedMemory",
+        pb.UnregisterSharedMemoryRequest,
+        pb.UnregisterSharedMemoryResponse.FromString,
+    ),
     "Check": Method(HEALTH_CHECK_PATH, _raw, _raw),
 }
 #: The methods whose responses are streams.

@@ -163,6 +163,12 @@ class GenerateCall:
         size = predict_bytes(info, self.seq_lens, self.rows, self.wire, self.return_grid, self.factored)
         return size > threshold
 
+    def payload_bytes(self, info: ModelInfo | None) -> int:
+        """Bytes of the kernel (or factors) without the grid, or 0 when the config is unknown."""
+        if info is None:
+            return 0
+        return predict_bytes(info, self.seq_lens, self.rows, self.wire, False, self.factored)
+
     @staticmethod
     def wants_stream(error: KernelServiceError) -> bool:
         """A unary call refused only because its response is over the one-message limit."""

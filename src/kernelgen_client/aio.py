@@ -31,9 +31,11 @@ from kernelgen_client.errors import (
     MalformedResponse,
     ModelNotFound,
     ModelNotReady,
+    RegionNotFound,
     from_rpc_error,
 )
 from kernelgen_client.factored import FactoredKernel, OutputHead
+from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolicy, coerce_policy
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, GroupInfo, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
@@ -66,6 +68,10 @@ class AsyncKernelClient:
         connections: channels the client's calls take in turn, each a connection of its
             own to every server address (1). Raise it to reach every worker process of a
             ``kernelgen serve --workers N`` server, which Linux balances by connection.
+        shared_memory: ``True`` or a ``SharedMemoryPolicy``: kernels are written by the server
+            into shared-memory regions this client owns, and results are views of them (a
+            server on this host started with ``--shared-memory``; one target, one connection).
+            See ``kernelgen_client.shared_memory``.
 
     Example::
 
@@ -94,7 +100,11 @@ class AsyncKernelClient:
         load_balancing: str = "round_robin",
         options: Sequence[tuple[str, Any]] = (),
         connections: int = 1,
+        shared_memory: SharedMemoryPolicy | bool = False,
     ) -> None:
+        policy = coerce_policy(shared_memory)
+        if policy is not None and connections != 1:
+            raise ValueError("shared_memory needs one connection: a region is known to one server process")
         self._config = ClientConfig.build(
             target,
             timeout=timeout,
@@ -108,6 +118,7 @@ class AsyncKernelClient:
         self._channels = AsyncChannels(self._config, connections)
         self._models = ModelCache()
         self._heads: AsyncOnce[OutputHead] = AsyncOnce()
+        self._shared_memory = RegionPool(policy) if policy is not None else None
 
     @property
     def target(self) -> str:
@@ -116,7 +127,11 @@ class AsyncKernelClient:
 
     # --- life cycle ---------------------------------------------------------------------------
     async def close(self) -> None:
-        """Close the channels; calls in progress are cancelled."""
+        """Close the channels; calls in progress are cancelled. Shared-memory regions are
+        unregistered and removed (arrays still viewing one keep its memory)."""
+        if self._shared_memory is not None:
+            for region in self._shared_memory.close():
+                await self._unregister_region(region)
         await self._channels.close()
 
     async def __aenter__(self) -> AsyncKernelClient:
@@ -521,6 +536,14 @@ class AsyncKernelClient:
     async def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
     ) -> Any:
+        if self._shared_memory is not None and call.stream is not True:
+            if info is None:
+                info = await self._info(call.model, deadline, metadata)
+            size = call.payload_bytes(info)
+            if size and size >= self._shared_memory.policy.min_kernel_bytes:
+                lease = self._shared_memory.acquire(size)
+                if lease is not None:
+                    return await self._in_shared_memory(call, lease, size, deadline, metadata)
         streamed = call.use_stream(info)
         if streamed:
             response = await self._streamed(call.request, deadline, metadata)
@@ -535,6 +558,66 @@ class AsyncKernelClient:
         if response.factored:
             head = await self._head(call.model, response.head_hash, deadline, metadata)
         return call.finish(response, streamed=streamed, head=head)
+
+    async def _in_shared_memory(
+        self,
+        call: GenerateCall,
+        lease: tuple[Region, list[Region]],
+        size: int,
+        deadline: Deadline,
+        metadata: MetadataLike | None,
+    ) -> Any:
+        """One ``generate`` whose kernel the server writes into a region of the client's pool."""
+        pool = self._shared_memory
+        assert pool is not None
+        region, evicted = lease
+        for old in evicted:
+            await self._unregister_region(old)
+        try:
+            call.request.output_region.region = region.name
+            call.request.output_region.byte_size = size
+            try:
+                if not region.registered:
+                    await self._register_region(region, deadline, metadata)
+                try:
+                    response = await self._unary_kernel(call.request, deadline, metadata)
+                except RegionNotFound:  # the server restarted and lost it: register again, once
+                    region.registered = False
+                    await self._register_region(region, deadline, metadata)
+                    response = await self._unary_kernel(call.request, deadline, metadata)
+            finally:
+                call.request.ClearField("output_region")
+            response = pool.view(region, response, size)
+        except BaseException:
+            pool.release(region)
+            raise
+        head = None
+        if response.factored:
+            head = await self._head(call.model, response.head_hash, deadline, metadata)
+        return call.finish(response, streamed=False, head=head)
+
+    async def _register_region(
+        self, region: Region, deadline: Deadline, metadata: MetadataLike | None
+    ) -> None:
+        request = pb.RegisterSharedMemoryRequest(name=region.name, key=region.key, byte_size=region.size)
+        try:
+            await self._call("RegisterSharedMemory", request, deadline, metadata)
+        except BaseException:
+            assert self._shared_memory is not None
+            self._shared_memory.forget(region)
+            raise
+        region.registered = True
+
+    async def _unregister_region(self, region: Region) -> None:
+        """Unregister a region taken out of the pool (the server then never touches it), then remove it."""
+        assert self._shared_memory is not None
+        if region.registered:
+            try:
+                request = pb.UnregisterSharedMemoryRequest(name=region.name)
+                await self._call("UnregisterSharedMemory", request, Deadline(10.0), None)
+            except KernelServiceError:
+                pass  # the server is gone, and its registrations with it
+        self._shared_memory.drop(region)
 
     async def _head(
         self, model: str, head_hash: str, deadline: Deadline, metadata: MetadataLike | None

@@ -9,9 +9,11 @@ within a status by reason::
     KernelServiceError
     ├── InvalidRequest            INVALID_ARGUMENT (also raised before sending)
     ├── ModelNotFound             NOT_FOUND
+    ├── RegionNotFound            NOT_FOUND, reason region-not-found (a shared-memory region)
     ├── FailedPrecondition        FAILED_PRECONDITION
     │   ├── ConditioningNotSupported   reason no-film
-    │   └── ModelNotReady              reason model-not-ready
+    │   ├── ModelNotReady              reason model-not-ready
+    │   └── SharedMemoryUnavailable    reason shared-memory-off
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
     │   ├── Overloaded                 reason queue-full or memory-full (retryable)
     │   └── KernelTooLarge             reason too-large (never retried)
@@ -59,8 +61,10 @@ __all__ = [
     "ModelNotReady",
     "Overloaded",
     "PermissionDenied",
+    "RegionNotFound",
     "ResourceExhausted",
     "ServerDraining",
+    "SharedMemoryUnavailable",
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
@@ -199,6 +203,16 @@ class MalformedResponse(KernelServiceError):
     default_code = grpc.StatusCode.DATA_LOSS
 
 
+class RegionNotFound(KernelServiceError, LookupError):
+    """The server has no shared-memory region of the name a request gave (a restarted server?)."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class SharedMemoryUnavailable(FailedPrecondition):
+    """Shared memory was asked of a server that runs without ``--shared-memory``."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[KernelServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
@@ -222,6 +236,8 @@ _BY_REASON: dict[str, type[KernelServiceError]] = {
     Reason.MEMORY_FULL: Overloaded,
     Reason.TOO_LARGE: KernelTooLarge,
     Reason.DRAINING: ServerDraining,
+    Reason.SHARED_MEMORY_OFF: SharedMemoryUnavailable,
+    Reason.REGION_NOT_FOUND: RegionNotFound,
 }
 
 # What gRPC core says when no connection could be made (no server ever answered).
@@ -273,7 +289,7 @@ def from_rpc_error(error: grpc.RpcError, target: str | None = None) -> KernelSer
 
     cls = _BY_CODE.get(code, KernelServiceError)
     refined = _BY_REASON.get(reason or "")
-    if refined is not None and issubclass(refined, cls):
+    if refined is not None and (issubclass(refined, cls) or refined.default_code == code):
         cls = refined
     elif (
         code == grpc.StatusCode.UNAVAILABLE

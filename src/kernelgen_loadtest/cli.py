@@ -22,6 +22,7 @@ examples:
   kernelgen loadtest hyena-2d --seq-lens 29,29 --seq-lens 15,15 --rows 1-4 --unconditioned 0.2 \\
       --rate 50,100,200 --duration 30 --json out.json --slo-p99-ms 250 --max-error-rate 0.001
   kernelgen loadtest --workload mix.yaml --concurrency 32 --workers 2 --check-correctness
+  kernelgen loadtest hyena-2d --seq-lens 15,15 --concurrency 32 --protocol oip --shared-memory
 """
 
 
@@ -63,7 +64,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "loadtest",
         parents=[commands.connection_options(timeout=30.0)],
         help="closed/open-loop load test with a latency and throughput report",
-        description="Load a kernelgen server with GenerateKernel calls through AsyncKernelClient: a closed "
+        description="Load a kernelgen server with GenerateKernel calls through AsyncKernelClient (or, with "
+        "--protocol oip, Open Inference Protocol ModelInfer calls): a closed "
         "loop at each --concurrency or an open loop at each --rate. Reports throughput, latency "
         "percentiles, errors by status code and the server's batching, queueing and cache figures per step. "
         "--timeout is each call's deadline. Calls are not retried: every failure is counted.",
@@ -139,6 +141,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--connections", type=_number(1, 256, integer=True), default=1, metavar="N",
         help="connections per client process, taken in turn by its calls; more than one reaches "
         "every worker of a `kernelgen serve --workers N` server (1)",
+    )  # fmt: skip
+
+    wire = p.add_argument_group("protocol")
+    wire.add_argument(
+        "--protocol", choices=("native", "oip"), default="native",
+        help="kernelgen.v1 GenerateKernel calls (native), or Open Inference Protocol ModelInfer calls "
+        "to the same server (oip) (native)",
+    )  # fmt: skip
+    wire.add_argument(
+        "--shared-memory", action="store_true",
+        help="have kernels written into shared-memory regions the client owns instead of the response "
+        "(a server on this host started with --shared-memory; one connection per client process)",
     )  # fmt: skip
 
     out = p.add_argument_group("output")

@@ -51,8 +51,13 @@ async def _client(kwargs: Mapping[str, Any]) -> Any:
     # pages, and this process, not the server, would set the pace.
     tune_malloc()
 
+    options = dict(kwargs)
+    if options.pop("protocol", "native") == "oip":
+        from kernelgen_loadtest.oip import OipClient
+
+        return OipClient(**options)
     # No retries: the tester counts every failure as the server answered it.
-    return AsyncKernelClient(**kwargs, retries=None)
+    return AsyncKernelClient(**options, retries=None)
 
 
 class LocalDriver:

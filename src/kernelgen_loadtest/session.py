@@ -55,6 +55,8 @@ class Session:
                 return problem
         if args.check_correctness:
             return reference_missing()
+        if args.shared_memory and args.connections != 1:
+            return "--shared-memory needs --connections 1: a region is known to one server process"
         for path in (args.json, args.csv, args.plot):
             if path is not None and not path.parent.is_dir():
                 return f"cannot write {path}: folder {path.parent} does not exist"
@@ -124,6 +126,7 @@ class Session:
         plans = self.plans()
         client_kwargs = {**commands.client_kwargs(args), "connections": args.connections}
         resolved = resolve(workload, self._models(client_kwargs, workload))
+        client_kwargs.update(protocol=args.protocol, shared_memory=args.shared_memory)
         checker = Checker(args.model_repo) if args.check_correctness else None
 
         display = make_display(args.quiet)
@@ -180,6 +183,8 @@ class Session:
                 "max_inflight": args.max_inflight,
                 "workers": args.workers,
                 "connections": args.connections,
+                "protocol": args.protocol,
+                "shared_memory": args.shared_memory,
                 "timeout_s": args.timeout,
                 "max_error_rate": args.max_error_rate,
                 "slo_p99_ms": args.slo_p99_ms,

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
 from grpc import aio
 
-from kernelgen_server.errors import InvalidRequest, SlowReader, TooLarge
+from kernelgen_server.errors import SlowReader, TooLarge
 from kernelgen_server.model_info import model_info
 from kernelgen_server.output_head import OutputHead
 from kernelgen_server.service import KernelService, check_name
-from kernelgen_server.status import deadline_of, rpc_scope
+from kernelgen_server.status import deadline_of, decode, rpc_scope
 from kernelgen_server.tensors import decode_conditioning
 from kernelgen_wire.group_messages import MemberKernel, encode_group
 from kernelgen_wire.kernel_messages import encode_response
@@ -28,11 +28,10 @@ from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["KernelGeneratorServicer", "decode"]
+__all__ = ["KernelGeneratorServicer"]
 
 log = logging.getLogger("kernelgen.rpc")
 
-T = TypeVar("T", bound=Any)
 
 
 class KernelGeneratorServicer:
@@ -56,22 +55,29 @@ class KernelGeneratorServicer:
         async with rpc_scope(self.metrics, "GenerateKernel", context, self._label) as call:
             request = decode(pb.GenerateKernelRequest, data)
             call.model = request.model
-            result = await self.service.generate(
-                *self._kernel_args(request),
-                representation=request.representation,
-                deadline=deadline_of(context),
-                max_bytes=self.max_message_bytes,
-            )
-            # The response's bytes stay reserved until gRPC is done sending them.
-            context.add_done_callback(lambda _context: result.release())
-            context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))
-            return encode_response(result.kernel, result.grid)
+            return await self._unary_kernel(request, context)
         raise AssertionError("unreachable: errors leave through context.abort")
+
+    async def _unary_kernel(
+        self, request: pb.GenerateKernelRequest, context: aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """One decoded ``GenerateKernel`` request's response bytes (inside its call's scope)."""
+        result = await self.service.generate(
+            *self._kernel_args(request),
+            representation=request.representation,
+            deadline=deadline_of(context),
+            max_bytes=self.max_message_bytes,
+        )
+        # The response's bytes stay reserved until gRPC is done sending them.
+        context.add_done_callback(lambda _context: result.release())
+        context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))
+        return encode_response(result.kernel, result.grid)
 
     async def StreamKernel(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
         async with rpc_scope(self.metrics, "StreamKernel", context, self._label) as call:
             request = decode(pb.GenerateKernelRequest, data)
             call.model = request.model
+            self._check_stream(request)
             stream = await self.service.open_stream(
                 *self._kernel_args(request),
                 representation=request.representation,
@@ -153,6 +159,9 @@ class KernelGeneratorServicer:
                 result.release()
 
     # --- plumbing -----------------------------------------------------------------------------
+    def _check_stream(self, request: pb.GenerateKernelRequest) -> None:
+        """Refuse what a stream cannot answer (nothing here; a subclass may)."""
+
     def _kernel_args(self, request: pb.GenerateKernelRequest) -> tuple[Any, ...]:
         conditioning = decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
         return (
@@ -208,16 +217,6 @@ class KernelGeneratorServicer:
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def decode(message: type[T], data: bytes) -> T:
-    """``data`` as a ``message``; anything else is an ``InvalidRequest`` with a short message."""
-    try:
-        decoded: T = message.FromString(data)
-    except Exception:  # protobuf's DecodeError, whose module varies by backend
-        name = message.DESCRIPTOR.full_name
-        raise InvalidRequest(f"the request ({len(data)} bytes) is not a valid {name}") from None
-    return decoded
 
 
 def _head_message(head: OutputHead) -> pb.OutputHead:

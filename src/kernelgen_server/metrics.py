@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kernelgen_server.metrics_http import MetricsEndpoint, serve_metrics
+from kernelgen_server.statistics import InferenceStatistics
 
 __all__ = ["Metrics"]
 
@@ -143,6 +144,8 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        #: The same observations per model, for the Open Inference Protocol's ModelStatistics.
+        self.statistics = InferenceStatistics()
 
     def serve(
         self,
@@ -175,6 +178,7 @@ class Metrics:
         self.batches.labels(model).inc()
         self.batch_size.labels(model).observe(rows)
         self.compute_time.labels(model).observe(compute_s)
+        self.statistics.on_batch(model, rows, compute_s)
 
     def on_queue_time(self, key: Hashable, seconds: float) -> None:
         self.queue_time.labels(_model_of(key)).observe(seconds)

@@ -1,6 +1,7 @@
 """Transport security: TLS credentials and bearer-token authentication.
 
 Tokens are compared in constant time and never logged. The health service
+(and the Open Inference Protocol's ServerLive, ServerReady and ModelReady)
 stays open so that load balancers and Kubernetes probes need no token.
 """
 
@@ -19,8 +20,15 @@ __all__ = ["BearerTokenInterceptor", "bearer_matches", "load_tokens", "server_cr
 
 log = logging.getLogger("kernelgen.security")
 
-# Services reachable without a token: health checks must work for probes.
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+# Methods reachable without a token: health checks must work for probes. The Open Inference
+# Protocol's three health questions stay open too, as the standard health service does; its
+# metadata, inference, statistics and shared-memory methods need a token.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

@@ -16,17 +16,22 @@ from typing import Any
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from kernelgen_server.generator_servicer import KernelGeneratorServicer
 from kernelgen_server.metrics import Metrics
 from kernelgen_server.metrics_http import MetricsEndpoint
+from kernelgen_server.native_shared_memory import SharedMemoryGeneratorServicer
+from kernelgen_server.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
+from kernelgen_server.readiness import HealthStates
 from kernelgen_server.repository import ModelRepository, embedded_repository
 from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials
 from kernelgen_server.service import KernelService
 from kernelgen_server.settings import ServerSettings
+from kernelgen_server.shared_memory import SharedMemoryRegistry
 from kernelgen_wire.malloc import tune_malloc
+from kernelgen_wire.oip import grpc_service_pb2 as oip_pb
 from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["ModelsFailedError", "Server", "create_server", "serve"]
 
@@ -56,8 +61,11 @@ class Server:
         health: health_aio.HealthServicer,
         port: int,
         tokens: list[bytes] | None = None,
+        shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
         self.settings = settings
+        #: The registered shared-memory regions (None: --shared-memory is off).
+        self.shared_memory = shared_memory
         self.service = service
         self.grpc_server = grpc_server
         self.health = health
@@ -119,6 +127,8 @@ class Server:
         await self.service.close(drain=True)
         if self._metrics is not None:
             self._metrics.close()
+        if self.shared_memory is not None:
+            await self.shared_memory.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -184,13 +194,22 @@ def create_server(
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    servicer = KernelGeneratorServicer(service)
-    grpc_server.add_generic_rpc_handlers((servicer.handler(),))
-    health = health_aio.HealthServicer()
+    registry = None
+    if settings.shared_memory:
+        registry = SharedMemoryRegistry(max_regions=settings.shared_memory_max_regions)
+    servicer = SharedMemoryGeneratorServicer(service, registry)
+    health = HealthStates()
+    inference = InferenceServicer(service, health, registry)
+    grpc_server.add_generic_rpc_handlers(
+        (servicer.handler(), servicer.shared_memory_handler(), inference.handler())
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+        (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
         grpc_server,
+        pool=reflection_pool(
+            pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR
+        ),
     )
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -200,7 +219,7 @@ def create_server(
         port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return Server(settings, service, grpc_server, health, port, tokens), port
+    return Server(settings, service, grpc_server, health, port, tokens, registry), port
 
 
 async def serve(

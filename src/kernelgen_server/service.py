@@ -66,6 +66,7 @@ from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = [
+    "Encoder",
     "FlopSummary",
     "GeneratedGroup",
     "GeneratedKernel",
@@ -83,12 +84,18 @@ BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtyp
 CacheKey = tuple[str, tuple[int, ...], int, bool]  # (model content hash, seq_lens, wire dtype, factored)
 
 
+#: Writes one computed kernel (or its factors) as the message its caller sends, from the payload and
+#: the output head's hash (empty: dense); ``encode_kernel`` (kernelgen.v1's response) by default.
+Encoder = Callable[[Payload, str], EncodedKernel]
+
+
 class CondItem(NamedTuple):
     """One conditioned request in a batch bucket: its ``[B, C]`` rows, output size and representation."""
 
     conditioning: torch.Tensor
     nbytes: int
     factored: bool = False
+    encoder: Encoder | None = None
 
 
 class Submitter(Protocol):
@@ -359,11 +366,15 @@ class KernelService:
         representation: int = pb.REPRESENTATION_DENSE,
         deadline: float | None = None,
         max_bytes: int | None = None,
+        encoder: Encoder | None = None,
     ) -> GeneratedKernel:
         """Compute (or fetch) one kernel, dense or factored, holding its bytes in the in-flight budget.
 
         ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
-        dtype of what travels: the kernel, or its factors.
+        dtype of what travels: the kernel, or its factors. ``encoder`` writes a
+        conditioned kernel's message where the batch encodes it (another
+        protocol's response, one copy in all); a cached kernel is always
+        kernelgen.v1's message.
         """
         plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
         if max_bytes is not None and plan.total_bytes > max_bytes:
@@ -371,14 +382,16 @@ class KernelService:
                 f"the response would be {plan.total_bytes} bytes, over the unary limit of "
                 f"{max_bytes} bytes; use StreamKernel for large kernels"
             )
-        return await self.compute(plan, deadline)
+        return await self.compute(plan, deadline, encoder)
 
-    async def compute(self, plan: KernelPlan, deadline: float | None = None) -> GeneratedKernel:
+    async def compute(
+        self, plan: KernelPlan, deadline: float | None = None, encoder: Encoder | None = None
+    ) -> GeneratedKernel:
         """The kernel of a plan, whole; its bytes are reserved in the in-flight budget first."""
         self._check_deadline(deadline)
         reservation = self.budget.reserve(plan.total_bytes)
         try:
-            result = await self._compute(plan, deadline)
+            result = await self._compute(plan, deadline, encoder)
         except BaseException:
             reservation.release()
             raise
@@ -450,7 +463,10 @@ class KernelService:
             return False
         return plan.conditioning is not None or plan.kernel_bytes > int(self.settings.cache_bytes) // 4
 
-    async def _compute(self, plan: KernelPlan, deadline: float | None) -> GeneratedKernel:
+    async def _compute(
+        self, plan: KernelPlan, deadline: float | None, encoder: Encoder | None = None
+    ) -> GeneratedKernel:
+        started = self._clock()
         model, lens, out_dtype, wire_dtype = plan.model, plan.lens, plan.out_dtype, plan.wire_dtype
         factored, conditioning, kernel_bytes = plan.factored, plan.conditioning, plan.kernel_bytes
         if conditioning is None:
@@ -458,7 +474,7 @@ class KernelService:
         else:
             cond = torch.from_numpy(conditioning.copy())
             key: BucketKey = (model.name, lens, wire_dtype)
-            item = CondItem(cond, kernel_bytes, factored)
+            item = CondItem(cond, kernel_bytes, factored, encoder)
             outcome = await self.submitter.submit(key, item, deadline=deadline)
             kernel = await outcome.result
             report = pb.ServerReport(
@@ -471,6 +487,15 @@ class KernelService:
         report.model_hash = model.content_hash
         report.worker = self.worker
         report.representation = kernel.representation
+        self.metrics.statistics.on_kernel(
+            model.name,
+            rows=plan.rows,
+            conditioned=conditioning is not None,
+            cache_hit=report.cache_hit,
+            queue_s=report.queue_ms / 1000.0,
+            compute_s=report.compute_ms / 1000.0,
+            seconds=self._clock() - started,
+        )
         self.metrics.kernels_served.labels(model.name, _REPRESENTATION_NAMES[factored]).inc()
         self.metrics.payload_bytes.labels(model.name, _REPRESENTATION_NAMES[factored]).inc(
             kernel.payload.nbytes
@@ -546,7 +571,7 @@ class KernelService:
     ) -> list[asyncio.Future[EncodedKernel]]:
         """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
-        requests = [(item.conditioning, item.factored) for item in items]
+        requests = [(item.conditioning, item.factored, item.encoder) for item in items]
         engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
         head_hash = self.repository.ready[name].head.head_hash
         return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)

@@ -151,6 +151,17 @@ class ServerSettings(BaseSettings):
     )
     auth_token_file: Path | None = Field(None, description="file of accepted bearer tokens, one per line")
 
+    # --- same-host shared memory (both protocols) --------------------------------------------
+    shared_memory: bool = Field(
+        False,
+        description="let clients on this host register POSIX shared-memory regions that kernels are "
+        "written into and conditioning is read from (Open Inference Protocol system shared memory, "
+        "kernelgen.v1 output regions); off by default",
+    )
+    shared_memory_max_regions: int = Field(
+        256, ge=1, le=65536, description="most shared-memory regions registered at once"
+    )
+
     def url(self, port: int) -> str:
         """Where clients reach this server once bound to ``port``: ``grpc[s]://host:port``."""
         return f"{'grpcs' if self.tls_cert else 'grpc'}://{self.host}:{port}"

@@ -14,18 +14,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
 
-from kernelgen_server.errors import KernelGenError, shorten
+from kernelgen_server.errors import InvalidRequest, KernelGenError, shorten
 from kernelgen_server.metrics import Metrics
 from kernelgen_wire.metadata import REASON_TRAILER, RETRY_PUSHBACK_TRAILER, Reason
 
-__all__ = ["Call", "deadline_of", "rpc_scope"]
+__all__ = ["Call", "deadline_of", "decode", "decoded", "rpc_scope"]
+
+T = TypeVar("T", bound=Any)
+R = TypeVar("R")
 
 log = logging.getLogger("kernelgen.rpc")
 
@@ -49,15 +52,19 @@ async def rpc_scope(
     method: str,
     context: aio.ServicerContext[Any, Any],
     label: Callable[[str], str] = lambda model: model,
+    *,
+    model: str = "",
 ) -> AsyncIterator[Call]:
     """Metrics, logging and the status of one call; every exception leaves as a status.
 
     ``label`` maps the requested model name to the metrics label: the name of a
     served model, never an arbitrary client string (the label set stays bounded).
+    ``model`` is the name when the request is already decoded; else the method
+    sets ``call.model`` once it has decoded it.
     """
     start = time.perf_counter()
     metrics.inflight.inc()
-    call = Call()
+    call = Call(model)
     code = grpc.StatusCode.OK
     try:
         yield call
@@ -77,6 +84,7 @@ async def rpc_scope(
         metrics.inflight.dec()
         metrics.requests.labels(model, method, code.name).inc()
         metrics.latency.labels(model, method).observe(elapsed)
+        metrics.statistics.on_call(model, method, code == grpc.StatusCode.OK, elapsed)
         log.debug("%s model=%s code=%s %.2f ms", method, shorten(call.model), code.name, elapsed * 1000.0)
 
 
@@ -94,3 +102,36 @@ async def _internal(context: aio.ServicerContext[Any, Any], method: str, model: 
     log.exception("unexpected error in %s (model=%s)", method, shorten(model))
     context.set_trailing_metadata(((REASON_TRAILER, Reason.INTERNAL),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+
+
+def decode(message: type[T], data: bytes) -> T:
+    """``data`` as a ``message``; anything else is an ``InvalidRequest`` with a short message."""
+    try:
+        decoded: T = message.FromString(data)
+    except Exception:  # protobuf's DecodeError, whose module varies by backend
+        name = message.DESCRIPTOR.full_name
+        raise InvalidRequest(f"the request ({len(data)} bytes) is not a valid {name}") from None
+    return decoded
+
+
+def decoded(
+    message: type[T],
+    method: Callable[[T, aio.ServicerContext[Any, Any]], Awaitable[R]],
+    metrics: Metrics,
+    name: str,
+    label: Callable[[str], str],
+) -> Callable[[bytes, aio.ServicerContext[Any, Any]], Awaitable[R]]:
+    """A unary handler taking the request's bytes: ``method`` gets it decoded, bytes that are not a
+    ``message`` get INVALID_ARGUMENT through ``rpc_scope`` (counted, logged once, after authentication).
+    """
+
+    async def handle(data: bytes, context: aio.ServicerContext[Any, Any]) -> R:
+        try:
+            request = message.FromString(data)
+        except Exception:
+            async with rpc_scope(metrics, name, context, label):
+                decode(message, data)
+            raise AssertionError("unreachable: errors leave through context.abort") from None
+        return await method(request, context)
+
+    return handle

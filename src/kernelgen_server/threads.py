@@ -27,11 +27,13 @@ from kernelgen_server.device_queue import BULK, INTERACTIVE, DeviceQueue
 from kernelgen_server.engine import KernelEngine
 from kernelgen_server.errors import Cancelled
 from kernelgen_server.tensors import to_payload
-from kernelgen_wire.kernel_messages import EncodedKernel, encode_kernel
+from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 
 __all__ = ["ServiceThreads"]
 
 T = TypeVar("T")
+#: Writes one request's rows as its message (``service.Encoder``).
+Encoder = Callable[[Payload, str], EncodedKernel]
 
 
 class ServiceThreads:
@@ -60,17 +62,18 @@ class ServiceThreads:
         self,
         engine: KernelEngine,
         lens: tuple[int, ...],
-        requests: Sequence[tuple[torch.Tensor, bool]],
+        requests: Sequence[tuple[torch.Tensor, bool, Encoder | None]],
         dtype: torch.dtype,
         head_hash: str,
     ) -> list[asyncio.Future[EncodedKernel]]:
-        """One batch, a future per ``(conditioning, factored)`` request; returns once the device is free.
+        """One batch, a future per ``(conditioning, factored, encoder)`` request; returns once the device
+        is free. Each request's rows are written by its encoder (``encode_kernel`` when None).
 
         Dense and factored requests share the batch: the device computes each
         group's rows in one call (the factored ones stop before the output
         linear), and each request gets its rows of its group's output.
         """
-        groups = [[i for i, (_, factored) in enumerate(requests) if factored is f] for f in (False, True)]
+        groups = [[i for i, (_, factored, _) in enumerate(requests) if factored is f] for f in (False, True)]
 
         def compute() -> list[torch.Tensor | None]:
             return [
@@ -90,7 +93,8 @@ class ServiceThreads:
                     rows = int(requests[i][0].shape[0])
                     assert out is not None
                     payload = to_payload(out.narrow(0, start, rows))
-                    encoded[i] = encode_kernel(payload, head_hash if factored else "")
+                    write = requests[i][2] or encode_kernel
+                    encoded[i] = write(payload, head_hash if factored else "")
                     start += rows
             return [kernel for kernel in encoded if kernel is not None]
 

@@ -234,6 +234,8 @@ class ResponseView:
     report: pb.ServerReport
     #: The output head that turns factors into the kernel; empty for a dense kernel.
     head_hash: str = ""
+    #: Bytes the server wrote into the request's shared-memory region (0: the kernel is in ``kernel``).
+    shared_memory_bytes: int = 0
 
     @property
     def factored(self) -> bool:
@@ -292,8 +294,11 @@ def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = Non
     factors: TensorView | None = None
     grid: TensorView | None = None
     head_hash = ""
+    shared_memory_bytes = 0
     report = report_from_trailers(trailers) or pb.ServerReport()
     for number, _wire_type, value in fields(buf):
+        if number == 8 and isinstance(value, int):
+            shared_memory_bytes = value
         if not isinstance(value, memoryview):
             continue
         if number == 1:
@@ -305,9 +310,9 @@ def parse_response(raw: bytes | memoryview, trailers: Iterable[Any] | None = Non
         elif number == 5:
             head_hash = _text(value)
     if kernel is not None and factors is None and not head_hash:
-        return ResponseView(kernel, grid, report)
+        return ResponseView(kernel, grid, report, shared_memory_bytes=shared_memory_bytes)
     if factors is not None and kernel is None and head_hash:
-        return ResponseView(factors, grid, report, head_hash)
+        return ResponseView(factors, grid, report, head_hash, shared_memory_bytes)
     if kernel is None and factors is None:
         raise WireFormatError("the response carries no kernel")
     raise WireFormatError("the response mixes a dense kernel and factors, or factors without their head")

@@ -38,3 +38,7 @@ class Reason(enum.StrEnum):
     CANCELLED = "cancelled"  # CANCELLED
     DRAINING = "draining"  # UNAVAILABLE: the server is shutting down
     INTERNAL = "internal"  # INTERNAL
+    SHARED_MEMORY_OFF = "shared-memory-off"  # FAILED_PRECONDITION: the server runs without --shared-memory
+    REGION_NOT_FOUND = "region-not-found"  # NOT_FOUND: no shared-memory region of that name
+    REGION_EXISTS = "region-exists"  # ALREADY_EXISTS: a shared-memory region of that name is registered
+    NOT_SUPPORTED = "not-supported"  # UNIMPLEMENTED: a protocol feature this server does not offer

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[ServeProcess]:
-    with serve_process() as process:
+    with serve_process("--shared-memory") as process:  # the README's shared-memory example needs it
         yield process
 
 

@@ -19,7 +19,7 @@ def test_method_paths_are_the_protos() -> None:
     assert rpc.SERVICE_NAME == "kernelgen.v1.KernelGenerator"
     assert rpc.METHOD_NAMES == (
         "GenerateKernel", "StreamKernel", "FlopCount", "ListModels", "GetModel", "GetOutputHead",
-        "GenerateGroup",
+        "GenerateGroup", "RegisterSharedMemory", "UnregisterSharedMemory",
     )  # fmt: skip
     for method in service.methods:
         assert rpc.method_path(method.name) == f"/kernelgen.v1.KernelGenerator/{method.name}"
@@ -38,6 +38,7 @@ def test_reasons_are_the_documented_strings() -> None:
     assert {r.value for r in metadata.Reason} == {
         "invalid-argument", "model-not-found", "model-not-ready", "no-film", "queue-full", "memory-full",
         "too-large", "deadline-exceeded", "slow-reader", "cancelled", "draining", "internal",
+        "shared-memory-off", "region-not-found", "region-exists", "not-supported",
     }  # fmt: skip
     assert metadata.REPORT_TRAILER.endswith("-bin")  # binary metadata: gRPC carries it base64
 

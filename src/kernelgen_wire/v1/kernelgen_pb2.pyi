@@ -55,35 +55,49 @@ class ServerReport(_message.Message):
     model_hash: str
     worker: int
     representation: Representation
-    def __init__(self, cache_hit: _Optional[bool] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
-    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation")
+    __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation", "output_region")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRID_FIELD_NUMBER: _ClassVar[int]
     REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     model: str
     seq_lens: _containers.RepeatedScalarFieldContainer[int]
     conditioning: Tensor
     dtype: DType
     return_grid: bool
     representation: Representation
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: _Optional[bool] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    output_region: SharedMemoryOutput
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., conditioning: _Optional[_Union[Tensor, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., return_grid: bool = ..., representation: _Optional[_Union[Representation, str]] = ..., output_region: _Optional[_Union[SharedMemoryOutput, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryOutput(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class GenerateKernelResponse(_message.Message):
-    __slots__ = ("kernel", "grid", "factors", "head_hash")
+    __slots__ = ("kernel", "grid", "factors", "head_hash", "shared_memory_bytes")
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     kernel: Tensor
     grid: Tensor
     factors: Tensor
     head_hash: str
-    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., factors: _Optional[_Union[Tensor, _Mapping]] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    shared_memory_bytes: int
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., grid: _Optional[_Union[Tensor, _Mapping]] = ..., factors: _Optional[_Union[Tensor, _Mapping]] = ..., head_hash: _Optional[str] = ..., shared_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class KernelHeader(_message.Message):
     __slots__ = ("kernel_shape", "kernel_dtype", "kernel_bytes", "grid_shape", "grid_bytes", "report", "representation", "head_hash")
@@ -123,7 +137,7 @@ class FlopCountRequest(_message.Message):
     model: str
     seq_lens: _containers.RepeatedScalarFieldContainer[int]
     inference: bool
-    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., inference: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., inference: bool = ...) -> None: ...
 
 class FlopCountResponse(_message.Message):
     __slots__ = ("flops", "grid_points", "kernel_bytes", "cacheable")
@@ -135,7 +149,7 @@ class FlopCountResponse(_message.Message):
     grid_points: int
     kernel_bytes: int
     cacheable: bool
-    def __init__(self, flops: _Optional[int] = ..., grid_points: _Optional[int] = ..., kernel_bytes: _Optional[int] = ..., cacheable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, flops: _Optional[int] = ..., grid_points: _Optional[int] = ..., kernel_bytes: _Optional[int] = ..., cacheable: bool = ...) -> None: ...
 
 class FiLMConfig(_message.Message):
     __slots__ = ("cond_dim", "film_hidden_dim")
@@ -169,7 +183,7 @@ class ModelConfig(_message.Message):
     hidden_omega_0: float
     film_after_pos_embed: bool
     film: FiLMConfig
-    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: _Optional[bool] = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: _Optional[bool] = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source")
@@ -193,7 +207,7 @@ class ModelInfo(_message.Message):
     group: str
     group_index: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -258,3 +272,29 @@ class GroupKernelChunk(_message.Message):
     member: int
     chunk: KernelChunk
     def __init__(self, group: _Optional[_Union[GroupHeader, _Mapping]] = ..., member: _Optional[int] = ..., chunk: _Optional[_Union[KernelChunk, _Mapping]] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name", "key", "offset", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from . import kernelgen_pb2 as kernelgen_dot_v1_dot_kernelgen__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class KernelGeneratorStub:
+class KernelGeneratorStub(object):
     """Generates SIREN convolution kernels.
     """
 
@@ -70,9 +70,19 @@ class KernelGeneratorStub:
                 request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.SerializeToString,
                 response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/kernelgen.v1.KernelGenerator/RegisterSharedMemory',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/kernelgen.v1.KernelGenerator/UnregisterSharedMemory',
+                request_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
-class KernelGeneratorServicer:
+class KernelGeneratorServicer(object):
     """Generates SIREN convolution kernels.
     """
 
@@ -131,6 +141,22 @@ class KernelGeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Register a shared-memory region for kernels written in place (the server
+        must run with --shared-memory). ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unregister a region (every region when the name is empty); once this
+        returns the server never touches it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelGeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +195,16 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
                     request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.FromString,
                     response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.SerializeToString,
             ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kernelgen.v1.KernelGenerator', rpc_method_handlers)
@@ -177,7 +213,7 @@ def add_KernelGeneratorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KernelGenerator:
+class KernelGenerator(object):
     """Generates SIREN convolution kernels.
     """
 
@@ -360,6 +396,60 @@ class KernelGenerator:
             '/kernelgen.v1.KernelGenerator/GenerateGroup',
             kernelgen_dot_v1_dot_kernelgen__pb2.GenerateGroupRequest.SerializeToString,
             kernelgen_dot_v1_dot_kernelgen__pb2.GroupKernelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/RegisterSharedMemory',
+            kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelgen.v1.KernelGenerator/UnregisterSharedMemory',
+            kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            kernelgen_dot_v1_dot_kernelgen__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
