@@ -69,7 +69,8 @@ class KernelGeneratorServicer:
             max_bytes=self.max_message_bytes,
         )
         # The response's bytes stay reserved until gRPC is done sending them.
-        context.add_done_callback(lambda _context: result.release())
+        release = result.releaser
+        context.add_done_callback(lambda _context: release())
         context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))
         return encode_response(result.kernel, result.grid)
 

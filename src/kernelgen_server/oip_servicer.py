@@ -305,8 +305,8 @@ class InferenceServicer:
         )
         if region is not None and out is not None and self.registry is not None:
             await self.registry.write(region, out.offset, result.kernel.payload.data)
-            return encode_infer(call, result, in_shared_memory=True), result.report, result.release
-        return encode_infer(call, result, in_shared_memory=False), result.report, result.release
+            return encode_infer(call, result, in_shared_memory=True), result.report, result.releaser
+        return encode_infer(call, result, in_shared_memory=False), result.report, result.releaser
 
     async def _conditioning(self, call: InferCall, model: LoadedModel) -> Any:
         """The request's conditioning as a checked float32 array (None when absent).
