@@ -17,13 +17,18 @@ Workload: one FiLM row per request, float32 output; by default hyena-2d at seq_l
 29x29 grid of out_dim 384 (1.29 MB per kernel). Before measuring, one response of each server
 is compared with the reference model run in this process.
 
-The load generator is the same for both: ``harness.closed_loop`` (N coroutines, warm-up, fixed
+The load generator is the same for all: ``harness.closed_loop`` (N coroutines, warm-up, fixed
 duration, latency percentiles) around a "send one request" coroutine, in a client process of
-its own per server with one connection each: tritonclient's asyncio gRPC client against Triton,
-``kernelgen_client.AsyncKernelClient`` against kernelgen. Both servers stay up for the whole
-run; each round visits every concurrency and, there, both servers back to back, in an order
-that alternates per round. The CPU time of each server (all its processes) and of its client
-process is recorded per served kernel.
+its own per system with one connection each. Three systems:
+
+- ``kernelgen``: ``kernelgen_client.AsyncKernelClient`` against kernelgen's native API;
+- ``kernelgen-oip``: tritonclient's asyncio gRPC client against the same kernelgen server's
+  Open Inference Protocol (same port, same process);
+- ``triton``: tritonclient's asyncio gRPC client against Triton.
+
+Both servers stay up for the whole run; each round visits every concurrency and, there, every
+system back to back, in an order that rotates per round. The CPU time of each server (all its
+processes) and of its client process is recorded per served kernel.
 
 glibc malloc is tuned alike in every process of both sides: kernelgen's client calls
 ``kernelgen_client.tune_malloc`` (``kernelgen serve`` applies it itself); Triton's processes (the
@@ -33,10 +38,10 @@ get the same thresholds through ``GLIBC_TUNABLES``, which reaches the C++ server
 PyTriton is an optional dependency: the script makes its virtual environment in
 ``.bench-venvs/triton`` (reused while its requirements are unchanged) from Debian's Python,
 ``/usr/bin/python3``, because the Python backend stub that PyTriton ships loads
-``libpython3.X.so`` from the system library path. tritonclient needs protobuf < 7 while
-kernelgen's wire code needs >= 7, so that environment holds kernelgen installed without its
-dependencies plus only what the model repository needs (torch, safetensors, pydantic), and
-imports no kernelgen client code. Where the environment cannot be made or Triton does not
+``libpython3.X.so`` from the system library path. That environment holds kernelgen installed
+without its dependencies plus only what the model repository needs (torch, safetensors,
+pydantic) and tritonclient; it imports no kernelgen client code, so the tritonclient side of
+both servers runs exactly as a Triton user's would. Where the environment cannot be made or Triton does not
 start, Triton is skipped with the reason, printed and recorded, and kernelgen is still measured.
 
 Writes benchmarks/results/triton.json and triton.md.
@@ -175,8 +180,8 @@ def triton_environment(venv: Path, base_python: str) -> Path:
         raise RuntimeError(f"{base_python} -m venv failed: {made.stderr.strip() or made.stdout.strip()}")
     log = venv / "pip.log"
     _pip(python, *TRITON_REQUIREMENTS, log=log)
-    # kernelgen itself without its dependencies: its protobuf >= 7 clashes with tritonclient's < 7,
-    # and the model repository (the only part imported there) needs none of the wire code.
+    # kernelgen itself without its dependencies: the model repository (the only part imported
+    # there) needs none of the wire code, and tritonclient keeps its own pins.
     _pip(python, "--no-deps", "-e", str(ROOT), log=log)
     probe = "import pytriton.triton, tritonclient.grpc.aio, kernelgen_server.repository"
     checked = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
@@ -294,6 +299,40 @@ async def triton_sender(
     return send, client.close, info
 
 
+async def kernelgen_oip_sender(
+    target: str, model: str, seq_lens: list[int], rows: np.ndarray
+) -> tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]:
+    """A coroutine sending row ``i`` to kernelgen's Open Inference Protocol with tritonclient.
+
+    kernelgen's OIP inputs: ``seq_lens`` INT64 [data_dim] and ``conditioning`` FP32
+    [rows, cond_dim]; output ``kernel`` FP32 [rows, *spatial, out_dim].
+    """
+    from importlib.metadata import version
+
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    client = InferenceServerClient(target)
+    metadata = await client.get_server_metadata()
+    lens = np.array(seq_lens, dtype=np.int64)
+    requested = [InferRequestedOutput("kernel")]
+
+    async def send(i: int) -> np.ndarray:
+        conditioning = InferInput("conditioning", [1, rows.shape[1]], "FP32")
+        conditioning.set_data_from_numpy(rows[i % len(rows)][None])
+        seq = InferInput("seq_lens", [len(seq_lens)], "INT64")
+        seq.set_data_from_numpy(lens)
+        result = await client.infer(model, [seq, conditioning], outputs=requested, client_timeout=60)
+        return result.as_numpy("kernel")
+
+    info = {
+        "server": f"{metadata.name} {metadata.version}",
+        "python": platform.python_version(),
+        **{p: version(p) for p in ("tritonclient", "grpcio", "protobuf", "numpy")},
+    }
+    return send, client.close, info
+
+
 async def kernelgen_sender(
     target: str, model: str, seq_lens: list[int], rows: np.ndarray
 ) -> tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]:
@@ -320,7 +359,7 @@ async def client_loop(args: argparse.Namespace) -> None:
     """Answer the benchmark's commands, one JSON line each on stdin, until ``quit``."""
     rows = conditioning_rows(args.cond_dim)
     seq_lens = [int(n) for n in args.seq_lens.split(",")]
-    make = triton_sender if args.kind == "triton" else kernelgen_sender
+    make = {"triton": triton_sender, "kernelgen-oip": kernelgen_oip_sender}.get(args.kind, kernelgen_sender)
     send, close, info = await make(args.target, args.model, seq_lens, rows)
     loop = asyncio.get_running_loop()
     reply({"ready": True, "info": info})
@@ -540,6 +579,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(client.close)
         systems.append(System("kernelgen", server, client))
         if triton_python is not None:
+            command = client_command(triton_python, "kernelgen-oip", server.target, args, cond_dim)
+            client = ClientProcess(command, {"GLIBC_TUNABLES": tunables})
+            stack.callback(client.close)
+            systems.append(System("kernelgen-oip", server, client))
             try:
                 server = stack.enter_context(triton_server(triton_python, args, threads, tunables))
                 command = client_command(triton_python, "triton", server.target, args, cond_dim)
@@ -558,7 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for level in levels:
                 order = systems[r % len(systems) :] + systems[: r % len(systems)]
                 for system in order:
-                    idle = [s for s in systems if s is not system]
+                    idle = list({id(s.server): s for s in systems if s.server is not system.server}.values())
                     answer = run_step(system, idle, level, args.seconds, args.warmup)
                     system.runs.setdefault(level, []).append(answer)
                     rate = len(answer["latencies"]) / args.seconds
@@ -569,8 +612,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["steps"] = {
         s.name: [summarize(s.runs[level], args.seconds, level) for level in levels] for s in systems
     }
-    if len(systems) == 2:
-        result["ratios"] = ratios(systems[0], systems[1], levels, args.seconds)
+    named = {s.name: s for s in systems}
+    if "triton" in named:
+        result["ratios"] = ratios(named["kernelgen"], named["triton"], levels, args.seconds)
+        result["oip_ratios"] = ratios(named["kernelgen-oip"], named["triton"], levels, args.seconds)
     info["load_average_after"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -600,25 +645,33 @@ def side_by_side_table(result: dict[str, Any]) -> str:
     """The markdown table of kernels/s, p50, p99 and the ratios, per concurrency."""
     steps = result["steps"]
     t_rows = {row["concurrency"]: row for row in steps.get("triton", [])}
+    o_rows = {row["concurrency"]: row for row in steps.get("kernelgen-oip", [])}
     r_rows = {row["concurrency"]: row for row in result.get("ratios", [])}
+    ro_rows = {row["concurrency"]: row for row in result.get("oip_ratios", [])}
+
+    def ratio(r: dict[str, Any]) -> str:
+        return f"{r['throughput_ratio']:.2f} ({r['throughput_ratio_range']})" if r else "-"
+
     table = []
     for k in steps["kernelgen"]:
         level = k["concurrency"]
         t = t_rows.get(level, {})
+        o = o_rows.get(level, {})
         r = r_rows.get(level, {})
+        ro = ro_rows.get(level, {})
         table.append(
             {
                 "concurrency": level,
                 "kernelgen kernels/s": k["kernels_per_s"],
-                "p50 ms": k["p50_ms"],
-                "p99 ms": k["p99_ms"],
+                "p50 / p99 ms": f"{k['p50_ms']} / {k['p99_ms']}",
+                "kernelgen OIP (tritonclient) kernels/s": o.get("kernels_per_s", "-"),
+                "OIP p50 / p99 ms": f"{o['p50_ms']} / {o['p99_ms']}" if o else "-",
                 "Triton kernels/s": t.get("kernels_per_s", "-"),
-                "Triton p50 ms": t.get("p50_ms", "-"),
-                "Triton p99 ms": t.get("p99_ms", "-"),
-                "kernelgen / Triton": (
-                    f"{r['throughput_ratio']:.2f} ({r['throughput_ratio_range']})" if r else "-"
-                ),
+                "Triton p50 / p99 ms": f"{t['p50_ms']} / {t['p99_ms']}" if t else "-",
+                "kernelgen / Triton": ratio(r),
                 "p99 kernelgen / Triton": r.get("p99_ratio", "-"),
+                "OIP / Triton (both tritonclient)": ratio(ro),
+                "p99 OIP / Triton": ro.get("p99_ratio", "-"),
             }
         )
     return markdown_table(table)
@@ -679,9 +732,10 @@ def report(result: dict[str, Any]) -> str:
         "`AsyncKernelClient`. Triton: PyTriton with its dynamic batcher (max batch "
         f"{result['triton_batcher']['max_batch_size']}, {result['triton_batcher']['max_queue_delay_us']} us "
         "max queue delay), the callable computing with the repository's reference model, driven by "
-        "`tritonclient.grpc.aio`. Both from one closed loop, one client process and one connection "
-        f"each; torch threads {result['torch_threads']} on both; malloc tuned in every process of both "
-        f"sides ({result['malloc']['triton']} on Triton's).",
+        "`tritonclient.grpc.aio`; kernelgen OIP: the same kernelgen server's Open Inference Protocol "
+        "driven by the same `tritonclient.grpc.aio` as Triton. All from one closed loop, one client "
+        f"process and one connection each; torch threads {result['torch_threads']} on both servers; "
+        f"malloc tuned in every process of both sides ({result['malloc']['triton']} on Triton's).",
         "Triton was **skipped**: " + skipped if skipped else f"Versions: {versions}.",
         "## Throughput and latency",
         "kernelgen / Triton: the median over rounds of each round's ratio of kernels/s (the rounds' "
@@ -743,7 +797,7 @@ def role(name: str, argv: list[str]) -> None:
         parser.add_argument("--threads", type=int, default=1)
         serve_triton(parser.parse_args(argv))
         return
-    parser.add_argument("--kind", choices=["kernelgen", "triton"], required=True)
+    parser.add_argument("--kind", choices=["kernelgen", "kernelgen-oip", "triton"], required=True)
     parser.add_argument("--target", required=True)
     parser.add_argument("--seq-lens", required=True)
     parser.add_argument("--cond-dim", type=int, required=True)
