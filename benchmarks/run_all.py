@@ -199,7 +199,8 @@ def triton_section(triton: dict[str, Any] | None) -> str:
         f"{triton['seconds_per_step']:g} s per step; `kernelgen serve` and Triton through PyTriton "
         f"(dynamic batcher: max batch {batcher['max_batch_size']}, {batcher['max_queue_delay_us']} us "
         "delay, the callable computing with the repository's reference model), each driven by the same "
-        "closed loop from a client process of its own, malloc tuned on both sides."
+        "closed loop from a client process of its own, malloc tuned on both sides; kernelgen also "
+        "through tritonclient on its Open Inference Protocol."
     )
     if triton["triton_skipped"]:
         text += f" Triton was skipped: {triton['triton_skipped']}"
