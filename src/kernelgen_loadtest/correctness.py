@@ -48,6 +48,9 @@ class Kept:
     dtype: str
     kernel: npt.NDArray[np.float32]
     model_hash: str
+    #: What the reduced dtype's rounding scales with, per element: ``|kernel|`` when None (a
+    #: dense kernel rounded once); for factors rounded once, ``|factors| @ |W^T|``.
+    rounding_bound: npt.NDArray[np.float32] | None = None
 
 
 class Reservoir(Generic[T]):
@@ -160,7 +163,8 @@ class Checker:
                 _note(result, f"{item.model}: shape {item.kernel.shape}, expected {reference.shape}")
                 continue
             scale = float(np.abs(reference).max())
-            tolerance = REL_TOLERANCE * scale + ULP[item.dtype] * np.abs(reference)
+            rounded = np.abs(reference) if item.rounding_bound is None else item.rounding_bound
+            tolerance = REL_TOLERANCE * scale + ULP[item.dtype] * rounded
             error = np.abs(item.kernel.astype(np.float64) - reference)
             ratio = float((error / np.maximum(tolerance, 1e-30)).max()) if error.size else 0.0
             result.worst = max(result.worst, ratio)

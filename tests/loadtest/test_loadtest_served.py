@@ -179,3 +179,19 @@ async def test_a_representation_mix_is_sent_counted_and_checked(
     mix = step["server"]["responses_by_representation"]
     assert set(mix) == {"dense", "factored"} and sum(mix.values()) == step["ok"] == 60
     assert step["correctness"]["checked"] == 8 and step["correctness"]["mismatches"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+async def test_reduced_factors_are_checked_against_their_rounding_bound(
+    server: Any, tmp_path: Path, dtype: str
+) -> None:
+    """Factors rounded to 16 bits are off by a unit roundoff of ``|factors| @ |W^T|`` per
+    element, not of ``|kernel|``: the check allows that bound, and only that bound."""
+    out = tmp_path / "reduced.json"
+    argv = ["hyena-2d", "--seq-lens", "9,9", "--representation", "factored", "--dtype", dtype]
+    argv += ["--requests", "16", "--concurrency", "2", "--check-correctness", "6", "--json", str(out), *QUICK]
+    assert await loadtest(server, *argv) == 0
+    correctness = json.loads(out.read_text())["steps"][0]["correctness"]
+    assert correctness["checked"] == 6 and correctness["mismatches"] == 0
+    # The bound is tight enough to mean something: the worst element uses a real part of it.
+    assert 0.0 < correctness["worst_error_over_tolerance"] <= 1.0
