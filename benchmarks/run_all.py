@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 11 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 20 minutes)
     python benchmarks/run_all.py --quick    # a smoke run (about 3 minutes)
 
 Runs on this machine, one after another:
