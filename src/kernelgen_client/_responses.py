@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,7 +29,19 @@ from kernelgen_wire.kernel_messages import ResponseView, TensorView, parse_chunk
 from kernelgen_wire.protowire import WireFormatError
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["GroupReassembler", "Reassembler", "read_unary"]
+__all__ = ["Assembled", "Assembler", "GroupReassembler", "Reassembler", "read_unary"]
+
+#: What an ``Assembler`` gives once its stream has ended.
+Assembled = TypeVar("Assembled", covariant=True)
+
+
+class Assembler(Protocol[Assembled]):
+    """Takes a server stream's messages one by one and gives what they make (``Reassembler``,
+    ``GroupReassembler``)."""
+
+    def add(self, message: bytes | memoryview) -> None: ...
+
+    def finish(self) -> Assembled: ...
 
 
 def read_unary(raw: bytes, trailers: Iterable[Any] | None) -> ResponseView:

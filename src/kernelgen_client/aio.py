@@ -23,7 +23,7 @@ from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
-from kernelgen_client._responses import GroupReassembler, Reassembler, read_unary
+from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import AsyncChannels, AsyncOnce
 from kernelgen_client.errors import (
     ConnectionFailed,
@@ -180,33 +180,28 @@ class AsyncKernelClient:
     async def _streamed(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._channels.stream()(
-            request,
-            timeout=deadline.remaining(),
-            metadata=self._config.call_metadata(metadata),
-            wait_for_ready=self._config.retries.wait_for_ready,
-        )
-        assembler = Reassembler()
-        try:
-            async for message in call:
-                assembler.add(message)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from exc
-        except BaseException:
-            call.cancel()
-            raise
-        return assembler.finish()
+        return await self._read_stream("StreamKernel", request, Reassembler(), deadline, metadata)
 
     async def _group_stream(
         self, request: pb.GenerateGroupRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> tuple[str, list[str], list[ResponseView]]:
-        call = self._channels.stream("GenerateGroup")(
+        return await self._read_stream("GenerateGroup", request, GroupReassembler(), deadline, metadata)
+
+    async def _read_stream(
+        self,
+        method: str,
+        request: pb.GenerateKernelRequest | pb.GenerateGroupRequest,
+        assembler: Assembler[Assembled],
+        deadline: Deadline,
+        metadata: MetadataLike | None,
+    ) -> Assembled:
+        """Every message of one server stream into ``assembler``; the call is cancelled if we stop early."""
+        call = self._channels.stream(method)(
             request,
             timeout=deadline.remaining(),
             metadata=self._config.call_metadata(metadata),
             wait_for_ready=self._config.retries.wait_for_ready,
         )
-        assembler = GroupReassembler()
         try:
             async for message in call:
                 assembler.add(message)

@@ -17,7 +17,7 @@ from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
-from kernelgen_client._responses import GroupReassembler, Reassembler, read_unary
+from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import SyncChannels, SyncOnce
 from kernelgen_client.errors import (
     ConnectionFailed,
@@ -170,33 +170,28 @@ class KernelClient:
     def _streamed(
         self, request: pb.GenerateKernelRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> ResponseView:
-        call = self._channels.stream()(
-            request,
-            timeout=deadline.remaining(),
-            metadata=self._config.call_metadata(metadata),
-            wait_for_ready=self._config.retries.wait_for_ready,
-        )
-        assembler = Reassembler()
-        try:
-            for message in call:
-                assembler.add(message)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from exc
-        except BaseException:
-            call.cancel()
-            raise
-        return assembler.finish()
+        return self._read_stream("StreamKernel", request, Reassembler(), deadline, metadata)
 
     def _group_stream(
         self, request: pb.GenerateGroupRequest, deadline: Deadline, metadata: MetadataLike | None
     ) -> tuple[str, list[str], list[ResponseView]]:
-        call = self._channels.stream("GenerateGroup")(
+        return self._read_stream("GenerateGroup", request, GroupReassembler(), deadline, metadata)
+
+    def _read_stream(
+        self,
+        method: str,
+        request: pb.GenerateKernelRequest | pb.GenerateGroupRequest,
+        assembler: Assembler[Assembled],
+        deadline: Deadline,
+        metadata: MetadataLike | None,
+    ) -> Assembled:
+        """Every message of one server stream into ``assembler``; the call is cancelled if we stop early."""
+        call = self._channels.stream(method)(
             request,
             timeout=deadline.remaining(),
             metadata=self._config.call_metadata(metadata),
             wait_for_ready=self._config.retries.wait_for_ready,
         )
-        assembler = GroupReassembler()
         try:
             for message in call:
                 assembler.add(message)
