@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from harness import (
     ClientProcess,
+    Rounds,
     ServerProcess,
     closed_loop,
     kernelgen_server,
@@ -43,6 +44,7 @@ from harness import (
 )
 
 BENCH = Path(__file__).resolve()
+HOSTILE_ROUNDS = Rounds(seconds=6.0, rounds=2, quick_seconds=3.0, quick_warmup=1.0)
 LARGE_SEQ_LENS = [100000]
 SERVERS = {
     "tiled": [],
@@ -248,15 +250,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per step (6)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per step (1)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per server (2)")
+    HOSTILE_ROUNDS.add_arguments(parser)
     parser.add_argument("--streams", type=int, default=4, help="large streams at once (4)")
     parser.add_argument("--output", default="hostile", help="results/<output>.json and .md")
     args = parser.parse_args()
-    args.seconds = args.seconds or (3.0 if args.quick else 6.0)
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    HOSTILE_ROUNDS.settle(args)
     started = time.time()
     result = run(args)
     write_results(args.output, result, report(result))

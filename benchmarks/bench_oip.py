@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from harness import (
     ClientProcess,
+    Rounds,
     ServerProcess,
     closed_loop,
     kernelgen_server,
@@ -345,16 +346,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 2 s per step")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per step (5)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per step (1)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
+    Rounds().add_arguments(parser)
     parser.add_argument("--concurrency", default="1,8,32,64", help="hyena-2d closed-loop levels")
     parser.add_argument("--output", default="oip", help="results/<output>.json and .md")
     args = parser.parse_args()
-    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
-    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
-    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
+    Rounds().settle(args)
     args.concurrency = [int(n) for n in args.concurrency.split(",")]
     started = time.time()
     result = run(args)

@@ -74,6 +74,7 @@ import numpy as np
 from harness import (
     ROOT,
     ClientProcess,
+    Rounds,
     ServerProcess,
     Step,
     closed_loop,
@@ -763,10 +764,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s per step, 1 round")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per step (5)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per step (1)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
+    Rounds().add_arguments(parser)
     parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop levels")
     parser.add_argument("--model-repo", default=None, help="model repository (default: the embedded one)")
     parser.add_argument("--model", default="hyena-2d", help="a FiLM model of the repository")
@@ -776,9 +774,7 @@ def main() -> None:
     parser.add_argument("--triton-python", default=DEBIAN_PYTHON, help="the Python it is made from")
     parser.add_argument("--output", default="triton", help="results/<output>.json and .md")
     args = parser.parse_args()
-    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
-    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
-    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
+    Rounds().settle(args)
     if args.model_repo:
         args.model_repo = str(Path(args.model_repo).resolve())
     started = time.time()

@@ -6,6 +6,7 @@ reports ratios; absolute numbers are only context.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import platform
@@ -353,6 +354,37 @@ def median_rate(fn: Callable[[], object], min_time: float = 1.0, repeats: int = 
             calls += 1
         rates.append(calls / elapsed)
     return statistics.median(rates)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """How long a benchmark measures: its defaults, and those of ``--quick`` (a smoke run)."""
+
+    seconds: float = 5.0
+    warmup: float = 1.0
+    rounds: int = 3
+    quick_seconds: float = 2.0
+    quick_warmup: float = 0.5
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """``--quick``, ``--seconds``, ``--warmup`` and ``--rounds``; ``settle`` fills them in."""
+        parser.add_argument(
+            "--quick", action="store_true", help=f"a smoke run: 1 round of {self.quick_seconds:g} s per step"
+        )
+        parser.add_argument(
+            "--seconds", type=float, default=None, help=f"measured seconds per step ({self.seconds:g})"
+        )
+        parser.add_argument(
+            "--warmup", type=float, default=None, help=f"warm-up seconds per step ({self.warmup:g})"
+        )
+        parser.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds ({self.rounds})")
+
+    def settle(self, args: argparse.Namespace) -> None:
+        """Each of the four not given on the command line takes its (quick) default."""
+        args.seconds = args.seconds or (self.quick_seconds if args.quick else self.seconds)
+        if args.warmup is None:
+            args.warmup = self.quick_warmup if args.quick else self.warmup
+        args.rounds = max(1, args.rounds or (1 if args.quick else self.rounds))
 
 
 def write_results(name: str, result: dict[str, Any], text: str) -> None:
