@@ -287,20 +287,11 @@ def prepare_group(
     representation: str = "dense",
 ) -> GroupCall:
     """Check the arguments and build a group's request; raises ``InvalidRequest`` before any I/O."""
-    if not isinstance(group, str) or not group:
-        raise InvalidRequest(f"group must be a non-empty name, got {group!r}")
-    if representation not in REPRESENTATIONS:
-        choices = ", ".join(REPRESENTATIONS)
-        raise InvalidRequest(f"representation must be one of {choices}, got {representation!r}")
+    _check_name_and_representation("group", group, representation)
     lens = check_seq_lens(seq_lens)
     wire = wire_dtype(dtype)
     request = pb.GenerateGroupRequest(group=group, seq_lens=lens, dtype=wire)  # type: ignore[arg-type]
-    if representation == "factored":
-        request.representation = pb.REPRESENTATION_FACTORED
-    rows = 1
-    if conditioning is not None:
-        tensor, rows = encode_conditioning(conditioning)
-        request.conditioning.CopyFrom(tensor)
+    rows = _fill(request, representation, conditioning)
     return GroupCall(
         group=group,
         seq_lens=lens,
@@ -328,20 +319,11 @@ def prepare(
     representation: str = "dense",
 ) -> GenerateCall:
     """Check the arguments and build the request; raises ``InvalidRequest`` before any I/O."""
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest(f"model must be a non-empty name, got {model!r}")
-    if representation not in REPRESENTATIONS:
-        choices = ", ".join(REPRESENTATIONS)
-        raise InvalidRequest(f"representation must be one of {choices}, got {representation!r}")
+    _check_name_and_representation("model", model, representation)
     lens = check_seq_lens(seq_lens)
     wire = wire_dtype(dtype)
     request = pb.GenerateKernelRequest(model=model, seq_lens=lens, dtype=wire, return_grid=return_grid)  # type: ignore[arg-type]
-    if representation == "factored":
-        request.representation = pb.REPRESENTATION_FACTORED
-    rows = 1
-    if conditioning is not None:
-        tensor, rows = encode_conditioning(conditioning)
-        request.conditioning.CopyFrom(tensor)
+    rows = _fill(request, representation, conditioning)
     return GenerateCall(
         model=model,
         seq_lens=lens,
@@ -355,3 +337,26 @@ def prepare(
         stream=stream,
         representation=representation,
     )
+
+
+def _check_name_and_representation(what: str, name: object, representation: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(f"{what} must be a non-empty name, got {name!r}")
+    if representation not in REPRESENTATIONS:
+        choices = ", ".join(REPRESENTATIONS)
+        raise InvalidRequest(f"representation must be one of {choices}, got {representation!r}")
+
+
+def _fill(
+    request: pb.GenerateKernelRequest | pb.GenerateGroupRequest,
+    representation: str,
+    conditioning: ConditioningLike | None,
+) -> int:
+    """Set what both request kinds carry alike (the representation, the conditioning); the rows asked."""
+    if representation == "factored":
+        request.representation = pb.REPRESENTATION_FACTORED
+    if conditioning is None:
+        return 1
+    tensor, rows = encode_conditioning(conditioning)
+    request.conditioning.CopyFrom(tensor)
+    return rows
