@@ -39,8 +39,15 @@ from kernelgen_server.engine import KernelEngine
 from kernelgen_server.model import SIRENKernelND
 
 MODEL: dict[str, Any] = dict(
-    out_dim=384, data_dim=2, mlp_hidden_dim=32, num_layers=3, embedding_dim=32,
-    omega_0=30.0, L_cache=15, use_bias=True, film_cfg={"cond_dim": 384, "film_hidden_dim": 64},
+    out_dim=384,
+    data_dim=2,
+    mlp_hidden_dim=32,
+    num_layers=3,
+    embedding_dim=32,
+    omega_0=30.0,
+    L_cache=15,
+    use_bias=True,
+    film_cfg={"cond_dim": 384, "film_hidden_dim": 64},
 )
 SEQ_LENS = (15, 15)
 
@@ -56,8 +63,9 @@ def timed_rate(fn: Callable[[], object], kernels: int, min_time: float) -> float
             return calls * kernels / elapsed
 
 
-def compare(contenders: dict[str, Callable[[], object]], kernels: int, rounds: int,
-            min_time: float) -> dict[str, list[float]]:
+def compare(
+    contenders: dict[str, Callable[[], object]], kernels: int, rounds: int, min_time: float
+) -> dict[str, list[float]]:
     """Per-round rates; contenders alternate within each round so that load drift hits all."""
     for fn in contenders.values():
         fn()  # warm-up: first-touch allocations, prefix cache, buffer pool, thread pool
@@ -97,12 +105,18 @@ def main() -> None:
     print(f"device {device}" + (f" ({device_name})" if device_name else ""))
 
     results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {load_before[0]:.2f}")
-    print("kernels/s: median over rounds; ratio: median per-round engine / reference; "
-          "r.drop: engine / reference freeing each kernel at once")
-    print(f"{'batch':>5} {'reference':>10} {'ref.drop':>9}"
-          + "".join(f" {name:>8} {'ratio':>6} {'r.drop':>6}" for name in engines))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.2f}"
+    )
+    print(
+        "kernels/s: median over rounds; ratio: median per-round engine / reference; "
+        "r.drop: engine / reference freeing each kernel at once"
+    )
+    print(
+        f"{'batch':>5} {'reference':>10} {'ref.drop':>9}"
+        + "".join(f" {name:>8} {'ratio':>6} {'r.drop':>6}" for name in engines)
+    )
     for b in args.batches:
         requests = [conds[i : i + 1] for i in range(b)]
 
@@ -119,7 +133,9 @@ def main() -> None:
                     model(SEQ_LENS, c.to(device))[0].cpu()
 
         contenders: dict[str, Callable[[], object]] = {
-            "reference": reference, "reference_dropped": reference_dropped}
+            "reference": reference,
+            "reference_dropped": reference_dropped,
+        }
         for name, engine in engines.items():
             contenders[f"engine_{name}"] = functools.partial(engine.conditioned, SEQ_LENS, requests)
         rates = compare(contenders, b, args.repeats, args.min_time)
@@ -129,11 +145,17 @@ def main() -> None:
         for name in engines:
             for ref, suffix in (("reference", ""), ("reference_dropped", "_dropped")):
                 row[f"engine_{name}_ratio{suffix}"] = statistics.median(
-                    e / r for e, r in zip(rates[f"engine_{name}"], rates[ref], strict=True))
+                    e / r for e, r in zip(rates[f"engine_{name}"], rates[ref], strict=True)
+                )
         results.append(row)
-        print(f"{b:>5} {row['reference_kernels_per_s']:>10.0f} {row['reference_dropped_kernels_per_s']:>9.0f}"
-              + "".join(f" {row[f'engine_{n}_kernels_per_s']:>8.0f} {row[f'engine_{n}_ratio']:>6.2f}"
-                        f" {row[f'engine_{n}_ratio_dropped']:>6.2f}" for n in engines))
+        print(
+            f"{b:>5} {row['reference_kernels_per_s']:>10.0f} {row['reference_dropped_kernels_per_s']:>9.0f}"
+            + "".join(
+                f" {row[f'engine_{n}_kernels_per_s']:>8.0f} {row[f'engine_{n}_ratio']:>6.2f}"
+                f" {row[f'engine_{n}_ratio_dropped']:>6.2f}"
+                for n in engines
+            )
+        )
 
     if args.json:
         report = {

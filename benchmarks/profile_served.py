@@ -82,10 +82,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     summary = Path(out.parent / "loadtest.json")
     with kernelgen_server("--device", "cpu") as server:
         command = [
-                sys.executable, "-m", "kernelgen_client.cli", "loadtest", "hyena-2d", "--seq-lens", "15,15",
-                "--concurrency", str(args.concurrency), "--duration", str(args.seconds + 6), "--warmup", "2",
-                "--representation", args.representation, "--target", server.target, "--quiet",
-                "--json", str(summary),
+            sys.executable,
+            "-m",
+            "kernelgen_client.cli",
+            "loadtest",
+            "hyena-2d",
+            "--seq-lens",
+            "15,15",
+            "--concurrency",
+            str(args.concurrency),
+            "--duration",
+            str(args.seconds + 6),
+            "--warmup",
+            "2",
+            "--representation",
+            args.representation,
+            "--target",
+            server.target,
+            "--quiet",
+            "--json",
+            str(summary),
         ]
         load = subprocess.Popen(command)
         time.sleep(4)  # warm-up and the first seconds of load

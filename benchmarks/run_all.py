@@ -350,9 +350,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per sweep step (1)")
     parser.add_argument("--concurrency", default=None, help="sweep levels (1,4,16,64; quick: 1,16)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes (1)")
-    parser.add_argument(
-        "--only", default=ALL_PARTS, help="comma-separated parts to run (all)"
-    )
+    parser.add_argument("--only", default=ALL_PARTS, help="comma-separated parts to run (all)")
     args = parser.parse_args()
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     args.concurrency = args.concurrency or ("1,16" if args.quick else "1,4,16,64")

@@ -31,9 +31,15 @@ IMAGE = ROOT / "scripts" / "device_image.txt"
 #: dev requirements that the check's test runs need besides pytest itself.
 TEST_PLUGINS = ("pytest-asyncio",)
 #: the marker environment of the GPU machine's python3.
-DEVICE_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-              "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
-              "extra": ""}
+DEVICE_ENV = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "extra": "",
+}
 
 
 def roots(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:

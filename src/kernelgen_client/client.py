@@ -581,9 +581,7 @@ class KernelClient:
             head = self._head(call.model, response.head_hash, deadline, metadata)
         return call.finish(response, streamed=False, head=head)
 
-    def _register_region(
-        self, region: Region, deadline: Deadline, metadata: MetadataLike | None
-    ) -> None:
+    def _register_region(self, region: Region, deadline: Deadline, metadata: MetadataLike | None) -> None:
         request = pb.RegisterSharedMemoryRequest(name=region.name, key=region.key, byte_size=region.size)
         try:
             self._call("RegisterSharedMemory", request, deadline, metadata)

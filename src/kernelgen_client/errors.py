@@ -70,6 +70,7 @@ __all__ = [
     "from_rpc_error",
 ]
 
+
 class KernelServiceError(Exception):
     """A failed kernelgen call: a gRPC status code, a readable message, the server's reason.
 

@@ -34,7 +34,11 @@ from kernelgen_server.batch_policy import (
 )
 
 __all__ = [
-    "BatchOutcome", "BatchPolicy", "BatcherObserver", "DynamicBatcher", "NullBatcherObserver",
+    "BatchOutcome",
+    "BatchPolicy",
+    "BatcherObserver",
+    "DynamicBatcher",
+    "NullBatcherObserver",
     "PendingCounts",
 ]
 

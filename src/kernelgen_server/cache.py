@@ -124,9 +124,7 @@ class ByteLRUCache(Generic[K, V]):
     def max_bytes(self) -> int:
         return self._max_bytes
 
-    async def get_or_compute(
-        self, key: K, compute: Callable[[], Awaitable[V]]
-    ) -> tuple[V, bool]:
+    async def get_or_compute(self, key: K, compute: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """Return ``(value, hit)``; on a miss, compute it once for all concurrent callers.
 
         ``hit`` is True only when the value came from a stored entry. If the
@@ -146,9 +144,7 @@ class ByteLRUCache(Generic[K, V]):
         task = self._inflight.get(key)
         if task is None:
             self._computations += 1
-            task = asyncio.get_running_loop().create_task(
-                self._compute(key, compute, self._generation)
-            )
+            task = asyncio.get_running_loop().create_task(self._compute(key, compute, self._generation))
             self._inflight[key] = task
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -233,4 +229,3 @@ class ByteLRUCache(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is stored (not merely in flight); does not touch the LRU order."""
         return key in self._entries
-

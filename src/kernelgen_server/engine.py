@@ -269,8 +269,10 @@ class KernelEngine:
             raise ConditioningNotSupported("this model has no FiLM generator; send no conditioning")
         for i, c in enumerate(conditionings):
             if c.dim() != 2 or c.shape[1] != self.cond_dim or not c.is_floating_point():
-                raise InvalidRequest(f"conditioning {i} must be a float [B, {self.cond_dim}] tensor, "
-                                     f"got {c.dtype} {list(c.shape)}")
+                raise InvalidRequest(
+                    f"conditioning {i} must be a float [B, {self.cond_dim}] tensor, "
+                    f"got {c.dtype} {list(c.shape)}"
+                )
         rows = sum(int(c.shape[0]) for c in conditionings)
         spatial = self.spatial_shape(lens)
         points = math.prod(spatial)
@@ -279,8 +281,11 @@ class KernelEngine:
         with torch.inference_mode(), self._on_device():
             cond, pinned = self._gather(conditionings, rows)
             cpu = self._stream is None
-            target = result.view(rows, points, width) if cpu else torch.empty(
-                (rows, points, width), dtype=dtype, device=self.device)
+            target = (
+                result.view(rows, points, width)
+                if cpu
+                else torch.empty((rows, points, width), dtype=dtype, device=self.device)
+            )
             # The GEMMs write float32 rows straight into ``target`` when each row starts
             # on an ``_ALIGN`` boundary; otherwise through an aligned float32 scratch,
             # cast on the device as it is copied into ``target``.
@@ -288,8 +293,9 @@ class KernelEngine:
             if rows:
                 prefix = self._prefix(lens)
                 chunk = self._chunk_rows(points, direct, width) if self.batched else 1
-                scratch = None if direct else torch.empty(
-                    (min(chunk, rows), points, width), device=self.device)
+                scratch = (
+                    None if direct else torch.empty((min(chunk, rows), points, width), device=self.device)
+                )
                 for r0 in range(0, rows, chunk):
                     r1 = min(rows, r0 + chunk)
                     dst = target[r0:r1] if scratch is None else scratch[: r1 - r0]
@@ -428,15 +434,14 @@ class KernelEngine:
         width = -(-self.cond_dim * 4 // _ALIGN) * _ALIGN // 4
         host = torch.zeros((rows, width), dtype=torch.float32, pin_memory=cuda)
         if conditionings:
-            torch.cat([c.detach().to("cpu", torch.float32) for c in conditionings],
-                      out=host[:, : self.cond_dim])
+            torch.cat(
+                [c.detach().to("cpu", torch.float32) for c in conditionings], out=host[:, : self.cond_dim]
+            )
         device = host.to(self.device, non_blocking=True) if cuda else host
         return device[:, : self.cond_dim], host
 
 
-def tile_coordinates(
-    seq_lens: Sequence[int], cache_lens: Sequence[int], start: int, stop: int
-) -> Tensor:
+def tile_coordinates(seq_lens: Sequence[int], cache_lens: Sequence[int], start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of the flattened ``[G, D]`` float32 grid of ``seq_lens``, and only those.
 
     Each axis's coordinates are gathered by the points' indices along it, so every

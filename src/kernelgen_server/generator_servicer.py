@@ -33,7 +33,6 @@ __all__ = ["KernelGeneratorServicer"]
 log = logging.getLogger("kernelgen.rpc")
 
 
-
 class KernelGeneratorServicer:
     """Implements ``kernelgen.v1.KernelGenerator`` over a ``KernelService``.
 

@@ -106,6 +106,7 @@ class SharedMemoryGeneratorServicer(KernelGeneratorServicer):
 
     def shared_memory_handler(self) -> grpc.GenericRpcHandler:
         """Handlers of the two registration methods (``handler()`` serves the others)."""
+
         def raw(data: bytes) -> bytes:
             return data
 

@@ -49,7 +49,6 @@ class OutputHead:
         return self.weight_t.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
-
 def _digest(weight_t: Tensor, bias: Tensor | None) -> str:
     """sha256 over length-prefixed fields: a tag, the shape, W^T's and b's little-endian float32 bytes."""
     h = hashlib.sha256()

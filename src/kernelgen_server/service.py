@@ -581,9 +581,7 @@ class KernelService:
             compute_ms=timing.get("compute_s", 0.0) * 1000.0,
         )
 
-    async def _run_batch(
-        self, key: BucketKey, items: list[CondItem]
-    ) -> list[asyncio.Future[EncodedKernel]]:
+    async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[asyncio.Future[EncodedKernel]]:
         """Compute one batch; returns once the device is free, with a future per request."""
         name, lens, wire_dtype = key
         requests = [(item.conditioning, item.factored, item.encoder) for item in items]

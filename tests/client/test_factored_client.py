@@ -46,6 +46,7 @@ def assert_within(got: Any, want: Any, rel: float = 1e-5) -> None:
 
 # -- FactoredKernel and OutputHead, no server ----------------------------------------------------
 
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_dense_is_factors_times_head(bias: bool) -> None:
     h = head(bias=bias)
@@ -143,6 +144,7 @@ def test_an_unknown_representation_is_refused_before_sending() -> None:
 
 
 # -- served ---------------------------------------------------------------------------------------
+
 
 def head_fetches(server: Any) -> float:
     labels = {"model": "hyena-2d", "method": "GetOutputHead", "code": "OK"}

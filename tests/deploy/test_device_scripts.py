@@ -58,9 +58,7 @@ def test_the_requirements_followed_are_pyprojects_runtime_ones(dr: ModuleType) -
 
 def test_a_shorter_list_is_caught(dr: ModuleType) -> None:
     carried = [n for n in dr.carried() if n not in ("grpcio", "pydantic-core")]
-    missing, unused = dr.plan(
-        dr.roots(), carried, dr.image(), lambda name: dr.requires(name, dr.DEVICE_ENV)
-    )
+    missing, unused = dr.plan(dr.roots(), carried, dr.image(), lambda name: dr.requires(name, dr.DEVICE_ENV))
     assert {canonicalize_name(Requirement(r).name) for r in missing} == {"grpcio", "pydantic-core"}
     assert unused == []
 
@@ -89,7 +87,9 @@ def test_the_check_names_real_tests_and_benchmarks() -> None:
     assert {p for p in paths if not (REPO / p).is_file()} == set()
     help_text = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_engine.py"), "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "--device" in help_text
 
@@ -123,4 +123,4 @@ def test_write_dist_info_gives_a_source_tree_the_installed_entry_points(tmp_path
 def test_the_check_runs_kernelgen_from_src_with_its_metadata() -> None:
     text = (SCRIPTS / "device_check.sh").read_text()
     assert 'scripts/write_dist_info.py "$SITE"' in text
-    assert '$ROOT/src' in text
+    assert "$ROOT/src" in text

@@ -102,7 +102,6 @@ def test_a_streamed_kernel_over_64_mib_costs_about_one_copy(served: ServeProcess
     assert float(np.abs(result.kernel - expected.numpy()).max()) <= 1e-4 * scale
 
 
-
 def test_calls_ride_out_a_server_restart() -> None:
     port = free_port()
     policy = RetryPolicy(wait_for_ready=True)  # wait for a connection instead of failing fast

@@ -50,7 +50,6 @@ def load_deploy_helpers() -> ModuleType:
 deploy = load_deploy_helpers()
 
 
-
 def seconds(duration: str) -> float:
     """A Dockerfile duration such as 10s, 1m30s or 500ms."""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

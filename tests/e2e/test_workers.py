@@ -35,7 +35,6 @@ pytestmark = pytest.mark.slow
 LENS = (6, 5)
 
 
-
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]

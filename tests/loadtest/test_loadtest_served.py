@@ -168,9 +168,7 @@ async def test_refusals_before_any_load(server: Any, capsys: pytest.CaptureFixtu
     assert exit_info.value.code == 2
 
 
-async def test_a_representation_mix_is_sent_counted_and_checked(
-    server: Any, tmp_path: Path
-) -> None:
+async def test_a_representation_mix_is_sent_counted_and_checked(server: Any, tmp_path: Path) -> None:
     out = tmp_path / "mix.json"
     argv = ["hyena-2d", "--seq-lens", "9,9", "--representation", "dense:1,factored:1", "--requests", "60"]
     argv += ["--concurrency", "4", "--check-correctness", "8", "--json", str(out), *QUICK]

@@ -99,9 +99,7 @@ def make(
     **kwargs: Any,
 ) -> DynamicBatcher[Key, Req, Result]:
     policy = BatchPolicy(max_batch_size, max_queue_delay_s, max_queue_size, max_batch_bytes)
-    return DynamicBatcher(
-        device, policy, rows_of=lambda r: r.rows, bytes_of=lambda r: r.nbytes, **kwargs
-    )
+    return DynamicBatcher(device, policy, rows_of=lambda r: r.rows, bytes_of=lambda r: r.nbytes, **kwargs)
 
 
 async def within(aw: Awaitable[T], seconds: float = 5.0) -> T:
@@ -383,9 +381,7 @@ async def test_oom_of_a_single_item_fails_just_it() -> None:
         is_oom=lambda e: isinstance(e, FakeOOM),
         observer=recorder,
     )
-    results = await within(
-        asyncio.gather(*spawn(batcher, "k", *map(Req, range(4))), return_exceptions=True)
-    )
+    results = await within(asyncio.gather(*spawn(batcher, "k", *map(Req, range(4))), return_exceptions=True))
     assert isinstance(results[3], FakeOOM)
     assert [r.result for r in results[:3]] == [expected(Req(i)) for i in range(3)]  # type: ignore[union-attr]
     assert device.ids() == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
@@ -396,9 +392,7 @@ async def test_non_oom_error_is_not_split() -> None:
     device = Device()
     device.fail = lambda key, items: ValueError("nope")
     batcher = make(device, max_batch_size=2, max_queue_delay_s=LONG, is_oom=lambda e: False)
-    results = await within(
-        asyncio.gather(*spawn(batcher, "k", Req(0), Req(1)), return_exceptions=True)
-    )
+    results = await within(asyncio.gather(*spawn(batcher, "k", Req(0), Req(1)), return_exceptions=True))
     assert all(isinstance(r, ValueError) for r in results)
     assert device.ids() == [[0, 1]]
 

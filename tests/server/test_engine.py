@@ -35,8 +35,14 @@ def make_model(
 ) -> SIRENKernelND:
     torch.manual_seed(seed)
     return SIRENKernelND(
-        out_dim=out_dim, data_dim=data_dim, mlp_hidden_dim=hidden, num_layers=num_layers,
-        embedding_dim=hidden, omega_0=omega_0, L_cache=L_cache, use_bias=use_bias,
+        out_dim=out_dim,
+        data_dim=data_dim,
+        mlp_hidden_dim=hidden,
+        num_layers=num_layers,
+        embedding_dim=hidden,
+        omega_0=omega_0,
+        L_cache=L_cache,
+        use_bias=use_bias,
         film_cfg={"cond_dim": COND_DIM, "film_hidden_dim": 7} if film else None,
         film_after_pos_embed=film_after_pos_embed,
     ).eval()
@@ -114,8 +120,7 @@ def float64_kernel(model: SIRENKernelND, seq_lens: tuple[int, ...], cond: np.nda
 
 @pytest.mark.parametrize("after", [False, True])
 def test_matches_float64_evaluation(after: bool) -> None:
-    model = make_model(2, 4, film_after_pos_embed=after, L_cache=(7, 5), out_dim=9, hidden=16,
-                       omega_0=30.0)
+    model = make_model(2, 4, film_after_pos_embed=after, L_cache=(7, 5), out_dim=9, hidden=16, omega_0=30.0)
     cond = conditionings(4)
     expected = float64_kernel(model, (7, 8), cond.double().numpy())
     assert_close(KernelEngine(model).conditioned((7, 8), [cond]), torch.from_numpy(expected), 1e-4)
@@ -175,6 +180,7 @@ def test_rows_follow_request_order() -> None:
 
 
 # -- batch invariance -----------------------------------------------------------------------
+
 
 # points * out_dim * 4 bytes per row: 45 * 5 * 4 = 900 (rows misaligned, computed in a
 # scratch) and 64 * 32 * 4 = 8192 (rows aligned, written in place).
@@ -278,8 +284,12 @@ def test_invalid_requests() -> None:
 
 def test_is_oom() -> None:
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
-                               "can't allocate memory: you tried to allocate 4503599627370496 bytes."))
+    assert is_oom(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 4503599627370496 bytes."
+        )
+    )
     assert is_oom(MemoryError())
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_oom(ValueError("out of memory"))

@@ -109,6 +109,7 @@ async def both(
 
 # -- exactness, one test per kind of model -----------------------------------------------------
 
+
 async def test_every_embedded_model(embedded_models: Any) -> None:
     service = kernel_service(embedded_models)
     try:
@@ -208,15 +209,13 @@ async def test_low_precision_factors_stay_within_their_rounding(embedded_models:
 
 # -- serving: batches, cache, slicing, limits --------------------------------------------------
 
+
 async def test_dense_and_factored_requests_share_one_batch(embedded_models: Any) -> None:
     service = kernel_service(embedded_models, max_queue_delay_ms=50)
     try:
         rows = [conditioning(embedded_models.ready["hyena-2d"].config, 1, seed) for seed in range(6)]
         results = await asyncio.gather(
-            *(
-                make(service, "hyena-2d", [7, 7], row, factored=bool(i % 2))
-                for i, row in enumerate(rows)
-            )
+            *(make(service, "hyena-2d", [7, 7], row, factored=bool(i % 2)) for i, row in enumerate(rows))
         )
         assert {r.report.batch_requests for r in results} == {6}  # one batch for all six
         head = client_head(embedded_models.ready["hyena-2d"].head)

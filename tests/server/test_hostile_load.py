@@ -234,6 +234,7 @@ def test_listing_never_fails_because_of_one_model(tmp_path: Path) -> None:
 
 # -- memory and fairness -----------------------------------------------------------------------------
 
+
 def test_the_in_flight_budget_refuses_instead_of_growing() -> None:
     seen: list[int] = []
     budget = InflightBudget(100, observe=seen.append)
@@ -328,6 +329,7 @@ async def test_a_tiled_stream_holds_two_tiles_and_equals_the_whole_kernel(embedd
 
 
 # -- connections and cancellations ---------------------------------------------------------------------
+
 
 async def test_idle_connections_are_closed() -> None:
     async with run_server(max_connection_idle_s=0.5) as server:

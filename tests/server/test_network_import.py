@@ -455,9 +455,7 @@ def test_one_generator_import_still_needs_prefix_and_config(
 # -- inspect ----------------------------------------------------------------------------------------
 
 
-def test_inspect_lists_the_group_with_its_members(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_inspect_lists_the_group_with_its_members(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = save(mixed_network(), "ckpt", tmp_path / "run", root="model")
     repo = tmp_path / "repo"
     assert run_import(checkpoint, repo, base=write_base(tmp_path, MIXED_BASE, "model")) == 0
