@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,7 +88,21 @@ def render(source: str) -> str:
     leftover = re.findall(r".*\b(?:async|await|asyncio|aio\b(?!\.py)).*", text)
     if leftover:
         raise SystemExit("the blocking client would still say:\n  " + "\n  ".join(leftover))
-    return text
+    return formatted(text)
+
+
+def formatted(text: str) -> str:
+    """``text`` as ``ruff format`` writes it (``make lint`` checks the tree's format)."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        raise SystemExit("ruff is not installed: pip install -e '.[dev]'")
+    done = subprocess.run(
+        [ruff, "format", "--stdin-filename", str(TARGET), "-"],
+        input=text, capture_output=True, text=True, check=False, cwd=ROOT,
+    )  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"ruff format failed on the generated client:\n{done.stderr}")
+    return done.stdout
 
 
 def main() -> int:
