@@ -119,8 +119,8 @@ async def echo(target: str, concurrency: int, seconds: float, connections: int =
 def engine_rates(batch_sizes: list[int], seconds: float, device: str) -> dict[int, float]:
     import torch
 
-    from kernelgen_server.engine import KernelEngine
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.engine.kernel_engine import KernelEngine
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     torch.set_num_threads(1)  # as the server runs it on this machine (one core left for gRPC)
     module = ModelRepository.load(embedded_repository()).ready["hyena-2d"].module
@@ -165,8 +165,8 @@ def core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str,
 
 
 def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str, Any]]:
-    from kernelgen_server.repository import ModelRepository, embedded_repository
-    from kernelgen_server.service import KernelService
+    from kernelgen_server.core.service import KernelService
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
     from kernelgen_server.settings import load_settings
     from kernelgen_wire.malloc import tune_malloc
 
@@ -197,7 +197,7 @@ def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str
 def encode_ms(dtype: Any) -> float:
     import torch
 
-    from kernelgen_server.tensors import to_payload
+    from kernelgen_server.core.tensors import to_payload
     from kernelgen_wire.kernel_messages import encode_kernel
 
     tensor = torch.randn(1, 29, 29, OUT_DIM).to(dtype)

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from kernelgen_server.engine import KernelEngine
-from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.engine.kernel_engine import KernelEngine
+from kernelgen_server.model.siren import SIRENKernelND
 
 MODEL: dict[str, Any] = dict(
     out_dim=384,

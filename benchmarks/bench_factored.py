@@ -162,7 +162,7 @@ WORKLOADS = {
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     levels = {"hyena-2d": args.concurrency, "long-1d": args.long_concurrency}
     runs: dict[str, dict[int, dict[str, list[dict[str, Any]]]]] = {

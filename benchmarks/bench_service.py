@@ -102,8 +102,8 @@ def raw_socket_gbps(nbytes: int, seconds: float) -> float:
 def in_process_rates(seconds: float) -> dict[str, float]:
     import torch
 
-    from kernelgen_server.engine import KernelEngine
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.engine.kernel_engine import KernelEngine
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     torch.set_num_threads(1)  # as the server runs it on this machine (one core left for gRPC)
     model = ModelRepository.load(embedded_repository()).ready["hyena-2d"]

@@ -118,7 +118,7 @@ def kernelgen_client_api() -> tuple[Any, Callable[..., bool]]:
 
 def reference_model(model_repo: str | None, name: str) -> Any:
     """The repository's ``LoadedModel`` ``name`` (its ``module`` is the reference SIRENKernelND)."""
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     return ModelRepository.load(model_repo or embedded_repository()).get(name)
 
@@ -184,7 +184,7 @@ def triton_environment(venv: Path, base_python: str) -> Path:
     # kernelgen itself without its dependencies: the model repository (the only part imported
     # there) needs none of the wire code, and tritonclient keeps its own pins.
     _pip(python, "--no-deps", "-e", str(ROOT), log=log)
-    probe = "import pytriton.triton, tritonclient.grpc.aio, kernelgen_server.repository"
+    probe = "import pytriton.triton, tritonclient.grpc.aio, kernelgen_server.repository.store"
     checked = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
     if checked.returncode:
         raise RuntimeError(f"the Triton environment does not import: {checked.stderr.strip()[-2000:]}")

@@ -155,7 +155,7 @@ try:
     if torch.cuda.is_available():
         print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
               "count", torch.cuda.device_count())
-    from kernelgen_server.service import resolve_device
+    from kernelgen_server.core.service import resolve_device
 
     print('kernelgen resolve_device("auto") ->', resolve_device("auto"))
 except Exception as exc:

@@ -76,7 +76,7 @@ EMBEDDED: dict[str, tuple[int, dict[str, Any]]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kernelgen_server.repository import embedded_repository
+    from kernelgen_server.repository.store import embedded_repository
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -21,13 +21,13 @@ async def server() -> AsyncIterator[Any]:
 @pytest.fixture(scope="session")
 def embedded_models() -> Any:
     """The embedded model repository, loaded once (read only: tests must not change it)."""
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     return ModelRepository.load(embedded_repository())
 
 
 @pytest.fixture
 def embedded_repo() -> Path:
-    from kernelgen_server.repository import embedded_repository
+    from kernelgen_server.repository.store import embedded_repository
 
     return embedded_repository()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kernelgen_server.model import SIRENKernelND, SIRENPositionalEmbeddingND, kernel_grid
+from kernelgen_server.model.siren import SIRENKernelND, SIRENPositionalEmbeddingND, kernel_grid
 
 FORMATS = ("pt", "ckpt", "safetensors", "sharded")
 

@@ -27,8 +27,8 @@ def free_port() -> int:
 @asynccontextmanager
 async def run_server(**overrides: Any) -> AsyncIterator[Any]:
     """A started in-process ``Server`` on 127.0.0.1 and a free port; drained on exit."""
-    from kernelgen_server.server import create_server
     from kernelgen_server.settings import load_settings
+    from kernelgen_server.transport.server import create_server
 
     settings = load_settings({"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides})
     server, _port = create_server(settings)
@@ -139,7 +139,7 @@ def assert_same_kernel(got: Any, want: Any, *, bitwise: bool) -> None:
 
 def kernel_service(repository: Any, **settings: Any) -> Any:
     """A ``KernelService`` (the core, no gRPC) over ``repository``; metrics port off."""
-    from kernelgen_server.service import KernelService
+    from kernelgen_server.core.service import KernelService
     from kernelgen_server.settings import load_settings
 
     return KernelService(repository, load_settings({"metrics_port": 0, **settings}))

@@ -111,7 +111,7 @@ def test_the_layers_hold() -> None:
     ("package", "source", "message"),
     [
         ("kernelgen_server", "from kernelgen_client import KernelClient", "imports kernelgen_client"),
-        ("kernelgen_client", "import kernelgen_server.model", "imports kernelgen_server.model"),
+        ("kernelgen_client", "import kernelgen_server.model.siren", "imports kernelgen_server.model.siren"),
         ("kernelgen_wire", "from kernelgen_client.errors import InvalidRequest", "imports kernelgen_client"),
         ("kernelgen_loadtest", "from kernelgen_client._base import METHODS", "private part"),
         ("kernelgen_loadtest", "from kernelgen_client.commands import _run", "private part"),

@@ -6,7 +6,7 @@ after the step, so it costs the measurement nothing.
 
 The reference model is not this package's: it comes from the
 ``kernelgen.reference`` entry-point group, which the server package fills
-(``kernelgen_server.reference``, the ``server`` extra). An entry point names a
+(``kernelgen_server.repository.reference``, the ``server`` extra). An entry point names a
 function ``open_reference(model_repo: Path | None) -> Reference``.
 
 Tolerance, per docs/architecture.md ("Exactness"): float32 kernels within

@@ -1,6 +1,6 @@
 """kernelgen server: loads SIREN kernel generators and serves them over gRPC.
 
-Attributes load lazily so that ``kernelgen_server.cli``, this package's entry in
+Attributes load lazily so that ``kernelgen_server.ops.cli``, this package's entry in
 the ``kernelgen.commands`` entry-point group, can be imported without paying for
 torch (the ``kernelgen`` command builds its parser from it on every start).
 """
@@ -11,11 +11,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernelgen_server.model import FiLMConfig, KernelFiLMGenerator, SIRENKernelND
+    from kernelgen_server.model.siren import FiLMConfig, KernelFiLMGenerator, SIRENKernelND
 
 __all__ = ["FiLMConfig", "KernelFiLMGenerator", "SIRENKernelND"]
 
-_LAZY = {name: "kernelgen_server.model" for name in __all__}
+_LAZY = {name: "kernelgen_server.model.siren" for name in __all__}
 
 
 def __getattr__(name: str) -> Any:

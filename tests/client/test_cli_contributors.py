@@ -40,7 +40,7 @@ CLIENT_ONLY = textwrap.dedent(
     sys.meta_path.insert(0, ClientOnly())
     from kernelgen_client.cli import main
     code = main(sys.argv[1:])
-    assert not {"torch", "kernelgen_server.model"} & set(sys.modules), "the server was imported"
+    assert not {"torch", "kernelgen_server.model.siren"} & set(sys.modules), "the server was imported"
     sys.exit(code)
     """
 )
@@ -103,7 +103,7 @@ def test_a_contributor_that_fails_to_load_gets_stand_ins(monkeypatch: pytest.Mon
     def fail() -> Any:
         raise ImportError("the server extra is not installed (missing: torch)")
 
-    broken = EntryPoint(name="server", value="kernelgen_server.cli:register", group=cli.COMMAND_GROUP)
+    broken = EntryPoint(name="server", value="kernelgen_server.ops.cli:register", group=cli.COMMAND_GROUP)
     monkeypatch.setattr(EntryPoint, "load", lambda self: fail() if self is broken else None)
     monkeypatch.setattr(cli, "entry_points", lambda group: [broken])
     parser = cli.build_parser()

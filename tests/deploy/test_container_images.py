@@ -472,7 +472,7 @@ def model_repo() -> Iterator[Path]:
 def test_a_mounted_model_repository_is_served(
     engine: str, cpu_image: dict[str, Any], model_repo: Path
 ) -> None:
-    from kernelgen_server.repository import ModelRepository
+    from kernelgen_server.repository.store import ModelRepository
 
     reference = ModelRepository.load(model_repo)
     conditioning = np.random.default_rng(7).standard_normal((2, 8)).astype(np.float32)

@@ -597,7 +597,7 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
     for path in (
         "src/kernelgen_server/models/hyena-2d/model.safetensors",
         "src/kernelgen_client/cli.py",
-        "src/kernelgen_server/server.py",
+        "src/kernelgen_server/transport/server.py",
         "pyproject.toml",
         "README.md",
     ):
@@ -616,7 +616,7 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
 
 
 def test_models_directory_is_the_embedded_repository() -> None:
-    from kernelgen_server.repository import embedded_repository
+    from kernelgen_server.repository.store import embedded_repository
 
     assert embedded_repository() == REPO / "src" / "kernelgen_server" / "models"
     names = sorted(p.name for p in embedded_repository().iterdir() if (p / "config.json").is_file())
@@ -763,7 +763,7 @@ def test_k8s_services_pdb_and_hpa_select_the_server_pods(rendered: list[dict[str
     assert hpa["minReplicas"] >= 2, "with the PDB, one pod keeps serving through a drain"
     metrics = [m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"]
     assert metrics == ["kernelgen_inflight_requests"]
-    assert "kernelgen_inflight_requests" in (REPO / "src" / "kernelgen_server" / "metrics.py").read_text()
+    assert "kernelgen_inflight_requests" in (REPO / "src" / "kernelgen_server" / "core" / "metrics.py").read_text()
 
 
 def test_everything_lands_in_one_namespace(rendered: list[dict[str, Any]]) -> None:

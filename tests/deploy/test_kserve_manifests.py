@@ -14,7 +14,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-import kernelgen_server.serve_cli  # noqa: F401  (the settings the runtime's args name)
+import kernelgen_server.ops.serve_command  # noqa: F401  (the settings the runtime's args name)
 from kernelgen_server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]

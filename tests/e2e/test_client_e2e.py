@@ -93,7 +93,7 @@ def test_a_streamed_kernel_over_64_mib_costs_about_one_copy(served: ServeProcess
         )
     assert torch.equal(tensor, torch.from_numpy(result.kernel))
     # The same numbers as the model computes locally.
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     module = ModelRepository.load(embedded_repository()).ready["long-1d"].module
     with torch.no_grad():

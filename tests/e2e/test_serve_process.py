@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kernelgen_server.repository import ModelRepository, embedded_repository
+from kernelgen_server.repository.store import ModelRepository, embedded_repository
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kernelgen_client import KernelClient
 from kernelgen_client.cli import main as cli_main
-from kernelgen_server.repository import ModelRepository
+from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc

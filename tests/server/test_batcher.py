@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelgen_server import errors
-from kernelgen_server.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
+from kernelgen_server.core.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
 
 T = TypeVar("T")
 Key = Hashable

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kernelgen_server.cache import ByteLRUCache, CacheStats
+from kernelgen_server.core.cache import ByteLRUCache, CacheStats
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernelgen_server.cache import ByteLRUCache
-from kernelgen_server.repository import ModelRepository
-from kernelgen_server.service import KernelService
-from kernelgen_server.tensors import centre, to_payload
+from kernelgen_server.core.cache import ByteLRUCache
+from kernelgen_server.core.service import KernelService
+from kernelgen_server.core.tensors import centre, to_payload
+from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.kernel_messages import Payload
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -131,7 +131,7 @@ async def test_only_the_same_model_and_dtype_and_a_covering_grid_are_cut(service
 async def test_the_smallest_covering_kernel_is_the_source(
     service: KernelService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kernelgen_server.service as core
+    import kernelgen_server.core.service as core
 
     for lens in ((29, 29), (8, 9)):
         await service.generate("hyena-2d", lens, None, F32, False)

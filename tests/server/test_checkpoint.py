@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kernelgen_server.checkpoint import (
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.repository.checkpoint import (
     CheckpointError,
     extract_kernel_state,
     find_weights,
@@ -20,7 +21,6 @@ from kernelgen_server.checkpoint import (
     read_weights,
     save_safetensors,
 )
-from kernelgen_server.config import ModelConfig
 
 CONFIG = ModelConfig.from_dict(
     {

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from kernelgen_server.config import ConfigError, ModelConfig
+from kernelgen_server.model.config import ConfigError, ModelConfig
 
 BASE: dict[str, Any] = {
     "out_dim": 4,

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kernelgen_server.checkpoint import CheckpointError, read_training_checkpoint, training_state
-from kernelgen_server.config import ConfigError, ModelConfig
-from kernelgen_server.discovery import (
+from kernelgen_server.model.config import ConfigError, ModelConfig
+from kernelgen_server.repository.checkpoint import CheckpointError, read_training_checkpoint, training_state
+from kernelgen_server.repository.discovery import (
     ImportBase,
     configure,
     find_generators,

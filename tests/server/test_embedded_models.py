@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from kernelgen_server.repository import ModelRepository, embedded_repository
+from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 

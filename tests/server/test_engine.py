@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernelgen_server.engine import HostBufferPool, KernelEngine, is_oom
+from kernelgen_server.engine.kernel_engine import HostBufferPool, KernelEngine, is_oom
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
-from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.model.siren import SIRENKernelND
 
 COND_DIM = 6
 

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import decode_numpy
-from kernelgen_server.config import ModelConfig
-from kernelgen_server.engine import KernelEngine
+from kernelgen_server.core.service import GeneratedKernel, KernelService
+from kernelgen_server.engine.kernel_engine import KernelEngine
 from kernelgen_server.errors import InvalidRequest, TooLarge
-from kernelgen_server.generator_servicer import _head_message
-from kernelgen_server.output_head import OutputHead as ServerHead
-from kernelgen_server.repository import ModelRepository, write_model
-from kernelgen_server.service import GeneratedKernel, KernelService
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.model.output_head import OutputHead as ServerHead
+from kernelgen_server.repository.store import ModelRepository, write_model
+from kernelgen_server.transport.native_servicer import _head_message
 from kernelgen_wire.kernel_messages import parse_response
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 

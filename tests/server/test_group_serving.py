@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kernelgen_server.errors import QueueFull
-from kernelgen_server.repository import ModelRepository
+from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.metadata import REASON_TRAILER, RETRY_PUSHBACK_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc

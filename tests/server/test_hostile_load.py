@@ -24,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernelgen_server.config import ConfigError, ModelConfig
-from kernelgen_server.device_queue import BULK, INTERACTIVE, DeviceQueue
+from kernelgen_server.core.device_queue import BULK, INTERACTIVE, DeviceQueue
+from kernelgen_server.core.inflight import InflightBudget
 from kernelgen_server.errors import MemoryFull, TooLarge
-from kernelgen_server.inflight import InflightBudget
-from kernelgen_server.repository import ModelRepository
+from kernelgen_server.model.config import ConfigError, ModelConfig
+from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.metadata import REASON_TRAILER
 from kernelgen_wire.rpc import method_path
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -225,7 +225,7 @@ def test_listing_never_fails_because_of_one_model(tmp_path: Path) -> None:
     (long_reason / "config.json").write_text(json.dumps({**HYENA, "junk" * 5000: 1}))
     repository = ModelRepository.load(tmp_path)
     assert len(repository.failed) == 3
-    from kernelgen_server.model_info import MAX_REASON_CHARS, model_info
+    from kernelgen_server.transport.model_info import MAX_REASON_CHARS, model_info
 
     infos = model_info(repository)
     assert all(not info.ready and len(info.reason) <= MAX_REASON_CHARS + 20 for info in infos)

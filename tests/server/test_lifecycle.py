@@ -14,8 +14,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kernelgen_server.server import ModelsFailedError, create_server
 from kernelgen_server.settings import load_settings
+from kernelgen_server.transport.server import ModelsFailedError, create_server
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 

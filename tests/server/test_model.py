@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.model.siren import SIRENKernelND
 
 erf = np.vectorize(math.erf)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kernelgen_client.cli import main
-from kernelgen_server import repository as repository_module
-from kernelgen_server.repository import ModelRepository
+from kernelgen_server.repository import store as repository_module
+from kernelgen_server.repository.store import ModelRepository
 
 from networks import (
     FORMATS,

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kernelgen_server.oip_servicer import OIP_SERVICE_NAME
+from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME
 from kernelgen_wire.oip import grpc_service_pb2 as oip
 from kernelgen_wire.oip import grpc_service_pb2_grpc as oip_grpc
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -458,7 +458,7 @@ async def test_a_failing_stream_request_harms_no_other(served: Any) -> None:
 async def test_a_batch_writes_the_protocols_response_in_place(served: Any) -> None:
     """A conditioned kernel's response is written where its batch encodes it (one copy of the
     kernel); a cached kernel stays kernelgen.v1's message."""
-    from kernelgen_server.oip_codec import InferEncoded, decode_infer, infer_encoder
+    from kernelgen_server.transport.oip_codec import InferEncoded, decode_infer, infer_encoder
 
     server, _stub, native_stub = served
     service = server.service

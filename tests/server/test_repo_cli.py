@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from kernelgen_client.cli import build_parser, main
-from kernelgen_server.checkpoint import read_weights
-from kernelgen_server.config import ModelConfig
-from kernelgen_server.repository import ModelRepository, load_model
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.repository.checkpoint import read_weights
+from kernelgen_server.repository.store import ModelRepository, load_model
 
 CONFIG_DICT: dict[str, Any] = {
     "out_dim": 3,

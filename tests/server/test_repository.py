@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from kernelgen_server.checkpoint import read_weights, save_safetensors
-from kernelgen_server.config import ModelConfig
 from kernelgen_server.errors import ModelNotFound, ModelNotReady
-from kernelgen_server.repository import (
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.repository.checkpoint import read_weights, save_safetensors
+from kernelgen_server.repository.store import (
     FailedModel,
     LoadedModel,
     ModelRepository,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from kernelgen_server.config import ModelConfig
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
-from kernelgen_server.repository import (
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.repository.store import (
     FailedModel,
     LoadedModel,
     ModelRepository,
@@ -165,8 +165,8 @@ def test_a_group_that_does_not_load_back_is_not_moved_into_place(tmp_path: Path)
 
 
 def test_a_members_name_is_group_slash_member_and_nothing_else() -> None:
-    from kernelgen_server.repository import is_served_name
-    from kernelgen_server.service import check_name
+    from kernelgen_server.core.service import check_name
+    from kernelgen_server.repository.store import is_served_name
 
     for good in ("net", "net/0", "vision-net.v2/block_3"):
         assert is_served_name(good)

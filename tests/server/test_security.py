@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kernelgen_server.security import BearerTokenInterceptor, load_tokens
+from kernelgen_server.transport.security import BearerTokenInterceptor, load_tokens
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 from kernelgen_wire.v1 import kernelgen_pb2_grpc as pb_grpc
 

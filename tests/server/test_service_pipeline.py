@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernelgen_server.threads as service_threads
-from kernelgen_server.repository import ModelRepository
-from kernelgen_server.service import KernelService
+import kernelgen_server.core.threads as service_threads
+from kernelgen_server.core.service import KernelService
+from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 from support import assert_same_kernel, kernel_service

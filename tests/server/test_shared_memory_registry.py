@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kernelgen_server.errors import InvalidRequest, TooLarge
-from kernelgen_server.shared_memory import (
+from kernelgen_server.transport.shared_memory import (
     SHM_ROOT,
     RegionExists,
     RegionNotFound,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import kernelgen_server.supervisor as supervisor
+import kernelgen_server.ops.supervisor as supervisor
+from kernelgen_server.ops.supervisor import Supervisor, WorkerExit, reserve_port
 from kernelgen_server.settings import ServerSettings, load_settings
-from kernelgen_server.supervisor import Supervisor, WorkerExit, reserve_port
 
 # A stand-in worker. FAKE_MODE: "serve" (default); "fail-start": worker 1 exits before
 # READY; "crash-once": worker 1 exits right after its first READY; "crash-always":

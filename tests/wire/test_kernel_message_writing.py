@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernelgen_server.core.tensors import decode_conditioning, decode_output_dtype, to_payload
 from kernelgen_server.errors import InvalidRequest
-from kernelgen_server.tensors import decode_conditioning, decode_output_dtype, to_payload
 from kernelgen_wire.kernel_messages import Payload, encode_chunks, encode_kernel, encode_response
 from kernelgen_wire.protowire import varint
 from kernelgen_wire.v1 import kernelgen_pb2 as pb

@@ -24,7 +24,7 @@ supervisor's end of its stdin closes, however the supervisor ended); the
 reserved port stays held until the supervisor exits, so a restarted worker
 always gets it back.
 
-A worker is ``python -m kernelgen_server.supervisor``: it reads its index and its settings
+A worker is ``python -m kernelgen_server.ops.supervisor``: it reads its index and its settings
 as one JSON line on stdin, writes ``READY <index>`` to stdout once SERVING,
 and drains when its stdin, which the supervisor holds open, reaches
 end-of-file.
@@ -96,7 +96,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def worker_command() -> list[str]:
-    return [sys.executable, "-m", "kernelgen_server.supervisor"]
+    return [sys.executable, "-m", "kernelgen_server.ops.supervisor"]
 
 
 @dataclass
@@ -329,8 +329,8 @@ class Supervisor:
     def _serve_metrics(self) -> Iterator[None]:
         from prometheus_client import CollectorRegistry, multiprocess
 
-        from kernelgen_server.metrics_http import serve_metrics
-        from kernelgen_server.security import load_tokens
+        from kernelgen_server.transport.metrics_http import serve_metrics
+        from kernelgen_server.transport.security import load_tokens
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
@@ -396,7 +396,7 @@ async def _watch_supervisor(stop: asyncio.Event) -> None:
 
 
 async def _worker_main(handshake: dict[str, Any]) -> int:
-    from kernelgen_server.server import serve  # torch loads here, in the worker only
+    from kernelgen_server.transport.server import serve  # torch loads here, in the worker only
 
     index = int(handshake["index"])
     settings = ServerSettings.model_validate(handshake["settings"])
@@ -413,14 +413,14 @@ async def _worker_main(handshake: dict[str, Any]) -> int:
 
 
 def main() -> int:
-    """Entry point of a worker process (``python -m kernelgen_server.supervisor``)."""
+    """Entry point of a worker process (``python -m kernelgen_server.ops.supervisor``)."""
     handshake = json.loads(sys.stdin.readline())
     settings = handshake["settings"]
     logging.basicConfig(
         level=settings.get("log_level", "INFO"),
         format=f"%(asctime)s %(levelname)s %(name)s[worker {handshake['index']}]: %(message)s",
     )
-    from kernelgen_server.server import ModelsFailedError
+    from kernelgen_server.transport.server import ModelsFailedError
 
     try:
         return asyncio.run(_worker_main(handshake))

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernelgen_server.discovery import PlannedModel
-    from kernelgen_server.repository import FailedModel, LoadedModel, ModelRepository
+    from kernelgen_server.repository.discovery import PlannedModel
+    from kernelgen_server.repository.store import FailedModel, LoadedModel, ModelRepository
 
 __all__ = ["register"]
 
@@ -141,8 +141,8 @@ def _reports_errors(fn: Handler) -> Handler:
 
 @_reports_errors
 def _init(args: argparse.Namespace) -> int:
-    from kernelgen_server.config import ModelConfig
-    from kernelgen_server.repository import load_model, write_model
+    from kernelgen_server.model.config import ModelConfig
+    from kernelgen_server.repository.store import load_model, write_model
 
     config = ModelConfig.from_file(args.config)
     module = config.build(seed=args.seed)
@@ -158,14 +158,14 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run goes with --all")
     if args.prefix is None or args.config is None:
         raise ValueError("--prefix and --config are required to import one generator (or pass --all)")
-    from kernelgen_server.checkpoint import (
+    from kernelgen_server.model.config import ModelConfig
+    from kernelgen_server.repository.checkpoint import (
         CheckpointError,
         extract_kernel_state,
         load_module,
         read_checkpoint,
     )
-    from kernelgen_server.config import ModelConfig
-    from kernelgen_server.repository import check_model_name, load_model, write_model
+    from kernelgen_server.repository.store import check_model_name, load_model, write_model
 
     check_model_name(args.name)
     config = ModelConfig.from_file(args.config)
@@ -181,9 +181,14 @@ def _import(args: argparse.Namespace) -> int:
 
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
-    from kernelgen_server.checkpoint import read_training_checkpoint, training_state
-    from kernelgen_server.discovery import ImportBase, find_generators, generator_prefixes, plan_network
-    from kernelgen_server.repository import NewMember, check_model_name, group_holds, write_group
+    from kernelgen_server.repository.checkpoint import read_training_checkpoint, training_state
+    from kernelgen_server.repository.discovery import (
+        ImportBase,
+        find_generators,
+        generator_prefixes,
+        plan_network,
+    )
+    from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
     check_model_name(args.name)
     base = ImportBase.from_file(args.config) if args.config is not None else ImportBase.empty()
@@ -282,7 +287,7 @@ def _report_written(verb: str, model: LoadedModel) -> int:
 
 @_reports_errors
 def _inspect(args: argparse.Namespace) -> int:
-    from kernelgen_server.repository import ModelRepository, embedded_repository
+    from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
     root = args.repo if args.repo is not None else embedded_repository()
     repo = ModelRepository.load(root)
@@ -321,7 +326,7 @@ def _format_group(group: dict[str, Any]) -> str:
 
 def _describe(entry: LoadedModel | FailedModel, repo: ModelRepository) -> dict[str, Any]:
     """A JSON-ready description of one repository entry."""
-    from kernelgen_server.repository import FailedModel
+    from kernelgen_server.repository.store import FailedModel
 
     place = repo.group_of(entry.name)
     membership: dict[str, Any] = {}

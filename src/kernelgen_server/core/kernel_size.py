@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kernelgen_server.repository import LoadedModel
-from kernelgen_server.tensors import decode_output_dtype, itemsize
+from kernelgen_server.core.tensors import decode_output_dtype, itemsize
+from kernelgen_server.repository.store import LoadedModel
 
 __all__ = ["payload_bytes"]
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from kernelgen_server.core.metrics import Metrics
 from kernelgen_server.errors import InvalidRequest, KernelGenError, shorten
-from kernelgen_server.metrics import Metrics
 from kernelgen_wire.metadata import REASON_TRAILER, RETRY_PUSHBACK_TRAILER, Reason
 
 __all__ = ["Call", "deadline_of", "decode", "decoded", "rpc_scope"]

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernelgen_server.engine.memory import ALIGN as _ALIGN
+from kernelgen_server.engine.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
-from kernelgen_server.memory import ALIGN as _ALIGN
-from kernelgen_server.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
-from kernelgen_server.model import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
+from kernelgen_server.model.siren import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
 
 __all__ = [
     "OUTPUT_DTYPES",

@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from kernelgen_server.security import bearer_matches
+from kernelgen_server.transport.security import bearer_matches
 
 __all__ = ["MetricsEndpoint", "serve_metrics"]
 

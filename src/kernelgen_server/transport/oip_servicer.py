@@ -26,9 +26,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from kernelgen_server.core.kernel_size import payload_bytes
+from kernelgen_server.core.service import KernelService
+from kernelgen_server.core.statistics import Duration, ModelStatistics
+from kernelgen_server.core.tensors import decode_conditioning
 from kernelgen_server.errors import InvalidRequest, KernelGenError, ModelNotFound, TooLarge, shorten
-from kernelgen_server.kernel_size import payload_bytes
-from kernelgen_server.oip_codec import (
+from kernelgen_server.repository.store import LoadedModel
+from kernelgen_server.transport.oip_codec import (
     VERSION,
     InferCall,
     decode_infer,
@@ -39,13 +43,14 @@ from kernelgen_server.oip_codec import (
     model_config,
     model_metadata,
 )
-from kernelgen_server.readiness import HealthStates
-from kernelgen_server.repository import LoadedModel
-from kernelgen_server.service import KernelService
-from kernelgen_server.shared_memory import NotSupported, RegionNotFound, SharedMemoryRegistry, check_off
-from kernelgen_server.statistics import Duration, ModelStatistics
-from kernelgen_server.status import deadline_of, decoded, rpc_scope
-from kernelgen_server.tensors import decode_conditioning
+from kernelgen_server.transport.readiness import HealthStates
+from kernelgen_server.transport.shared_memory import (
+    NotSupported,
+    RegionNotFound,
+    SharedMemoryRegistry,
+    check_off,
+)
+from kernelgen_server.transport.status import deadline_of, decoded, rpc_scope
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.oip import grpc_service_pb2 as oip
 from kernelgen_wire.v1 import kernelgen_pb2 as pb

@@ -27,12 +27,12 @@ _missing = [name for name in _SERVER_EXTRA if importlib.util.find_spec(name) is 
 if _missing:
     raise ImportError(f"the server extra is not installed (missing: {', '.join(_missing)})")
 
-from kernelgen_server import repo_cli, serve_cli  # noqa: E402 - after the extra is known present
+from kernelgen_server.ops import repo_commands, serve_command  # noqa: E402 - after the extra is known present
 
 __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``serve``, ``init``, ``import`` and ``inspect`` to the ``kernelgen`` parser."""
-    serve_cli.register(sub)
-    repo_cli.register(sub)
+    serve_command.register(sub)
+    repo_commands.register(sub)

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from kernelgen_server.config import ModelConfig
-from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.model.siren import SIRENKernelND
 
 __all__ = [
     "ACCEPTED_DTYPES",

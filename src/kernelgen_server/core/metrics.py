@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kernelgen_server.metrics_http import MetricsEndpoint, serve_metrics
-from kernelgen_server.statistics import InferenceStatistics
+from kernelgen_server.core.statistics import InferenceStatistics
+from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 
 __all__ = ["Metrics"]
 

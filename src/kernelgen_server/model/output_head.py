@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernelgen_server.model import SIRENKernelND
+from kernelgen_server.model.siren import SIRENKernelND
 
 __all__ = ["OutputHead"]
 

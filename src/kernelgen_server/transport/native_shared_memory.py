@@ -17,13 +17,13 @@ from typing import Any, cast
 import grpc
 from grpc import aio
 
+from kernelgen_server.core.kernel_size import payload_bytes
+from kernelgen_server.core.service import KernelService
+from kernelgen_server.core.tensors import decode_conditioning, decode_representation
 from kernelgen_server.errors import InvalidRequest
-from kernelgen_server.generator_servicer import KernelGeneratorServicer
-from kernelgen_server.kernel_size import payload_bytes
-from kernelgen_server.service import KernelService
-from kernelgen_server.shared_memory import SharedMemoryRegistry, check_off
-from kernelgen_server.status import deadline_of, decoded, rpc_scope
-from kernelgen_server.tensors import decode_conditioning, decode_representation
+from kernelgen_server.transport.native_servicer import KernelGeneratorServicer
+from kernelgen_server.transport.shared_memory import SharedMemoryRegistry, check_off
+from kernelgen_server.transport.status import deadline_of, decoded, rpc_scope
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb

@@ -16,12 +16,12 @@ import grpc
 import torch
 from grpc import aio
 
+from kernelgen_server.core.service import KernelService, check_name
+from kernelgen_server.core.tensors import decode_conditioning
 from kernelgen_server.errors import SlowReader, TooLarge
-from kernelgen_server.model_info import model_info
-from kernelgen_server.output_head import OutputHead
-from kernelgen_server.service import KernelService, check_name
-from kernelgen_server.status import deadline_of, decode, rpc_scope
-from kernelgen_server.tensors import decode_conditioning
+from kernelgen_server.model.output_head import OutputHead
+from kernelgen_server.transport.model_info import model_info
+from kernelgen_server.transport.status import deadline_of, decode, rpc_scope
 from kernelgen_wire.group_messages import MemberKernel, encode_group
 from kernelgen_wire.kernel_messages import encode_response
 from kernelgen_wire.metadata import REPORT_TRAILER

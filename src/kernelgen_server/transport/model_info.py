@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kernelgen_server.config import ModelConfig
-from kernelgen_server.repository import LoadedModel, ModelRepository
+from kernelgen_server.model.config import ModelConfig
+from kernelgen_server.repository.store import LoadedModel, ModelRepository
 from kernelgen_wire.model_config import config_message as values_message
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 

@@ -36,9 +36,20 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from kernelgen_server.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
-from kernelgen_server.cache import ByteLRUCache
-from kernelgen_server.engine import KernelEngine, is_oom
+from kernelgen_server.core.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
+from kernelgen_server.core.cache import ByteLRUCache
+from kernelgen_server.core.inflight import InflightBudget, Reservation
+from kernelgen_server.core.metrics import Metrics
+from kernelgen_server.core.streaming import KernelStream, TiledStream, WholeStream
+from kernelgen_server.core.tensors import (
+    centre,
+    decode_output_dtype,
+    decode_representation,
+    itemsize,
+    to_payload,
+)
+from kernelgen_server.core.threads import ServiceThreads
+from kernelgen_server.engine.kernel_engine import KernelEngine, is_oom
 from kernelgen_server.errors import (
     ConditioningNotSupported,
     DeadlineExpired,
@@ -48,20 +59,9 @@ from kernelgen_server.errors import (
     TooLarge,
     shorten,
 )
-from kernelgen_server.inflight import InflightBudget, Reservation
-from kernelgen_server.metrics import Metrics
-from kernelgen_server.output_head import OutputHead
-from kernelgen_server.repository import LoadedModel, ModelGroup, ModelRepository, is_served_name
+from kernelgen_server.model.output_head import OutputHead
+from kernelgen_server.repository.store import LoadedModel, ModelGroup, ModelRepository, is_served_name
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.streaming import KernelStream, TiledStream, WholeStream
-from kernelgen_server.tensors import (
-    centre,
-    decode_output_dtype,
-    decode_representation,
-    itemsize,
-    to_payload,
-)
-from kernelgen_server.threads import ServiceThreads
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from kernelgen_server.model import FiLMConfig, SIRENKernelND, normalize_lengths
+from kernelgen_server.model.siren import FiLMConfig, SIRENKernelND, normalize_lengths
 from kernelgen_wire.model_config import FILM_DEFAULTS, OPTIONAL_DEFAULTS
 
 __all__ = ["ConfigError", "FiLMSection", "ModelConfig", "describe_errors"]

@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor
 
-from kernelgen_server.checkpoint import CheckpointError, load_module
-from kernelgen_server.config import ConfigError, FiLMSection, ModelConfig, describe_errors
+from kernelgen_server.model.config import ConfigError, FiLMSection, ModelConfig, describe_errors
+from kernelgen_server.repository.checkpoint import CheckpointError, load_module
 
 __all__ = [
     "BASE_FIELDS",

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernelgen_server.engine import KernelEngine, tile_coordinates
-from kernelgen_server.inflight import Reservation
-from kernelgen_server.tensors import to_payload
-from kernelgen_server.threads import ServiceThreads
+from kernelgen_server.core.inflight import Reservation
+from kernelgen_server.core.tensors import to_payload
+from kernelgen_server.core.threads import ServiceThreads
+from kernelgen_server.engine.kernel_engine import KernelEngine, tile_coordinates
 from kernelgen_wire.kernel_messages import encode_chunks, encode_data, encode_header
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 if TYPE_CHECKING:
-    from kernelgen_server.service import GeneratedKernel
+    from kernelgen_server.core.service import GeneratedKernel
 
 __all__ = ["KernelStream", "Tile", "TiledStream", "WholeStream", "tiles"]
 

@@ -23,10 +23,10 @@ from typing import TypeVar
 
 import torch
 
-from kernelgen_server.device_queue import BULK, INTERACTIVE, DeviceQueue
-from kernelgen_server.engine import KernelEngine
+from kernelgen_server.core.device_queue import BULK, INTERACTIVE, DeviceQueue
+from kernelgen_server.core.tensors import to_payload
+from kernelgen_server.engine.kernel_engine import KernelEngine
 from kernelgen_server.errors import Cancelled
-from kernelgen_server.tensors import to_payload
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
 
 __all__ = ["ServiceThreads"]

@@ -38,17 +38,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor
 
-from kernelgen_server.checkpoint import (
+from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
+from kernelgen_server.model.config import ConfigError, ModelConfig, describe_errors
+from kernelgen_server.model.output_head import OutputHead
+from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_server.repository.checkpoint import (
     WEIGHT_FILES,
     find_weights,
     load_module,
     read_weights,
     save_safetensors,
 )
-from kernelgen_server.config import ConfigError, ModelConfig, describe_errors
-from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
-from kernelgen_server.model import SIRENKernelND
-from kernelgen_server.output_head import OutputHead
 
 __all__ = [
     "CONFIG_FILE",
@@ -82,7 +82,7 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def embedded_repository() -> Path:
     """The repository shipped inside the package (``kernelgen_server/models``)."""
-    return Path(__file__).resolve().parent / "models"
+    return Path(__file__).resolve().parents[1] / "models"
 
 
 def is_model_name(name: str) -> bool:

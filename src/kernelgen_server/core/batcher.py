@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from kernelgen_server import errors
-from kernelgen_server.batch_policy import (
+from kernelgen_server.core.batch_policy import (
     BatcherObserver,
     BatchOutcome,
     BatchPolicy,

@@ -34,9 +34,9 @@ from typing import cast
 
 import numpy as np
 
+from kernelgen_server.core.service import Encoder, GeneratedKernel
 from kernelgen_server.errors import InvalidRequest
-from kernelgen_server.repository import LoadedModel
-from kernelgen_server.service import Encoder, GeneratedKernel
+from kernelgen_server.repository.store import LoadedModel
 from kernelgen_server.settings import ServerSettings
 from kernelgen_wire.kernel_messages import EncodedKernel, Payload
 from kernelgen_wire.oip import grpc_service_pb2 as oip

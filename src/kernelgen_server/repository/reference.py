@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from kernelgen_server.repository import ModelRepository, embedded_repository
+from kernelgen_server.repository.store import ModelRepository, embedded_repository
 
 __all__ = ["RepositoryReference", "open_reference"]
 

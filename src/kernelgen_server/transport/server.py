@@ -18,16 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from kernelgen_server.metrics import Metrics
-from kernelgen_server.metrics_http import MetricsEndpoint
-from kernelgen_server.native_shared_memory import SharedMemoryGeneratorServicer
-from kernelgen_server.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
-from kernelgen_server.readiness import HealthStates
-from kernelgen_server.repository import ModelRepository, embedded_repository
-from kernelgen_server.security import BearerTokenInterceptor, load_tokens, server_credentials
-from kernelgen_server.service import KernelService
+from kernelgen_server.core.metrics import Metrics
+from kernelgen_server.core.service import KernelService
+from kernelgen_server.repository.store import ModelRepository, embedded_repository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.shared_memory import SharedMemoryRegistry
+from kernelgen_server.transport.metrics_http import MetricsEndpoint
+from kernelgen_server.transport.native_shared_memory import SharedMemoryGeneratorServicer
+from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
+from kernelgen_server.transport.readiness import HealthStates
+from kernelgen_server.transport.security import BearerTokenInterceptor, load_tokens, server_credentials
+from kernelgen_server.transport.shared_memory import SharedMemoryRegistry
 from kernelgen_wire.malloc import tune_malloc
 from kernelgen_wire.oip import grpc_service_pb2 as oip_pb
 from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME

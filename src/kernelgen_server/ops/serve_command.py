@@ -67,14 +67,14 @@ def _run(args: argparse.Namespace) -> int:
     )
     if settings.workers > 1:
         # The supervisor loads no torch: each worker process does, and holds the device.
-        from kernelgen_server.supervisor import supervise
+        from kernelgen_server.ops.supervisor import supervise
 
         try:
             return asyncio.run(supervise(settings))
         except (OSError, RuntimeError) as exc:
             print(f"kernelgen serve: {exc}", file=sys.stderr)
             return 1
-    from kernelgen_server.server import ModelsFailedError, serve  # torch loads here
+    from kernelgen_server.transport.server import ModelsFailedError, serve  # torch loads here
 
     try:
         return asyncio.run(serve(settings))
