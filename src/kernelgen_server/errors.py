@@ -15,16 +15,21 @@ from kernelgen_wire.metadata import Reason
 __all__ = [
     "Cancelled",
     "ConditioningNotSupported",
-    "DeadlineExpired",
-    "Draining",
+    "DeadlineExceeded",
     "InvalidRequest",
     "KernelGenError",
+    "KernelTooLarge",
     "MemoryFull",
     "ModelNotFound",
     "ModelNotReady",
+    "NotSupported",
+    "Overloaded",
     "QueueFull",
+    "RegionExists",
+    "RegionNotFound",
+    "ServerDraining",
+    "SharedMemoryUnavailable",
     "SlowReader",
-    "TooLarge",
     "shorten",
 ]
 
@@ -75,30 +80,27 @@ class ConditioningNotSupported(KernelGenError):
     reason = Reason.NO_FILM
 
 
-class QueueFull(KernelGenError):
-    """Back-pressure: retryable after a short pause."""
+class Overloaded(KernelGenError):
+    """Back-pressure: the server has no room for the request now; retryable after the pushback."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFull(Overloaded):
+    """The batcher's queue is at its bound; retryable after a short pause."""
+
     reason = Reason.QUEUE_FULL
     retry_pushback_ms = 50
 
 
-class MemoryFull(KernelGenError):
-    """Back-pressure: the responses in flight hold the server's byte budget; retryable."""
+class MemoryFull(Overloaded):
+    """The responses in flight hold the server's byte budget; retryable."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.MEMORY_FULL
     retry_pushback_ms = 100
 
 
-class SlowReader(KernelGenError):
-    """A stream's client took nothing for too long; the stream is given up."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = Reason.SLOW_READER
-
-
-class TooLarge(KernelGenError):
+class KernelTooLarge(KernelGenError):
     """The request is over a configured size limit; retrying cannot help."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -106,9 +108,15 @@ class TooLarge(KernelGenError):
     retry_pushback_ms = -1
 
 
-class DeadlineExpired(KernelGenError):
+class DeadlineExceeded(KernelGenError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = Reason.DEADLINE_EXCEEDED
+
+
+class SlowReader(DeadlineExceeded):
+    """A stream's client took nothing for too long; the stream is given up."""
+
+    reason = Reason.SLOW_READER
 
 
 class Cancelled(KernelGenError):
@@ -116,8 +124,36 @@ class Cancelled(KernelGenError):
     reason = Reason.CANCELLED
 
 
-class Draining(KernelGenError):
+class ServerDraining(KernelGenError):
     """The server is shutting down and takes no new work."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.DRAINING
+
+
+class SharedMemoryUnavailable(KernelGenError):
+    """A shared-memory call on a server started without ``--shared-memory``."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.SHARED_MEMORY_OFF
+
+
+class RegionNotFound(KernelGenError):
+    """No shared-memory region of the name a request gave is registered."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = Reason.REGION_NOT_FOUND
+
+
+class RegionExists(KernelGenError):
+    """A shared-memory region of that name is registered already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = Reason.REGION_EXISTS
+
+
+class NotSupported(KernelGenError):
+    """A protocol feature this server does not offer (CUDA shared memory, unloading models)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = Reason.NOT_SUPPORTED

@@ -34,6 +34,7 @@ from kernelgen_client import (
     ServerDraining,
     Unauthenticated,
 )
+from kernelgen_wire.metadata import Reason
 
 from support import run_server
 
@@ -222,3 +223,40 @@ async def test_wait_for_ready_waits_for_a_late_server() -> None:
         assert not pending.done()
         async with run_server(port=port):
             assert len(await pending) == 3
+
+
+def test_both_ends_name_each_reason_alike() -> None:
+    """The server's error for a reason has the client's name for it, status for status."""
+    from kernelgen_client import errors as client_errors
+    from kernelgen_server import errors as server_errors
+
+    def classes(module: Any, base: type) -> list[type]:
+        return [
+            c for c in vars(module).values() if isinstance(c, type) and issubclass(c, base) and c is not base
+        ]
+
+    class Failed:
+        def __init__(self, code: Any, reason: str) -> None:
+            self._code, self._reason = code, reason
+
+        def code(self) -> Any:
+            return self._code
+
+        def details(self) -> str:
+            return "failed"
+
+        def trailing_metadata(self) -> Any:
+            return (("kernelgen-reason", self._reason),)
+
+    server = {
+        c.reason: c for c in classes(server_errors, server_errors.KernelGenError) if "reason" in vars(c)
+    }
+    assert set(server) == set(Reason) - {Reason.INTERNAL}  # every reason has its one server class
+    for reason, cls in server.items():
+        client = client_errors.from_rpc_error(Failed(cls.code, reason))  # type: ignore[arg-type]
+        assert client.code == cls.code, reason
+        # The client folds queue-full and memory-full into Overloaded; the server's are its subclasses.
+        names = {c.__name__ for c in cls.__mro__}
+        if type(client) is client_errors.KernelServiceError:
+            continue  # the client has no class of its own for this status
+        assert type(client).__name__ in names, (reason, cls.__name__, type(client).__name__)

@@ -763,7 +763,10 @@ def test_k8s_services_pdb_and_hpa_select_the_server_pods(rendered: list[dict[str
     assert hpa["minReplicas"] >= 2, "with the PDB, one pod keeps serving through a drain"
     metrics = [m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"]
     assert metrics == ["kernelgen_inflight_requests"]
-    assert "kernelgen_inflight_requests" in (REPO / "src" / "kernelgen_server" / "core" / "metrics.py").read_text()
+    assert (
+        "kernelgen_inflight_requests"
+        in (REPO / "src" / "kernelgen_server" / "core" / "metrics.py").read_text()
+    )
 
 
 def test_everything_lands_in_one_namespace(rendered: list[dict[str, Any]]) -> None:

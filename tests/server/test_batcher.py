@@ -256,7 +256,7 @@ async def test_deadline_already_passed_is_refused() -> None:
     device = Device()
     recorder = Recorder()
     batcher = make(device, observer=recorder)
-    with pytest.raises(errors.DeadlineExpired):
+    with pytest.raises(errors.DeadlineExceeded):
         await batcher.submit("k", Req(0), deadline=time.monotonic() - 1)
     assert device.batches == []
     assert recorder.dropped == [("k", "expired")]
@@ -274,7 +274,7 @@ async def test_deadline_expiring_in_queue_is_dropped_not_computed() -> None:
     now[0] = 110.0
     assert device.gate is not None
     device.gate.set()
-    with pytest.raises(errors.DeadlineExpired):
+    with pytest.raises(errors.DeadlineExceeded):
         await within(late)
     assert (await within(fine)).result == expected(Req(1))
     await within(held)
@@ -447,7 +447,7 @@ async def test_close_drain_finishes_queued_and_refuses_new() -> None:
     await asyncio.sleep(0)
     closing = asyncio.create_task(batcher.close(drain=True))
     await asyncio.sleep(0)
-    with pytest.raises(errors.Draining):
+    with pytest.raises(errors.ServerDraining):
         await batcher.submit("k", Req(9))
     assert device.gate is not None
     device.gate.set()
@@ -472,7 +472,7 @@ async def test_close_without_drain_fails_queued() -> None:
     await within(closing)
     assert (await within(held)).result == expected(Req(-1, rows=4))  # the running batch completes
     results = await within(asyncio.gather(*queued, return_exceptions=True))
-    assert all(isinstance(r, errors.Draining) for r in results)
+    assert all(isinstance(r, errors.ServerDraining) for r in results)
     assert device.ids() == [[-1]]
     assert recorder.dropped == [("k", "draining")] * 3
 
@@ -491,7 +491,7 @@ async def test_cancelled_drain_then_close_without_drain() -> None:
     stopping = asyncio.create_task(batcher.close(drain=False))
     await asyncio.sleep(0)
     results = await within(asyncio.gather(*queued, return_exceptions=True))
-    assert all(isinstance(r, errors.Draining) for r in results)
+    assert all(isinstance(r, errors.ServerDraining) for r in results)
     assert device.gate is not None
     device.gate.set()
     await within(stopping)
@@ -502,7 +502,7 @@ async def test_cancelled_drain_then_close_without_drain() -> None:
 async def test_close_idle_batcher() -> None:
     batcher = make(Device())
     await within(batcher.close())
-    with pytest.raises(errors.Draining):
+    with pytest.raises(errors.ServerDraining):
         await batcher.submit("k", Req(0))
 
 
@@ -516,9 +516,9 @@ async def test_stopped_scheduler_fails_running_and_queued_with_draining() -> Non
     assert scheduler is not None
     scheduler.cancel()
     results = await within(asyncio.gather(held, *queued, return_exceptions=True))
-    assert all(isinstance(r, errors.Draining) for r in results)
+    assert all(isinstance(r, errors.ServerDraining) for r in results)
     assert batcher.pending() == (0, 0)
-    with pytest.raises(errors.Draining):
+    with pytest.raises(errors.ServerDraining):
         await batcher.submit("k", Req(1))
     await within(batcher.close())  # returns quietly
 

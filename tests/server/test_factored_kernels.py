@@ -22,7 +22,7 @@ from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import decode_numpy
 from kernelgen_server.core.service import GeneratedKernel, KernelService
 from kernelgen_server.engine.kernel_engine import KernelEngine
-from kernelgen_server.errors import InvalidRequest, TooLarge
+from kernelgen_server.errors import InvalidRequest, KernelTooLarge
 from kernelgen_server.model.config import ModelConfig
 from kernelgen_server.model.output_head import OutputHead as ServerHead
 from kernelgen_server.repository.store import ModelRepository, write_model
@@ -271,11 +271,11 @@ async def test_limits_count_the_factors_bytes(embedded_models: Any) -> None:
         embedded_models, max_kernel_bytes=1_000_000, max_message_bytes=1_000_000, stream_chunk_bytes=65536
     )
     try:
-        with pytest.raises(TooLarge, match="kernel would be"):
+        with pytest.raises(KernelTooLarge, match="kernel would be"):
             await make(service, "long-1d", [2000], None)
         result = await make(service, "long-1d", [2000], None, factored=True)
         assert result.kernel.payload.nbytes == 3999 * 32 * 4
-        with pytest.raises(TooLarge, match="unary limit"):
+        with pytest.raises(KernelTooLarge, match="unary limit"):
             await make(service, "long-1d", [2000], factored=True, max_bytes=300_000)
     finally:
         await service.close()

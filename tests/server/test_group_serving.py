@@ -314,9 +314,9 @@ async def test_models_list_their_group_and_the_group_is_healthy(stub: Any) -> No
 async def test_a_draining_server_refuses_groups(repo: Path) -> None:
     service = kernel_service(ModelRepository.load(repo))
     await service.close()
-    from kernelgen_server.errors import Draining
+    from kernelgen_server.errors import ServerDraining
 
-    with pytest.raises(Draining):
+    with pytest.raises(ServerDraining):
         await service.generate_group("stack", (3, 3), None, 0)
 
 

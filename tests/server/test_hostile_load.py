@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from kernelgen_server.core.device_queue import BULK, INTERACTIVE, DeviceQueue
 from kernelgen_server.core.inflight import InflightBudget
-from kernelgen_server.errors import MemoryFull, TooLarge
+from kernelgen_server.errors import KernelTooLarge, MemoryFull
 from kernelgen_server.model.config import ConfigError, ModelConfig
 from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.metadata import REASON_TRAILER
@@ -242,7 +242,7 @@ def test_the_in_flight_budget_refuses_instead_of_growing() -> None:
     with pytest.raises(MemoryFull) as full:
         budget.reserve(50)
     assert full.value.retry_pushback_ms and full.value.retry_pushback_ms > 0
-    with pytest.raises(TooLarge):
+    with pytest.raises(KernelTooLarge):
         budget.reserve(101)  # could never fit: not retryable
     first.release()
     first.release()  # once only

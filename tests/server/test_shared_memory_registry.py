@@ -12,14 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from kernelgen_server.errors import InvalidRequest, TooLarge
-from kernelgen_server.transport.shared_memory import (
-    SHM_ROOT,
-    RegionExists,
-    RegionNotFound,
-    SharedMemoryRegistry,
-    check_off,
-)
+from kernelgen_server.errors import InvalidRequest, KernelTooLarge, RegionExists, RegionNotFound
+from kernelgen_server.transport.shared_memory import SHM_ROOT, SharedMemoryRegistry, check_off
 
 
 def _open_files() -> set[str]:
@@ -98,7 +92,7 @@ def test_names_are_unique_and_regions_bounded(tmp_path: Path) -> None:
         registry.register("a", "/obj", 0, 8)
     assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
     registry.register("b", "/obj", 8, 8)
-    with pytest.raises(TooLarge, match="--shared-memory-max-regions"):
+    with pytest.raises(KernelTooLarge, match="--shared-memory-max-regions"):
         registry.register("c", "/obj", 16, 8)
 
 

@@ -103,7 +103,7 @@ class DynamicBatcher(Generic[K, I, R]):
     - a batch holds items of one key only, and exceeds ``max_batch_size`` rows
       or ``max_batch_bytes`` only when it is a single item;
     - every accepted request's future is resolved once: its result, its
-      batch's exception, DeadlineExpired or Draining, unless its caller
+      batch's exception, DeadlineExceeded or ServerDraining, unless its caller
       cancelled it first.
     """
 
@@ -143,13 +143,13 @@ class DynamicBatcher(Generic[K, I, R]):
         """Queue ``item`` under ``key`` and wait for its batch's result.
 
         Raises ``QueueFull`` at once when the queue is at its bound,
-        ``Draining`` once ``close()`` began, ``DeadlineExpired`` when
+        ``ServerDraining`` once ``close()`` began, ``DeadlineExceeded`` when
         ``deadline`` (on the injected clock) passes before its batch starts,
         or whatever ``run_batch`` raised for its batch. Cancelling the caller
         before the batch starts removes the item; it is never computed.
         """
         if self._closing:
-            raise errors.Draining("the server is draining and accepts no new requests")
+            raise errors.ServerDraining("the server is draining and accepts no new requests")
         limit = self._policy.max_queue_size
         if self._queued >= limit:
             raise errors.QueueFull(
@@ -158,7 +158,7 @@ class DynamicBatcher(Generic[K, I, R]):
         now = self._clock()
         if deadline is not None and deadline <= now:
             self._observer.on_dropped(key, "expired")
-            raise errors.DeadlineExpired("the deadline expired before the request was queued")
+            raise errors.DeadlineExceeded("the deadline expired before the request was queued")
         rows, nbytes = self._rows_of(item), self._bytes_of(item)
         if rows < 1 or nbytes < 0:
             raise ValueError(f"an item needs rows >= 1 and bytes >= 0, got {rows}, {nbytes}")
@@ -188,7 +188,7 @@ class DynamicBatcher(Generic[K, I, R]):
             raise
 
     async def close(self, drain: bool = True) -> None:
-        """Stop accepting; finish queued work (``drain``) or fail it with Draining.
+        """Stop accepting; finish queued work (``drain``) or fail it with ServerDraining.
 
         A batch already running always completes. Safe to call again, e.g.
         ``close(drain=False)`` after a ``close()`` that took too long.
@@ -230,7 +230,7 @@ class DynamicBatcher(Generic[K, I, R]):
         for bucket in list(self._buckets.values()):
             for request in bucket.queue:
                 if request.state is _State.QUEUED:
-                    self._drop(request, "draining", errors.Draining(message))
+                    self._drop(request, "draining", errors.ServerDraining(message))
 
     # -- scheduling -------------------------------------------------------
 
@@ -281,7 +281,7 @@ class DynamicBatcher(Generic[K, I, R]):
                 continue
             if request.deadline is not None and request.deadline <= now:
                 bucket.queue.popleft()
-                expired = errors.DeadlineExpired("the deadline expired while the request was queued")
+                expired = errors.DeadlineExceeded("the deadline expired while the request was queued")
                 self._drop(request, "expired", expired)
                 continue
             if batch and (
@@ -318,7 +318,7 @@ class DynamicBatcher(Generic[K, I, R]):
                     try:
                         await self._run(bucket.key, batch, self._clock())
                     except BaseException:  # the batcher is stopping under this batch
-                        _fail(batch, errors.Draining("the batcher stopped"))
+                        _fail(batch, errors.ServerDraining("the batcher stopped"))
                         raise
                     finally:
                         self._running = 0

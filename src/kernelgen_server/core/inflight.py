@@ -7,7 +7,7 @@ it may hold before any work starts and returns it when the call ends, so the
 memory responses hold stays bounded however many clients ask and however
 slowly they read. A call that does not fit gets ``MemoryFull`` (retryable,
 with pushback) instead of growing the process; one that could never fit gets
-``TooLarge``.
+``KernelTooLarge``.
 
 Used from the event loop thread only.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kernelgen_server.errors import MemoryFull, TooLarge
+from kernelgen_server.errors import KernelTooLarge, MemoryFull
 
 __all__ = ["InflightBudget", "Reservation"]
 
@@ -50,7 +50,7 @@ class InflightBudget:
 
     def reserve(self, nbytes: int, what: str = "the response") -> Reservation:
         if nbytes > self.limit:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"{what} would hold {nbytes} bytes, over the server's in-flight limit of {self.limit} "
                 "bytes (--max-inflight-bytes)"
             )

@@ -52,11 +52,11 @@ from kernelgen_server.core.threads import ServiceThreads
 from kernelgen_server.engine.kernel_engine import KernelEngine, is_oom
 from kernelgen_server.errors import (
     ConditioningNotSupported,
-    DeadlineExpired,
-    Draining,
+    DeadlineExceeded,
     InvalidRequest,
     KernelGenError,
-    TooLarge,
+    KernelTooLarge,
+    ServerDraining,
     shorten,
 )
 from kernelgen_server.model.output_head import OutputHead
@@ -298,7 +298,7 @@ class KernelService:
         lens = tuple(int(v) for v in values)
         points = math.prod(2 * n - 1 for n in lens)
         if points > self.settings.max_grid_points:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"a grid of {points} points (seq_lens {list(lens)}) is over the limit of "
                 f"{self.settings.max_grid_points} points"
             )
@@ -333,7 +333,7 @@ class KernelService:
     ) -> KernelPlan:
         """Validate a kernel request and size it; every refusal happens here, before any work."""
         if self.draining:
-            raise Draining("the server is shutting down; retry on another replica")
+            raise ServerDraining("the server is shutting down; retry on another replica")
         model = self.model(name)
         lens = self.seq_lens(model, seq_lens)
         out_dtype = decode_output_dtype(dtype)
@@ -353,7 +353,7 @@ class KernelService:
                 )
             rows = int(conditioning.shape[0])
             if rows > self.settings.max_conditioning_rows:
-                raise TooLarge(
+                raise KernelTooLarge(
                     f"{rows} conditioning rows is over the limit of {self.settings.max_conditioning_rows}"
                 )
         points = math.prod(2 * n - 1 for n in lens)
@@ -361,7 +361,7 @@ class KernelService:
         kernel_bytes = rows * points * width * itemsize(out_dtype)
         grid_bytes = points * module.data_dim * 4 if return_grid else 0
         if kernel_bytes > self.settings.max_kernel_bytes:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
                 f"of {int(self.settings.max_kernel_bytes)} bytes"
             )
@@ -393,7 +393,7 @@ class KernelService:
         """
         plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
         if max_bytes is not None and plan.total_bytes > max_bytes:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"the response would be {plan.total_bytes} bytes, over the unary limit of "
                 f"{max_bytes} bytes; use StreamKernel for large kernels"
             )
@@ -610,7 +610,7 @@ class KernelService:
         error class, its message naming the member.
         """
         if self.draining:
-            raise Draining("the server is shutting down; retry on another replica")
+            raise ServerDraining("the server is shutting down; retry on another replica")
         group = self.repository.group(check_name(name, "group"))
         plans = []
         for member in group.members:
@@ -620,7 +620,7 @@ class KernelService:
                 raise _of_member(exc, group, member) from None
         total = sum(plan.total_bytes for plan in plans)
         if total > self.settings.max_kernel_bytes:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"the {len(plans)} kernels of group {name!r} would be {total} bytes together, over the "
                 f"limit of {int(self.settings.max_kernel_bytes)} bytes"
             )
@@ -660,7 +660,7 @@ class KernelService:
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._clock() >= deadline:
-            raise DeadlineExpired("the deadline passed before the kernel was computed")
+            raise DeadlineExceeded("the deadline passed before the kernel was computed")
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def warmup(self) -> None:

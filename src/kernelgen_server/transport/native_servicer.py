@@ -18,7 +18,7 @@ from grpc import aio
 
 from kernelgen_server.core.service import KernelService, check_name
 from kernelgen_server.core.tensors import decode_conditioning
-from kernelgen_server.errors import SlowReader, TooLarge
+from kernelgen_server.errors import KernelTooLarge, SlowReader
 from kernelgen_server.model.output_head import OutputHead
 from kernelgen_server.transport.model_info import model_info
 from kernelgen_server.transport.status import deadline_of, decode, rpc_scope
@@ -125,7 +125,7 @@ class KernelGeneratorServicer:
             call.model = request.model
             head = self.service.output_head(request.model)
             if head.nbytes > self.max_message_bytes:
-                raise TooLarge(
+                raise KernelTooLarge(
                     f"the output head of {request.model!r} is {head.nbytes} bytes, over the unary limit of "
                     f"{self.max_message_bytes} bytes (--max-message-bytes); use the dense representation"
                 )

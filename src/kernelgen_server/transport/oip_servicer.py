@@ -30,7 +30,15 @@ from kernelgen_server.core.kernel_size import payload_bytes
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.core.statistics import Duration, ModelStatistics
 from kernelgen_server.core.tensors import decode_conditioning
-from kernelgen_server.errors import InvalidRequest, KernelGenError, ModelNotFound, TooLarge, shorten
+from kernelgen_server.errors import (
+    InvalidRequest,
+    KernelGenError,
+    KernelTooLarge,
+    ModelNotFound,
+    NotSupported,
+    RegionNotFound,
+    shorten,
+)
 from kernelgen_server.repository.store import LoadedModel
 from kernelgen_server.transport.oip_codec import (
     VERSION,
@@ -44,12 +52,7 @@ from kernelgen_server.transport.oip_codec import (
     model_metadata,
 )
 from kernelgen_server.transport.readiness import HealthStates
-from kernelgen_server.transport.shared_memory import (
-    NotSupported,
-    RegionNotFound,
-    SharedMemoryRegistry,
-    check_off,
-)
+from kernelgen_server.transport.shared_memory import SharedMemoryRegistry, check_off
 from kernelgen_server.transport.status import deadline_of, decoded, rpc_scope
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.oip import grpc_service_pb2 as oip
@@ -292,7 +295,7 @@ class InferenceServicer:
             what = f"output {call.output_name}"
             region = registry.check(out.region, out.offset, out.byte_size, needed, what)
         elif needed > self.max_message_bytes:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"output {call.output_name} would be {needed} bytes, over this server's message limit of "
                 f"{self.max_message_bytes} bytes (--max-message-bytes); have it written into a "
                 "shared-memory region (same host), or use kernelgen.v1's StreamKernel"
@@ -327,7 +330,7 @@ class InferenceServicer:
             raise InvalidRequest(f"model {model.name!r} takes conditioning of width {cond_dim}, got {width}")
         limit = self.service.settings.max_conditioning_rows
         if rows > limit:
-            raise TooLarge(f"{rows} conditioning rows is over the limit of {limit}")
+            raise KernelTooLarge(f"{rows} conditioning rows is over the limit of {limit}")
         data = call.conditioning
         ref = call.conditioning_shm
         if ref is not None:

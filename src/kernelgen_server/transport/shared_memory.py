@@ -33,20 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
+from kernelgen_server.errors import (
+    InvalidRequest,
+    KernelTooLarge,
+    RegionExists,
+    RegionNotFound,
+    SharedMemoryUnavailable,
+)
 
-from kernelgen_server.errors import InvalidRequest, KernelGenError, TooLarge
-from kernelgen_wire.metadata import Reason
-
-__all__ = [
-    "NotSupported",
-    "Region",
-    "RegionExists",
-    "RegionNotFound",
-    "SharedMemoryOff",
-    "SharedMemoryRegistry",
-    "check_off",
-]
+__all__ = ["Region", "SharedMemoryRegistry", "check_off"]
 
 #: Where Linux keeps POSIX shared-memory objects (glibc's shm_open opens files here).
 SHM_ROOT = Path("/dev/shm")
@@ -58,34 +53,10 @@ _NAME = re.compile(r"[^\x00-\x1f]{1,256}")
 T = TypeVar("T")
 
 
-class SharedMemoryOff(KernelGenError):
-    """A shared-memory call on a server started without ``--shared-memory``."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = Reason.SHARED_MEMORY_OFF
-
-
-class RegionNotFound(KernelGenError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = Reason.REGION_NOT_FOUND
-
-
-class RegionExists(KernelGenError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = Reason.REGION_EXISTS
-
-
-class NotSupported(KernelGenError):
-    """A protocol feature this server does not offer (CUDA shared memory, loading models)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = Reason.NOT_SUPPORTED
-
-
 def check_off(registry: SharedMemoryRegistry | None) -> SharedMemoryRegistry:
-    """The registry, or ``SharedMemoryOff`` when the server runs without shared memory."""
+    """The registry, or ``SharedMemoryUnavailable`` when the server runs without shared memory."""
     if registry is None:
-        raise SharedMemoryOff(
+        raise SharedMemoryUnavailable(
             "shared memory is off on this server; the operator enables it with --shared-memory "
             "(clients on the server's host only)"
         )
@@ -133,7 +104,7 @@ class SharedMemoryRegistry:
         if offset < 0:
             raise InvalidRequest("a shared-memory region's offset cannot be negative")
         if len(self._regions) >= self.max_regions:
-            raise TooLarge(
+            raise KernelTooLarge(
                 f"{len(self._regions)} shared-memory regions are registered, the limit of this server "
                 "(--shared-memory-max-regions); unregister some first"
             )
