@@ -13,12 +13,10 @@ knows about Prometheus.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kernelgen_server.core.statistics import InferenceStatistics
-from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 
 __all__ = ["Metrics"]
 
@@ -146,17 +144,6 @@ class Metrics:
         )
         #: The same observations per model, for the Open Inference Protocol's ModelStatistics.
         self.statistics = InferenceStatistics()
-
-    def serve(
-        self,
-        port: int,
-        host: str = "0.0.0.0",
-        *,
-        tokens: list[bytes] | None = None,
-        tls: tuple[Path, Path] | None = None,
-    ) -> MetricsEndpoint:
-        """Start the /metrics endpoint in a daemon thread (``metrics_http``)."""
-        return serve_metrics(self.registry, host, port, tokens=tokens, tls=tls)
 
     # --- cache observer -------------------------------------------------------------------------
     def on_hit(self) -> None:

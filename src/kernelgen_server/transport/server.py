@@ -22,7 +22,7 @@ from kernelgen_server.core.metrics import Metrics
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.repository.store import ModelRepository, embedded_repository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.transport.metrics_http import MetricsEndpoint
+from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 from kernelgen_server.transport.native_shared_memory import SharedMemoryGeneratorServicer
 from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
 from kernelgen_server.transport.readiness import HealthStates
@@ -88,8 +88,12 @@ class Server:
         settings = self.settings
         if settings.metrics_port:
             tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-            self._metrics = self.service.metrics.serve(
-                settings.metrics_port, settings.metrics_address(), tokens=self._tokens, tls=tls
+            self._metrics = serve_metrics(
+                self.service.metrics.registry,
+                settings.metrics_address(),
+                settings.metrics_port,
+                tokens=self._tokens,
+                tls=tls,
             )
             self.metrics_port = self._metrics.port
         if self.settings.warmup:
