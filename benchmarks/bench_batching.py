@@ -197,7 +197,7 @@ def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str
 def encode_ms(dtype: Any) -> float:
     import torch
 
-    from kernelgen_server.core.tensors import to_payload
+    from kernelgen_server.core.payloads import to_payload
     from kernelgen_wire.kernel_messages import encode_kernel
 
     tensor = torch.randn(1, 29, 29, OUT_DIM).to(dtype)

@@ -23,7 +23,6 @@ kernel as a ``generate`` call of that member would.
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,11 +38,12 @@ from kernelgen_client.tensors import (
     decode_torch,
     dtype_name,
     encode_conditioning,
-    itemsize,
     wire_dtype,
 )
 from kernelgen_client.types import KernelResult, ModelInfo, ServerReport
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
+from kernelgen_wire.metadata import Reason
+from kernelgen_wire.sizes import GRID_DTYPE, kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = [
@@ -103,10 +103,10 @@ def predict_bytes(
     config = info.config
     if config is None:
         return 0
-    points = math.prod(2 * n - 1 for n in seq_lens)
-    grid = points * config.data_dim * 4 if return_grid else 0
+    spatial = kernel_spatial(seq_lens)
+    grid = tensor_bytes((1, *spatial, config.data_dim), GRID_DTYPE) if return_grid else 0
     width = config.mlp_hidden_dim if factored else config.out_dim
-    return rows * points * width * itemsize(wire) + grid
+    return tensor_bytes((rows, *spatial, width), wire) + grid
 
 
 def head_bytes(info: ModelInfo) -> int:
@@ -172,7 +172,7 @@ class GenerateCall:
     @staticmethod
     def wants_stream(error: KernelServiceError) -> bool:
         """A unary call refused only because its response is over the one-message limit."""
-        return isinstance(error, KernelTooLarge) and "StreamKernel" in error.message
+        return isinstance(error, KernelTooLarge) and error.reason == Reason.MESSAGE_TOO_LARGE
 
     def finish(self, response: ResponseView, *, streamed: bool, head: OutputHead | None = None) -> Any:
         """The caller's result from a decoded response: array(s), or a ``KernelResult``.

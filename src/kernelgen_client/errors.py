@@ -16,7 +16,7 @@ within a status by reason::
     │   └── SharedMemoryUnavailable    reason shared-memory-off
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
     │   ├── Overloaded                 reason queue-full or memory-full (retryable)
-    │   └── KernelTooLarge             reason too-large (never retried)
+    │   └── KernelTooLarge             reason too-large (never retried), message-too-large (streamed instead)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED (also a TimeoutError)
     ├── Cancelled                 CANCELLED
     ├── Unavailable               UNAVAILABLE
@@ -236,6 +236,7 @@ _BY_REASON: dict[str, type[KernelServiceError]] = {
     Reason.QUEUE_FULL: Overloaded,
     Reason.MEMORY_FULL: Overloaded,
     Reason.TOO_LARGE: KernelTooLarge,
+    Reason.MESSAGE_TOO_LARGE: KernelTooLarge,
     Reason.DRAINING: ServerDraining,
     Reason.SHARED_MEMORY_OFF: SharedMemoryUnavailable,
     Reason.REGION_NOT_FOUND: RegionNotFound,

@@ -37,7 +37,9 @@ from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolicy
 from kernelgen_client.tensors import decode_numpy
 from kernelgen_client.types import KernelResult, ServerReport
+from kernelgen_wire.dtypes import DTYPE_BY_NAME
 from kernelgen_wire.kernel_messages import ResponseView, TensorView, report_from_trailers
+from kernelgen_wire.sizes import kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["OipClient"]
@@ -237,7 +239,7 @@ class OipClient:
         assert self._pool is not None
         rows = 1 if conditioning is None or np.ndim(conditioning) == 1 else len(conditioning)
         width = await self._width(model, factored)
-        size = rows * math.prod(2 * n - 1 for n in lens) * width * (4 if dtype == "float32" else 2)
+        size = tensor_bytes((rows, *kernel_spatial(lens), width), DTYPE_BY_NAME[dtype])
         lease = self._pool.acquire(size)
         if lease is None:
             return None

@@ -33,6 +33,7 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "queue-full"  # RESOURCE_EXHAUSTED, retryable after the pushback
     MEMORY_FULL = "memory-full"  # RESOURCE_EXHAUSTED: responses in flight hold the budget; retryable
     TOO_LARGE = "too-large"  # RESOURCE_EXHAUSTED, never retryable
+    MESSAGE_TOO_LARGE = "message-too-large"  # RESOURCE_EXHAUSTED: over one message's limit; stream it
     DEADLINE_EXCEEDED = "deadline-exceeded"  # DEADLINE_EXCEEDED
     SLOW_READER = "slow-reader"  # DEADLINE_EXCEEDED: a stream's client stopped taking messages
     CANCELLED = "cancelled"  # CANCELLED

@@ -66,10 +66,14 @@ def test_transport_choice() -> None:
 
 def test_only_a_one_message_refusal_falls_back_to_streaming() -> None:
     generate = call()
-    unary_limit = KernelTooLarge("the response would be 5 bytes, over the unary limit; use StreamKernel")
-    assert generate.wants_stream(unary_limit)  # type: ignore[attr-defined]
-    assert not generate.wants_stream(KernelTooLarge("a grid of 20000000 points is over the limit"))  # type: ignore[attr-defined]
-    assert not generate.wants_stream(Overloaded("queue full; use StreamKernel"))  # type: ignore[attr-defined]
+    # The reason says so, not the message's words.
+    one_message = KernelTooLarge("the response would be 5 bytes", reason="message-too-large")
+    assert generate.wants_stream(one_message)  # type: ignore[attr-defined]
+    too_large = KernelTooLarge(
+        "the kernel would be 5 bytes; a kernel this large is streamed", reason="too-large"
+    )
+    assert not generate.wants_stream(too_large)  # type: ignore[attr-defined]
+    assert not generate.wants_stream(Overloaded("queue full", reason="queue-full"))  # type: ignore[attr-defined]
 
 
 def test_request_building() -> None:

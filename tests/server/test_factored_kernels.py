@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 
 from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import decode_numpy
-from kernelgen_server.core.service import GeneratedKernel, KernelService
+from kernelgen_server.core.results import GeneratedKernel
+from kernelgen_server.core.service import KernelService
 from kernelgen_server.engine.kernel_engine import KernelEngine
-from kernelgen_server.errors import InvalidRequest, KernelTooLarge
+from kernelgen_server.errors import InvalidRequest, KernelTooLarge, MessageTooLarge
 from kernelgen_server.model.config import ModelConfig
 from kernelgen_server.model.output_head import OutputHead as ServerHead
 from kernelgen_server.repository.store import ModelRepository, write_model
-from kernelgen_server.transport.native_servicer import _head_message
+from kernelgen_server.transport.native_codec import head_message
 from kernelgen_wire.kernel_messages import parse_response
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -37,7 +38,7 @@ FACTORED = pb.REPRESENTATION_FACTORED
 
 def client_head(head: ServerHead) -> OutputHead:
     """The head as a client holds it: through its wire message."""
-    return OutputHead.from_pb(pb.OutputHead.FromString(_head_message(head).SerializeToString()))
+    return OutputHead.from_pb(pb.OutputHead.FromString(head_message(head).SerializeToString()))
 
 
 def materialised(generated: GeneratedKernel, head: OutputHead) -> np.ndarray:
@@ -275,7 +276,7 @@ async def test_limits_count_the_factors_bytes(embedded_models: Any) -> None:
             await make(service, "long-1d", [2000], None)
         result = await make(service, "long-1d", [2000], None, factored=True)
         assert result.kernel.payload.nbytes == 3999 * 32 * 4
-        with pytest.raises(KernelTooLarge, match="unary limit"):
+        with pytest.raises(MessageTooLarge, match=r"for one message \(set by --max-message-bytes\)"):
             await make(service, "long-1d", [2000], factored=True, max_bytes=300_000)
     finally:
         await service.close()

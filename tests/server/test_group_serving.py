@@ -262,7 +262,8 @@ async def test_a_group_over_the_kernel_limit_is_refused_before_any_work(repo: Pa
             assert (code, trailers[REASON_TRAILER]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "too-large")
             assert trailers[RETRY_PUSHBACK_TRAILER] == "-1"
             assert details == (
-                "the 3 kernels of group 'stack' would be 5832 bytes together, over the limit of 4000 bytes"
+                "the 3 kernels of group 'stack' together would be 5832 bytes, over the server's limit of "
+                "4000 bytes (set by --max-kernel-bytes)"
             )
             _, kernels = await fetch(stub, group_request("stack", (3, 3)))  # 3 x 600 bytes: served
             assert len(kernels) == 3

@@ -154,7 +154,7 @@ async def test_the_hand_written_response_is_what_protobuf_writes(served: Any) ->
         (lambda r: r.raw_input_contents.__setitem__(1, np.full((3, 384), np.nan, np.float32).tobytes()),
          Code.INVALID_ARGUMENT, "NaN or Inf"),
         (lambda r: r.raw_input_contents.__setitem__(0, np.array([200, 200], dtype=np.int64).tobytes()),
-         Code.RESOURCE_EXHAUSTED, "shared-memory region (same host), or use kernelgen.v1's StreamKernel"),
+         Code.RESOURCE_EXHAUSTED, "shared-memory region (same host), or stream it with kernelgen.v1"),
     ],
 )  # fmt: skip
 async def test_every_error_status_and_the_server_stays_well(

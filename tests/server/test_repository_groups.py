@@ -165,7 +165,7 @@ def test_a_group_that_does_not_load_back_is_not_moved_into_place(tmp_path: Path)
 
 
 def test_a_members_name_is_group_slash_member_and_nothing_else() -> None:
-    from kernelgen_server.core.service import check_name
+    from kernelgen_server.core.plan import check_name
     from kernelgen_server.repository.store import is_served_name
 
     for good in ("net", "net/0", "vision-net.v2/block_3"):

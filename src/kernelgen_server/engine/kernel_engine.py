@@ -51,6 +51,7 @@ from kernelgen_server.engine.memory import ALIGN as _ALIGN
 from kernelgen_server.engine.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
 from kernelgen_server.model.siren import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
+from kernelgen_wire.sizes import kernel_spatial
 
 __all__ = [
     "OUTPUT_DTYPES",
@@ -206,17 +207,11 @@ class KernelEngine:
             raise InvalidRequest(str(exc)) from None
 
     def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(2 * s - 1 for s in self.normalize_seq_lens(seq_lens))
+        return kernel_spatial(self.normalize_seq_lens(seq_lens))
 
     def width(self, factored: bool) -> int:
         """Last dimension of the output: ``out_dim`` for kernels, ``hidden_dim`` for factors."""
         return self.hidden_dim if factored else self.out_dim
-
-    def output_bytes(
-        self, seq_lens: int | Sequence[int], rows: int, dtype: torch.dtype, *, factored: bool = False
-    ) -> int:
-        """Bytes of a ``[rows, *spatial, width]`` output in ``dtype``."""
-        return rows * math.prod(self.spatial_shape(seq_lens)) * self.width(factored) * int(dtype.itemsize)
 
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
         """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``model.grid``)."""

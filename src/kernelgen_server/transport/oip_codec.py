@@ -34,7 +34,7 @@ from typing import cast
 
 import numpy as np
 
-from kernelgen_server.core.service import Encoder, GeneratedKernel
+from kernelgen_server.core.results import Encoder, GeneratedKernel
 from kernelgen_server.errors import InvalidRequest
 from kernelgen_server.repository.store import LoadedModel
 from kernelgen_server.settings import ServerSettings
