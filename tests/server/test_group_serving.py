@@ -244,9 +244,10 @@ async def test_a_member_that_failed_to_load_names_it(tmp_path: Path, repo: Path)
             code, details, trailers = await status_of(stub, group_request("stack", (3, 3)))
             assert code == grpc.StatusCode.FAILED_PRECONDITION
             assert trailers[REASON_TRAILER] == "model-not-ready"
-            assert details == (
-                "group 'stack', member 'stack/2': model 'stack/2' is not ready: it failed to load"
+            assert details.startswith(
+                "group 'stack', member 'stack/2': model 'stack/2' is not ready: it failed to load: "
             )
+            assert "model.safetensors" in details  # why it failed, not only that it did
             health = health_pb2_grpc.HealthStub(channel)
             status = await health.Check(health_pb2.HealthCheckRequest(service="stack"))
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING

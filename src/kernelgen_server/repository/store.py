@@ -492,13 +492,14 @@ class ModelRepository:
         model = self.ready.get(name)
         if model is not None:
             return model
-        if name in self.failed:
-            raise ModelNotReady(f"model {name!r} is not ready: it failed to load")
+        failed = self.failed.get(name)
+        if failed is not None:
+            raise ModelNotReady(f"model {name!r} is not ready: it failed to load: {failed.reason}")
         group = self.groups.get(name)
         if group is not None:
             raise InvalidRequest(
                 f"{name!r} is a group of {len(group.members)} models ({_span(group)}), not a model: "
-                "name one of its members, or fetch them all with GenerateGroup"
+                "name one of its members, or ask for the whole group's kernels at once"
             )
         raise ModelNotFound(f"unknown model {name!r}")
 
@@ -508,10 +509,11 @@ class ModelRepository:
         group = self.groups.get(name)
         if group is not None:
             return group
-        if name in self.failed:
-            raise ModelNotReady(f"{name!r} is not ready: it failed to load")
+        failed = self.failed.get(name)
+        if failed is not None:
+            raise ModelNotReady(f"{name!r} is not ready: it failed to load: {failed.reason}")
         if name in self.ready:
-            raise InvalidRequest(f"{name!r} is a model, not a group: fetch its kernel with GenerateKernel")
+            raise InvalidRequest(f"{name!r} is a model, not a group: ask for its kernel alone")
         raise ModelNotFound(f"unknown group {name!r}")
 
     def group_of(self, name: str) -> tuple[ModelGroup, int] | None:
