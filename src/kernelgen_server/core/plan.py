@@ -114,6 +114,10 @@ class Planner:
 
     def seq_lens(self, model: LoadedModel, values: Sequence[int]) -> tuple[int, ...]:
         """``values`` as a model's ``seq_lens``: one length >= 1 per axis, within the grid limit."""
+        return self._grid(model, values)[0]
+
+    def _grid(self, model: LoadedModel, values: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``seq_lens`` checked, and the kernel's spatial shape."""
         data_dim = model.module.data_dim
         if len(values) != data_dim:
             raise InvalidRequest(
@@ -122,11 +126,12 @@ class Planner:
         if any(v < 1 for v in values):
             raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
         lens = tuple(int(v) for v in values)
-        points = math.prod(kernel_spatial(lens))
+        spatial = kernel_spatial(lens)
+        points = math.prod(spatial)
         limit = self._settings.max_grid_points
         if points > limit:
             raise _over(f"a grid for seq_lens {list(lens)}", points, "points", "max_grid_points", limit)
-        return lens
+        return lens, spatial
 
     def conditioning_shape(self, model: LoadedModel, rows: int, width: int) -> None:
         """Refuse conditioning of ``[rows, width]`` that ``model`` cannot take (before reading it)."""
@@ -154,7 +159,7 @@ class Planner:
     ) -> KernelPlan:
         """Validate a kernel request and size it; every refusal happens here, before any work."""
         model = self.model(name)
-        lens = self.seq_lens(model, seq_lens)
+        lens, spatial = self._grid(model, seq_lens)
         out_dtype = output_dtype(dtype)
         wire_dtype = int(dtype) or pb.DTYPE_FLOAT32
         factored = decode_representation(representation)
@@ -163,7 +168,6 @@ class Planner:
         if conditioning is not None:
             rows, width = (int(n) for n in conditioning.shape)
             self.conditioning_shape(model, rows, width)
-        spatial = kernel_spatial(lens)
         width = module.mlp_hidden_dim if factored else module.out_dim
         kernel_shape = (rows, *spatial, width)
         kernel_bytes = tensor_bytes(kernel_shape, wire_dtype)
