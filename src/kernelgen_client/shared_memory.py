@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from kernelgen_client.errors import MalformedResponse
-from kernelgen_wire.dtypes import itemsize
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
+from kernelgen_wire.sizes import tensor_bytes
 
 __all__ = ["SHM_ROOT", "RegionPool", "SharedMemoryPolicy", "coerce_policy"]
 
@@ -188,7 +188,7 @@ class RegionPool:
         """``response`` with its tensor viewing the region; the region returns to the pool
         when the last array made from the view is gone."""
         tensor = response.kernel
-        expected = math.prod(tensor.shape) * itemsize(tensor.dtype)
+        expected = tensor_bytes(tensor.shape, tensor.dtype)
         if response.shared_memory_bytes != nbytes or expected != nbytes or tensor.data.nbytes:
             raise MalformedResponse(
                 f"the server wrote {response.shared_memory_bytes} bytes into shared memory for a "

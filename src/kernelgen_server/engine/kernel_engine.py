@@ -443,7 +443,7 @@ def tile_coordinates(seq_lens: Sequence[int], cache_lens: Sequence[int], start: 
     value is bit for bit the whole grid's (``model.axis_coordinates``).
     """
     flat = torch.arange(start, stop, dtype=torch.int64)
-    sizes = [2 * s - 1 for s in seq_lens]
+    sizes = kernel_spatial(seq_lens)
     columns = []
     stride = math.prod(sizes)
     for s, cache, size in zip(seq_lens, cache_lens, sizes, strict=True):
