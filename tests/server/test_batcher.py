@@ -243,7 +243,7 @@ async def test_queue_full_is_refused_at_once() -> None:
     queued = spawn(batcher, "k", Req(0), Req(1))
     await asyncio.sleep(0)
     assert batcher.pending() == (2, 1)
-    with pytest.raises(errors.QueueFull, match="max_queue_size=2"):
+    with pytest.raises(errors.QueueFull, match=r"limit of 2 \(set by --max-queue-size\)"):
         await batcher.submit("k", Req(2))
     assert device.gate is not None
     device.gate.set()

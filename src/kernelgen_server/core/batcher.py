@@ -34,6 +34,7 @@ from kernelgen_server.core.batch_policy import (
     NullBatcherObserver,
     PendingCounts,
 )
+from kernelgen_server.settings import flag
 
 __all__ = [
     "BatchItem",
@@ -156,7 +157,8 @@ class DynamicBatcher(Generic[K, I, R]):
         limit = self._policy.max_queue_size
         if self._queued >= limit:
             raise errors.QueueFull(
-                f"the batch queue is full: {self._queued} requests waiting (max_queue_size={limit})"
+                f"the batch queue is full: {self._queued} requests waiting, the server's limit of "
+                f"{limit} (set by {flag('max_queue_size')}); retry shortly"
             )
         now = self._clock()
         if deadline is not None and deadline <= now:
