@@ -45,7 +45,7 @@ from typing import Any
 from bench_triton import side_by_side_table
 from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, process
 
-from kernelgen_loadtest.report import plot
+from kernelgen_loadtest.outputs import plot
 
 SERVERS = {
     "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),

@@ -189,7 +189,7 @@ class KernelPlan:
     @property
     def head_hash(self) -> str:
         """The output head's hash for a factored kernel, else empty."""
-        return self.model.head.head_hash if self.factored else ""
+        return self.model.output_head.head_hash if self.factored else ""
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -319,7 +319,7 @@ class KernelService:
 
     def output_head(self, name: str) -> OutputHead:
         """The output head of a ready model, for materialising its factored kernels."""
-        return self.model(name).head
+        return self.model(name).output_head
 
     # --- GenerateKernel -----------------------------------------------------------------------
     def plan(
@@ -444,7 +444,7 @@ class KernelService:
         report = pb.ServerReport(
             batch_size=plan.rows,
             batch_requests=1,
-            model_hash=model.content_hash,
+            content_hash=model.content_hash,
             worker=self.worker,
             representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
         )
@@ -499,7 +499,7 @@ class KernelService:
                 queue_ms=outcome.queue_s * 1000.0,
                 compute_ms=outcome.compute_s * 1000.0,
             )
-        report.model_hash = model.content_hash
+        report.content_hash = model.content_hash
         report.worker = self.worker
         report.representation = kernel.representation
         self.metrics.statistics.on_kernel(
@@ -530,7 +530,7 @@ class KernelService:
         factored: bool,
     ) -> tuple[EncodedKernel, pb.ServerReport]:
         engine = self._engines[model.name]
-        head_hash = model.head.head_hash if factored else ""
+        head_hash = model.output_head.head_hash if factored else ""
         timing: dict[str, float] = {}
 
         def compute() -> EncodedKernel:
@@ -586,7 +586,7 @@ class KernelService:
         name, lens, wire_dtype = key
         requests = [(item.conditioning, item.factored, item.encoder) for item in items]
         engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
-        head_hash = self.repository.ready[name].head.head_hash
+        head_hash = self.repository.ready[name].output_head.head_hash
         return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)
 
     # --- GenerateGroup ------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class LoadedModel:
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
     #: The last linear layer, for factored kernels.
-    head: OutputHead
+    output_head: OutputHead
 
     @property
     def weights_path(self) -> Path:
@@ -176,7 +176,7 @@ def load_model(model_dir: Path, name: str | None = None) -> LoadedModel:
         content_hash=content_hash(config, tensors),
         parameter_count=sum(p.numel() for p in module.parameters()),
         weights_format="safetensors" if weights.suffix == ".safetensors" else "pt",
-        head=OutputHead.of(module),
+        output_head=OutputHead.of(module),
     )
 
 

@@ -123,13 +123,14 @@ class KernelGeneratorServicer:
         async with rpc_scope(self.metrics, "GetOutputHead", context, self._label) as call:
             request = decode(pb.GetOutputHeadRequest, data)
             call.model = request.model
-            head = self.service.output_head(request.model)
-            if head.nbytes > self.max_message_bytes:
+            output_head = self.service.output_head(request.model)
+            if output_head.nbytes > self.max_message_bytes:
                 raise KernelTooLarge(
-                    f"the output head of {request.model!r} is {head.nbytes} bytes, over the unary limit of "
-                    f"{self.max_message_bytes} bytes (--max-message-bytes); use the dense representation"
+                    f"the output head of {request.model!r} is {output_head.nbytes} bytes, over the unary "
+                    f"limit of {self.max_message_bytes} bytes (--max-message-bytes); "
+                    "use the dense representation"
                 )
-            return _head_message(head)
+            return _output_head_message(output_head)
         raise AssertionError("unreachable: errors leave through context.abort")
 
     async def GenerateGroup(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
@@ -219,11 +220,11 @@ class KernelGeneratorServicer:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def _head_message(head: OutputHead) -> pb.OutputHead:
+def _output_head_message(output_head: OutputHead) -> pb.OutputHead:
     def tensor(t: torch.Tensor) -> pb.Tensor:
         return pb.Tensor(shape=t.shape, dtype=pb.DTYPE_FLOAT32, data=t.numpy().tobytes())
 
-    message = pb.OutputHead(head_hash=head.head_hash, weight_t=tensor(head.weight_t))
-    if head.bias is not None:
-        message.bias.CopyFrom(tensor(head.bias))
+    message = pb.OutputHead(head_hash=output_head.head_hash, weight_t=tensor(output_head.weight_t))
+    if output_head.bias is not None:
+        message.bias.CopyFrom(tensor(output_head.bias))
     return message
