@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 from harness import (
     ClientProcess,
-    Rounds,
     ServerProcess,
+    benchmark_main,
     closed_loop,
+    int_list,
     kernelgen_server,
     machine,
     markdown_table,
     median_rate,
     reply,
-    write_results,
 )
 
 BENCH = Path(__file__).resolve()
@@ -293,25 +293,16 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "client":
-        asyncio.run(client_loop(sys.argv[2]))
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=int_list, default="1,8,32,64", help="hyena-2d closed-loop levels"
     )
-    Rounds().add_arguments(parser)
-    parser.add_argument("--concurrency", default="1,8,32,64", help="hyena-2d closed-loop levels")
-    parser.add_argument("--long-concurrency", default="1,4", help="long-1d closed-loop levels")
-    parser.add_argument("--output", default="factored", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    Rounds().settle(args)
-    args.concurrency = [int(n) for n in args.concurrency.split(",")]
-    args.long_concurrency = [int(n) for n in args.long_concurrency.split(",")]
-    started = time.time()
-    result = run(args)
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
+    parser.add_argument("--long-concurrency", type=int_list, default="1,4", help="long-1d closed-loop levels")
+
+
+def main() -> None:
+    roles = {"client": lambda argv: asyncio.run(client_loop(argv[0]))}
+    benchmark_main(run, report, doc=__doc__, output="factored", arguments=arguments, roles=roles)
 
 
 if __name__ == "__main__":
