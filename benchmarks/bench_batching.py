@@ -287,6 +287,12 @@ class Clients:
         if self._pool is not None:
             self._pool.shutdown()
 
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
     """One row over all rounds: the median round's rate, pooled latencies, CPU per call."""
@@ -498,11 +504,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    clients = Clients(max(1, args.client_processes))
-    try:
+    with Clients(max(1, args.client_processes)) as clients:
         return asyncio.run(run(args.seconds, args.concurrency, args.rounds, device, clients))
-    finally:
-        clients.close()
 
 
 def main() -> None:

@@ -140,13 +140,10 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    clients = Clients(args.client_processes, args.connections)
-    try:
+    with Clients(args.client_processes, args.connections) as clients:
         return asyncio.run(
             run(args.workers, args.concurrency, args.seconds, args.rounds, args.device, clients)
         )
-    finally:
-        clients.close()
 
 
 def main() -> None:
