@@ -12,7 +12,7 @@ Flow of a call, identical in both clients:
 3. a unary call that is refused as too large for one message (a stale
    prediction) is redone once as a stream (``wants_stream``);
 4. a factored response names its output head, which the client fetches once
-   per head (``GetOutputHead``);
+   per output head (``GetOutputHead``);
 5. ``finish`` decodes the received bytes into what the caller asked for.
 
 A ``generate_group`` call is the same for every member of the group at once
@@ -31,6 +31,7 @@ from typing import Any, cast
 
 from kernelgen_client.errors import InvalidRequest, KernelServiceError, KernelTooLarge, MalformedResponse
 from kernelgen_client.factored import FactoredKernel, OutputHead
+from kernelgen_client.results import KernelResult, ModelInfo, ServerReport
 from kernelgen_client.tensors import (
     ConditioningLike,
     DTypeLike,
@@ -40,7 +41,6 @@ from kernelgen_client.tensors import (
     encode_conditioning,
     wire_dtype,
 )
-from kernelgen_client.types import KernelResult, ModelInfo, ServerReport
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
 from kernelgen_wire.metadata import Reason
 from kernelgen_wire.sizes import GRID_DTYPE, kernel_spatial, tensor_bytes
@@ -52,11 +52,15 @@ __all__ = [
     "Deadline",
     "GenerateCall",
     "GroupCall",
+    "SeqLens",
     "check_seq_lens",
     "predict_bytes",
     "prepare",
     "prepare_group",
 ]
+
+#: What ``generate(seq_lens=...)`` takes: one length per spatial axis (an int: one axis).
+SeqLens = int | Sequence[int]
 
 #: What ``generate(representation=...)`` takes.
 REPRESENTATIONS = ("dense", "factored", "auto")
@@ -79,7 +83,7 @@ class Deadline:
         return max(self._end - time.monotonic(), 0.001)
 
 
-def check_seq_lens(seq_lens: int | Sequence[int]) -> tuple[int, ...]:
+def check_seq_lens(seq_lens: SeqLens) -> tuple[int, ...]:
     """``seq_lens`` as a tuple of ints >= 1; an int is one axis."""
     if isinstance(seq_lens, (str, bytes)):
         raise InvalidRequest(f"seq_lens must be integers, got {seq_lens!r}")
@@ -144,7 +148,7 @@ class GenerateCall:
         return self.request.representation == pb.REPRESENTATION_FACTORED
 
     def choose_representation(self, info: ModelInfo | None, head_held: bool) -> None:
-        """Settle ``"auto"``: factored when its bytes, head included unless ``head_held``, are fewer."""
+        """Settle ``"auto"``: factored when fewer bytes, the output head's counted unless ``head_held``."""
         if self.representation != "auto":
             return
         factored = False
@@ -174,10 +178,10 @@ class GenerateCall:
         """A unary call refused only because its response is over the one-message limit."""
         return isinstance(error, KernelTooLarge) and error.reason == Reason.MESSAGE_TOO_LARGE
 
-    def finish(self, response: ResponseView, *, streamed: bool, head: OutputHead | None = None) -> Any:
+    def finish(self, response: ResponseView, *, streamed: bool, output_head: OutputHead | None = None) -> Any:
         """The caller's result from a decoded response: array(s), or a ``KernelResult``.
 
-        A factored response becomes a ``FactoredKernel`` with ``head``, its output head.
+        A factored response becomes a ``FactoredKernel`` with ``output_head``.
         """
         decode = decode_torch if self.as_torch else decode_numpy
         kernel_view = response.kernel
@@ -188,9 +192,9 @@ class GenerateCall:
             )
         kernel: Any = decode(kernel_view.data, kernel_view.shape, kernel_view.dtype, copy=self.copy)
         if response.factored:
-            if head is None or head.head_hash != response.head_hash:
+            if output_head is None or output_head.head_hash != response.head_hash:
                 raise MalformedResponse("a factored kernel came without its output head")
-            kernel = FactoredKernel(kernel, head, kernel_view.data.nbytes)
+            kernel = FactoredKernel(kernel, output_head, kernel_view.data.nbytes)
         grid = None
         if self.return_grid:
             grid_view: TensorView | None = response.grid
@@ -264,20 +268,20 @@ class GroupCall:
         group: str,
         members: Sequence[str],
         views: Sequence[ResponseView],
-        heads: Mapping[str, OutputHead],
+        output_heads: Mapping[str, OutputHead],
     ) -> dict[str, Any]:
-        """Each member's result by model name, in the group's order (``heads``: factored members' heads)."""
+        """Each member's result by model name, in the group's order (``output_heads``: factored members')."""
         if group != self.group:
             raise MalformedResponse(f"asked for group {self.group!r}, got {group!r}")
         return {
-            name: self.member_call(name).finish(view, streamed=True, head=heads.get(name))
+            name: self.member_call(name).finish(view, streamed=True, output_head=output_heads.get(name))
             for name, view in zip(members, views, strict=True)
         }
 
 
 def prepare_group(
     group: str,
-    seq_lens: int | Sequence[int],
+    seq_lens: SeqLens,
     conditioning: ConditioningLike | None,
     *,
     dtype: DTypeLike,
@@ -307,7 +311,7 @@ def prepare_group(
 
 def prepare(
     model: str,
-    seq_lens: int | Sequence[int],
+    seq_lens: SeqLens,
     conditioning: ConditioningLike | None,
     *,
     dtype: DTypeLike,

@@ -18,12 +18,12 @@ from typing import Any
 
 from kernelgen_client import __version__, commands
 from kernelgen_client.errors import ModelNotFound
-from kernelgen_client.types import ModelInfo
+from kernelgen_client.results import ModelInfo
 from kernelgen_loadtest.correctness import Checker, reference_missing
 from kernelgen_loadtest.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PASSED, EXIT_USAGE
+from kernelgen_loadtest.outputs import missing_plotting, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.processes import open_driver
 from kernelgen_loadtest.progress import make_display
-from kernelgen_loadtest.report import missing_plotting, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.runner import StepPlan
 from kernelgen_loadtest.stats import Gates, Mode, Samples, StepResult, summarise
 from kernelgen_loadtest.workload import (

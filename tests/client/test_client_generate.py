@@ -7,7 +7,7 @@ import pytest
 
 from kernelgen_client._generate import STREAM_THRESHOLD_BYTES, check_seq_lens, predict_bytes, prepare
 from kernelgen_client.errors import InvalidRequest, KernelTooLarge, MalformedResponse, Overloaded
-from kernelgen_client.types import KernelResult, ModelConfig, ModelInfo
+from kernelgen_client.results import KernelResult, ModelConfig, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView, parse_response
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -97,7 +97,7 @@ def _response(grid: bool) -> ResponseView:
     )
     if grid:
         message.grid.CopyFrom(pb.Tensor(shape=[1, 2, 1], dtype=pb.DTYPE_FLOAT32, data=b"\x00" * 8))
-    report = pb.ServerReport(cache_hit=True, model_hash="h").SerializeToString()
+    report = pb.ServerReport(cache_hit=True, content_hash="h").SerializeToString()
     return parse_response(message.SerializeToString(), [(REPORT_TRAILER, report)])
 
 
@@ -109,7 +109,7 @@ def test_finish_shapes_the_result() -> None:
     result = call(with_report=True).finish((_response(False)), streamed=True)  # type: ignore[attr-defined]
     assert isinstance(result, KernelResult)
     assert result.report.cache_hit
-    assert result.report.model_hash == "h"
+    assert result.report.content_hash == "h"
     assert result.streamed
     assert result.wire_dtype == "float32"
     assert result.nbytes == 8

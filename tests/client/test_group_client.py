@@ -73,7 +73,7 @@ def test_sync_client_fetches_every_kernel_of_a_group(target: str, networks: dict
         for name, result in results.items():
             assert isinstance(result, KernelResult)
             assert result.report.cache_hit and result.streamed
-            assert result.report.model_hash == client.get_model(name).content_hash
+            assert result.report.content_hash == client.get_model(name).content_hash
         tensors = client.generate_group("stack", (3, 3), ROWS[:1], as_torch=True, dtype="bfloat16")
         assert all(t.dtype == torch.bfloat16 and t.shape == (1, 5, 5, 6) for t in tensors.values())
 

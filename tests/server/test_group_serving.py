@@ -93,7 +93,7 @@ async def test_a_groups_kernels_equal_each_generators_forward(stub: Any, network
     generators = networks["stack"].generators()
     for name, (header, kernel), generator in zip(members, kernels, generators, strict=True):
         assert kernel.shape == (2, 7, 17, 6)
-        assert header.report.model_hash == server.repository.get(name).content_hash
+        assert header.report.content_hash == server.repository.get(name).content_hash
         assert header.representation == pb.REPRESENTATION_DENSE
         want = reference_kernel(generator, (4, 9), torch.from_numpy(rows))
         assert_close(torch.from_numpy(kernel.copy()), want)
@@ -111,7 +111,7 @@ async def test_factored_and_reduced_precision_groups(stub: Any, networks: dict[s
     members, kernels = await fetch(stub, request)
     generators = networks["stack"].generators()
     for name, (header, factors), generator in zip(members, kernels, generators, strict=True):
-        head = stub.server.repository.get(name).head
+        head = stub.server.repository.get(name).output_head
         assert header.representation == pb.REPRESENTATION_FACTORED
         assert header.head_hash == head.head_hash
         assert factors.shape == (3, 9, 9, 8)  # hidden 8, not out_dim 6
@@ -136,7 +136,7 @@ async def test_members_batch_with_each_other_calls_and_with_single_requests(repo
         await service.close()
     for result in groups:
         reports = [kernel.report for kernel in result.kernels]
-        assert [r.model_hash for r in reports] == [
+        assert [r.content_hash for r in reports] == [
             service.repository.get(f"stack/{i}").content_hash for i in range(3)
         ]
         assert [r.batch_requests for r in reports] == [4, 5, 4]  # one bucket per member

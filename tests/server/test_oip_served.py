@@ -85,7 +85,7 @@ async def test_infer_equals_the_native_kernel(served: Any, dtype: str) -> None:
     response = await call
     trailers = dict(await call.trailing_metadata() or ())
     report = pb.ServerReport.FromString(trailers["kernelgen-report-bin"])  # as kernelgen.v1's
-    assert report.batch_size >= 3 and report.model_hash
+    assert report.batch_size >= 3 and report.content_hash
     assert response.id == "req-1" and response.model_version == "1"
     assert response.outputs[0].name == "kernel" and response.outputs[0].datatype == dtype
     got = output_array(response)

@@ -70,7 +70,7 @@ class KernelPlan:
     @property
     def head_hash(self) -> str:
         """The output head's hash for a factored kernel, else empty."""
-        return self.model.head.head_hash if self.factored else ""
+        return self.model.output_head.head_hash if self.factored else ""
 
 
 def check_name(name: str, what: str = "model") -> str:

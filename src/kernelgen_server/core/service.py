@@ -137,7 +137,7 @@ class KernelService:
         )
         self._batches = BatchRunner(
             self._engines,
-            {m.name: m.head.head_hash for m in ready},
+            {m.name: m.output_head.head_hash for m in ready},
             self._threads,
             pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
         )
@@ -160,7 +160,7 @@ class KernelService:
 
     def output_head(self, name: str) -> OutputHead:
         """The output head of a ready model, for materialising its factored kernels."""
-        return self.model(name).head
+        return self.model(name).output_head
 
     def flop_count(self, name: str, seq_lens: Sequence[int], inference: bool) -> FlopSummary:
         model = self.model(name)
@@ -316,7 +316,7 @@ class KernelService:
     def _report(self, plan: KernelPlan, **fields: Any) -> pb.ServerReport:
         """A kernel's ``ServerReport``: how it was made, and by which model and worker."""
         return pb.ServerReport(
-            model_hash=plan.model.content_hash,
+            content_hash=plan.model.content_hash,
             worker=self.worker,
             representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
             **fields,

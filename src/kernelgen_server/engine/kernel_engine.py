@@ -195,8 +195,8 @@ class KernelEngine:
         rows.append(a[n_film - 1, 1])
         biases.append(a_bias[n_film - 1, 1])
         last_beta = slice(offset, offset + hidden)
-        head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
-        return head, slices, last_beta
+        film_head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
+        return film_head, slices, last_beta
 
     # -- public API ---------------------------------------------------------------------------
 

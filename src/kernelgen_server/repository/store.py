@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
-from kernelgen_server.model.config import ConfigError, ModelConfig, describe_errors
+from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
 from kernelgen_server.model.siren import SIRENKernelND
 from kernelgen_server.repository.checkpoint import (
@@ -146,7 +146,7 @@ class LoadedModel:
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
     #: The last linear layer, for factored kernels.
-    head: OutputHead
+    output_head: OutputHead
 
     @property
     def weights_path(self) -> Path:
@@ -176,7 +176,7 @@ def load_model(model_dir: Path, name: str | None = None) -> LoadedModel:
         content_hash=content_hash(config, tensors),
         parameter_count=sum(p.numel() for p in module.parameters()),
         weights_format="safetensors" if weights.suffix == ".safetensors" else "pt",
-        head=OutputHead.of(module),
+        output_head=OutputHead.of(module),
     )
 
 
@@ -253,14 +253,7 @@ class GroupManifest(BaseModel):
     @classmethod
     def from_file(cls, path: Path) -> GroupManifest:
         """Read and validate ``group.json``; any failure is a ``ConfigError`` naming the file."""
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read group: {exc.strerror or exc}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(path, f"invalid group: {describe_errors(exc)}") from None
+        return read_json_file(cls, path, "group")
 
 
 @dataclass(frozen=True)

@@ -127,14 +127,14 @@ class KernelGeneratorServicer:
         async with rpc_scope(self.metrics, "GetOutputHead", context, self._label) as call:
             request = decode(pb.GetOutputHeadRequest, data)
             call.model = request.model
-            head = self.service.output_head(request.model)
-            if head.nbytes > self.max_message_bytes:
+            output_head = self.service.output_head(request.model)
+            if output_head.nbytes > self.max_message_bytes:
                 raise KernelTooLarge(
-                    f"the output head of {request.model!r} is {head.nbytes} bytes, over the server's limit "
-                    f"of {self.max_message_bytes} bytes for one message (set by "
+                    f"the output head of {request.model!r} is {output_head.nbytes} bytes, over the "
+                    f"server's limit of {self.max_message_bytes} bytes for one message (set by "
                     f"{flag('max_message_bytes')}); ask for the dense representation"
                 )
-            return head_message(head)
+            return head_message(output_head)
         raise AssertionError("unreachable: errors leave through context.abort")
 
     async def GenerateGroup(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:

@@ -425,7 +425,7 @@ def model_config(model: LoadedModel, settings: ServerSettings, device: str) -> o
     config.response_cache.enable = settings.cache_bytes > 0  # unconditioned kernels are cached
     values = {
         "content_hash": model.content_hash,
-        "head_hash": model.head.head_hash,
+        "head_hash": model.output_head.head_hash,
         "data_dim": str(model.module.data_dim),
         "out_dim": str(model.module.out_dim),
         "mlp_hidden_dim": str(model.module.mlp_hidden_dim),
