@@ -20,7 +20,7 @@ import grpc
 import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
-from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
+from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig, merge_metadata
 from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
@@ -526,7 +526,7 @@ class AsyncKernelClient:
         deadline = Deadline(self._config.call_timeout(timeout))
         info = await self._info(call.model, deadline, metadata) if call.needs_info else None
         call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
-        return await self._generate(call, info, deadline, metadata)
+        return await self._generate(call, info, deadline, merge_metadata(metadata, call.affinity(info)))
 
     async def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -794,6 +794,7 @@ class AsyncKernelClient:
         if call.representation == "auto":
             found = await self._group(group, deadline, metadata)
             call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
+        metadata = merge_metadata(metadata, call.affinity())
         name, members, views = await self._group_stream(call.request, deadline, metadata)
         heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
