@@ -526,7 +526,15 @@ class AsyncKernelClient:
         deadline = Deadline(self._config.call_timeout(timeout))
         info = await self._info(call.model, deadline, metadata) if call.needs_info else None
         call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
-        return await self._generate(call, info, deadline, merge_metadata(metadata, call.affinity(info)))
+        routed = merge_metadata(metadata, call.affinity(info))
+        replays = self._config.retries.replays
+        while True:
+            try:
+                return await self._generate(call, info, deadline, routed)
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
 
     async def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -795,7 +803,15 @@ class AsyncKernelClient:
             found = await self._group(group, deadline, metadata)
             call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
         metadata = merge_metadata(metadata, call.affinity())
-        name, members, views = await self._group_stream(call.request, deadline, metadata)
+        replays = self._config.retries.replays
+        while True:
+            try:
+                name, members, views = await self._group_stream(call.request, deadline, metadata)
+                break
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
         heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:

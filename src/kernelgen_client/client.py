@@ -516,7 +516,15 @@ class KernelClient:
         deadline = Deadline(self._config.call_timeout(timeout))
         info = self._info(call.model, deadline, metadata) if call.needs_info else None
         call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
-        return self._generate(call, info, deadline, merge_metadata(metadata, call.affinity(info)))
+        routed = merge_metadata(metadata, call.affinity(info))
+        replays = self._config.retries.replays
+        while True:
+            try:
+                return self._generate(call, info, deadline, routed)
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
 
     def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -783,7 +791,15 @@ class KernelClient:
             found = self._group(group, deadline, metadata)
             call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
         metadata = merge_metadata(metadata, call.affinity())
-        name, members, views = self._group_stream(call.request, deadline, metadata)
+        replays = self._config.retries.replays
+        while True:
+            try:
+                name, members, views = self._group_stream(call.request, deadline, metadata)
+                break
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
         heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:
