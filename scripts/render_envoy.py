@@ -367,16 +367,23 @@ def render(front: Front) -> dict[str, Any]:
 def _header(front: Front) -> str:
     target = ", ".join(front.replicas) if front.replicas else f"{front.dns} (STRICT_DNS)"
     return (
-        "# Envoy (1.40) in front of kernelgen replicas: " + target + ".\n"
+        "# Envoy (1.40) in front of kernelgen replicas:\n#   " + target + "\n"
         "# Rendered by scripts/render_envoy.py; do not edit: change the script and render again.\n"
         "# Keyed (unconditioned) calls are hashed on " + CACHE_KEY_HEADER + " to one replica; the rest\n"
         "# go to the least loaded one. docker/README.md explains every part.\n"
     )
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block YAML with sequences indented under their key, as yamllint's default style wants."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
+        return super().increase_indent(flow, False)
+
+
 def dump(front: Front) -> str:
     """The configuration as YAML, with a header naming where it comes from."""
-    body = yaml.safe_dump(render(front), sort_keys=False, default_flow_style=False, width=100)
+    body = yaml.dump(render(front), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
     return _header(front) + body
 
 
