@@ -11,9 +11,12 @@ Flow of a call, identical in both clients:
    ``STREAM_THRESHOLD_BYTES`` the kernel comes by ``StreamKernel``;
 3. a unary call that is refused as too large for one message (a stale
    prediction) is redone once as a stream (``wants_stream``);
-4. a factored response names its output head, which the client fetches once
+4. an unconditioned call carries its cache key in the ``kernelgen-cache-key``
+   header (``affinity``), so that a proxy in front of several replicas sends
+   each key to the replica that caches it; a conditioned one carries none;
+5. a factored response names its output head, which the client fetches once
    per output head (``GetOutputHead``);
-5. ``finish`` decodes the received bytes into what the caller asked for.
+6. ``finish`` decodes the received bytes into what the caller asked for.
 
 A ``generate_group`` call is the same for every member of the group at once
 (``prepare_group``, ``GroupCall``): it always streams (``GenerateGroup``),
@@ -42,7 +45,7 @@ from kernelgen_client.tensors import (
     wire_dtype,
 )
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
-from kernelgen_wire.metadata import Reason
+from kernelgen_wire.metadata import CACHE_KEY_HEADER, Reason, cache_key
 from kernelgen_wire.sizes import GRID_DTYPE, kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -64,6 +67,9 @@ SeqLens = int | Sequence[int]
 
 #: What ``generate(representation=...)`` takes.
 REPRESENTATIONS = ("dense", "factored", "auto")
+
+#: Call metadata, as ``(key, value)`` pairs.
+Pairs = tuple[tuple[str, str], ...]
 
 #: Responses predicted above this many bytes are streamed. Below the server's
 #: default unary limit (4 MiB) with room for the envelope and a raised grid.
@@ -140,12 +146,26 @@ class GenerateCall:
 
     @property
     def needs_info(self) -> bool:
-        """Whether the call needs the model's info (to pick a transport or a representation)."""
-        return self.stream is None or self.representation == "auto"
+        """Whether the call needs the model's info: to pick a transport or a representation, or
+        (unconditioned) for the content hash of its cache key."""
+        return self.stream is None or self.representation == "auto" or not self.conditioned
 
     @property
     def factored(self) -> bool:
         return self.request.representation == pb.REPRESENTATION_FACTORED
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.request.HasField("conditioning"))
+
+    def affinity(self, info: ModelInfo | None) -> Pairs:
+        """The ``kernelgen-cache-key`` header of an unconditioned call, once its representation is
+        settled; none for a conditioned call (no cache holds it) or a model of unknown hash."""
+        if self.conditioned or info is None or not info.content_hash:
+            return ()
+        representation = _representation(self.factored)
+        key = cache_key(info.content_hash, self.seq_lens, dtype_name(self.wire), representation)
+        return ((CACHE_KEY_HEADER, key),)
 
     def choose_representation(self, info: ModelInfo | None, head_held: bool) -> None:
         """Settle ``"auto"``: factored when fewer bytes, the output head's counted unless ``head_held``."""
@@ -245,6 +265,15 @@ class GroupCall:
         chosen = pb.REPRESENTATION_FACTORED if known and factored < dense else pb.REPRESENTATION_DENSE
         self.request.representation = chosen  # type: ignore[assignment]
 
+    def affinity(self) -> Pairs:
+        """The ``kernelgen-cache-key`` header of an unconditioned group call (once ``"auto"`` is
+        settled), keyed by the group's name; none for a conditioned call."""
+        if self.request.HasField("conditioning"):
+            return ()
+        representation = _representation(self.request.representation == pb.REPRESENTATION_FACTORED)
+        key = cache_key(f"group:{self.group}", self.seq_lens, dtype_name(self.wire), representation)
+        return ((CACHE_KEY_HEADER, key),)
+
     def member_call(self, model: str) -> GenerateCall:
         """The ``generate`` call of one member this call stands for, to decode its kernel."""
         request = pb.GenerateKernelRequest(model=model, representation=self.request.representation)
@@ -341,6 +370,10 @@ def prepare(
         stream=stream,
         representation=representation,
     )
+
+
+def _representation(factored: bool) -> str:
+    return "factored" if factored else "dense"
 
 
 def _check_name_and_representation(what: str, name: object, representation: object) -> None:

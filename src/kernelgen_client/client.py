@@ -14,7 +14,7 @@ import grpc
 import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
-from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
+from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig, merge_metadata
 from kernelgen_client._generate import Deadline, GenerateCall, SeqLens, check_seq_lens, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
@@ -515,7 +515,15 @@ class KernelClient:
         deadline = Deadline(self._config.call_timeout(timeout))
         info = self._info(call.model, deadline, metadata) if call.needs_info else None
         call.choose_representation(info, head_held=info is not None and info.head_hash in self._output_heads)
-        return self._generate(call, info, deadline, metadata)
+        routed = merge_metadata(metadata, call.affinity(info))
+        replays = self._config.retries.replays
+        while True:
+            try:
+                return self._generate(call, info, deadline, routed)
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
 
     def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -783,7 +791,16 @@ class KernelClient:
         if call.representation == "auto":
             found = self._group(group, deadline, metadata)
             call.choose_representation(found.members, lambda head_hash: head_hash in self._output_heads)
-        name, members, views = self._group_stream(call.request, deadline, metadata)
+        metadata = merge_metadata(metadata, call.affinity())
+        replays = self._config.retries.replays
+        while True:
+            try:
+                name, members, views = self._group_stream(call.request, deadline, metadata)
+                break
+            except KernelServiceError as exc:
+                if not (replays and exc.interrupted):
+                    raise
+                replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
         output_heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:

@@ -119,6 +119,13 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.unsent_responses = Counter(
+            "kernelgen_unsent_responses",
+            "Responses a handler returned that were never sent: the call had ended first (the client "
+            "cancelled, its deadline passed or its connection closed).",
+            ["method"],
+            registry=r,
+        )
         self.cache_hits = Counter("kernelgen_cache_hits", "Unconditioned-kernel cache hits.", registry=r)
         self.cache_misses = Counter(
             "kernelgen_cache_misses", "Unconditioned-kernel cache misses.", registry=r
