@@ -144,6 +144,8 @@ class ModelInfo:
     group_index: int = 0
     #: The member's key prefix in the training checkpoint its group was imported from.
     source: str = ""
+    #: Hashes of the layer the member came from (``kernelgen_wire.layers``); empty when unknown.
+    layer_hashes: tuple[str, ...] = ()
 
     @classmethod
     def from_pb(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -158,6 +160,7 @@ class ModelInfo:
             group=message.group,
             group_index=int(message.group_index),
             source=message.source,
+            layer_hashes=tuple(message.layer_hashes),
         )
 
 

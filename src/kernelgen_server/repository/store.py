@@ -212,12 +212,19 @@ def _write_text(path: Path, text: str) -> None:
 
 
 class GroupMember(BaseModel):
-    """One entry of ``group.json``: the member's folder name and the checkpoint prefix it came from."""
+    """One entry of ``group.json``: the member's folder name, the checkpoint prefix it came from, and
+    the hashes of the layer it came from (``kernelgen_wire.layers``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: str
     source: str = ""
+    layer_hashes: tuple[str, ...] = ()
+
+    @field_validator("layer_hashes", mode="before")
+    @classmethod
+    def _hashes_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("name")
     @classmethod
@@ -266,6 +273,8 @@ class ModelGroup:
     members: tuple[str, ...]
     #: The checkpoint key prefix each member was imported from ('' when unknown).
     sources: tuple[str, ...]
+    #: The layer hashes each member's layer had when it was imported or exported (() when unknown).
+    layer_hashes: tuple[tuple[str, ...], ...] = ()
     #: The checkpoint file the group was imported from (its name only).
     checkpoint: str = ""
 
@@ -297,6 +306,7 @@ def load_group(
         path=group_dir,
         members=tuple(f"{name}/{m.name}" for m in manifest.members),
         sources=tuple(m.source for m in manifest.members),
+        layer_hashes=tuple(m.layer_hashes for m in manifest.members),
         checkpoint=manifest.checkpoint,
     )
     return group, ready, failed
@@ -327,6 +337,8 @@ class NewMember:
     source: str
     config: ModelConfig
     tensors: Mapping[str, Tensor]
+    #: The hashes of the layer it came from (``kernelgen_wire.layers``), when known.
+    layer_hashes: tuple[str, ...] = ()
 
 
 def group_holds(root: Path, name: str, members: Sequence[NewMember]) -> bool:
@@ -341,6 +353,8 @@ def group_holds(root: Path, name: str, members: Sequence[NewMember]) -> bool:
     if failed or group.members != tuple(f"{name}/{m.name}" for m in members):
         return False
     if group.sources != tuple(m.source for m in members):
+        return False
+    if group.layer_hashes != tuple(m.layer_hashes for m in members):
         return False
     return all(
         ready[full].content_hash == content_hash(m.config, m.tensors)
@@ -364,7 +378,10 @@ def write_group(
         what = "group" if (target / GROUP_FILE).exists() else "model" if target.is_dir() else "file"
         raise FileExistsError(f"{target} already holds a {what}; pass --force to replace it")
     manifest = GroupManifest(
-        members=tuple(GroupMember(name=m.name, source=m.source) for m in members), checkpoint=checkpoint
+        members=tuple(
+            GroupMember(name=m.name, source=m.source, layer_hashes=m.layer_hashes) for m in members
+        ),
+        checkpoint=checkpoint,
     )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".importing", dir=root))

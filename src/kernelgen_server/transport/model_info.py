@@ -28,6 +28,8 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
         if place is not None:
             group, index = place
             info.group, info.group_index, info.source = group.name, index, group.sources[index]
+            if group.layer_hashes:
+                info.layer_hashes.extend(group.layer_hashes[index])
         infos.append(info)
     return infos
 

@@ -186,7 +186,7 @@ class ModelConfig(_message.Message):
     def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source")
+    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source", "layer_hashes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class ModelInfo(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_HASHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     reason: str
@@ -207,7 +208,8 @@ class ModelInfo(_message.Message):
     group: str
     group_index: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    layer_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ..., layer_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
