@@ -99,7 +99,8 @@ def trained(network: Network, length: int, channels: int) -> Network:
 def imported(network: Network, folder: Path) -> Path:
     """The network as group ``net`` of a fresh repository (``kernelgen import --all``)."""
     checkpoint = folder / "net.ckpt"
-    torch.save({"state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}}, checkpoint)
+    state = {f"network.{k}": v.cpu() for k, v in network.state_dict().items()}
+    torch.save({"state_dict": state}, checkpoint)
     prefix = "network.blocks.{}.mixer.global_conv.kernel"
     overrides = {prefix.format(i): {"omega_0": 6.0 + i} for i in range(len(network.blocks))}
     base = folder / "base.json"
@@ -129,10 +130,13 @@ def measure(forward: Callable[[], object], seconds: float) -> tuple[int, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tune_malloc()
-    torch.set_num_threads(1)  # the server keeps the other core
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the server keeps the other core
     network = trained(Network(args.depth, args.channels, args.length), args.length, args.channels)
-    x = torch.randn(args.batch, args.length, args.channels)
-    c = torch.randn(args.batch, COND_DIM)
+    device = torch.device(args.device)
+    network.to(device)  # served kernels arrive there too (factored ones materialised there)
+    x = torch.randn(args.batch, args.length, args.channels, device=device)
+    c = torch.randn(args.batch, COND_DIM, device=device)
     steps: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         repo = imported(network, Path(tmp))
@@ -209,7 +213,8 @@ def report(result: dict[str, Any]) -> str:
     kernel_mb = settings["batch"] * (2 * settings["length"] - 1) * settings["channels"] * 4 / 1e6
     return (
         f"# A network's forward, local and served\n\n{settings['depth']} CKConvND layers, "
-        f"{settings['channels']} channels, length {settings['length']} (seq_lens {settings['length']}: "
+        f"{settings['channels']} channels on {settings['device']}, length {settings['length']} "
+        f"(seq_lens {settings['length']}: "
         f"{2 * settings['length'] - 1}-point kernels), a batch of {settings['batch']} with one FiLM row "
         f"each ({kernel_mb:.1f} MB of dense float32 kernels per layer and forward); "
         f"{result['machine'].get('cpus', '?')} CPUs.\n\n{markdown_table(rows)}\n"
@@ -221,6 +226,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=128, help="channels of each layer (128)")
     parser.add_argument("--length", type=int, default=512, help="the sequences' length (512)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward (8)")
+    parser.add_argument("--device", default="cpu", help="the network's and the server's device (cpu)")
 
 
 def main() -> None:
