@@ -164,9 +164,11 @@ def _file_entries(directory: Path, name: str, files: list[Any]) -> Iterator[tupl
         key, sep, relative = entry.partition("=")
         if not sep:
             key, relative = Path(entry).name, entry
-        path = directory / relative
+        path = (directory / relative).resolve()
         if "://" in relative or not path.is_file():
             raise RenderError(f"configMapGenerator {name!r}: {relative!r} is not a local file")
+        if not path.is_relative_to(directory.resolve()):  # kustomize's load restrictor, by default
+            raise RenderError(f"configMapGenerator {name!r}: {relative!r} is outside the kustomization")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:  # kustomize would write binaryData

@@ -451,14 +451,16 @@ resources: [app.yaml]
         ("[missing.conf]", None, "not a local file"),
         ("[app.conf, app.conf]", "x", "given twice"),
         ("[app.conf]", b"\xff\xfe", "not UTF-8"),
+        ("[../outside.conf]", None, "outside the kustomization"),
     ],
 )
 def test_renderer_refuses_bad_generator_files(
     tmp_path: Path, files: str, content: bytes | str | None, message: str
 ) -> None:
     directory = write_kustomization(
-        tmp_path, f"configMapGenerator: [{{name: s, files: {files}}}]\nresources: [app.yaml]\n", APP
+        tmp_path / "base", f"configMapGenerator: [{{name: s, files: {files}}}]\nresources: [app.yaml]\n", APP
     )
+    (tmp_path / "outside.conf").write_text("x")
     if isinstance(content, bytes):
         (directory / "app.conf").write_bytes(content)
     elif content is not None:
