@@ -23,6 +23,8 @@ What the front does (docker/README.md, "Behind Envoy"):
 - streams: no route timeout (the gRPC deadline governs), HTTP/2 windows and buffers sized for
   streamed kernels of any size, request bodies buffered for retries up to the largest request
   a server accepts;
+- memory: the overload manager bounds Envoy's heap (``--max-heap-bytes``) and its downstream
+  connections;
 - ports: gRPC on ``--listen``; ``--metrics`` serves only the admin's ``/stats/prometheus``
   and ``/ready``; the admin itself stays on ``--admin`` (loopback by default).
 
@@ -68,6 +70,7 @@ _TYPES = {
     "dns": "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster",
     "connections": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
     ".DownstreamConnectionsConfig",
+    "heap": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
 }
 
 
@@ -104,6 +107,10 @@ class Front:
     retries: int = 3
     #: Downstream connections Envoy accepts at once, all listeners together.
     max_downstream_connections: int = 10_000
+    #: Heap Envoy may use: at 95 % it returns free memory to the system, at 98 % it answers new
+    #: calls with UNAVAILABLE (retryable elsewhere) until calls in flight finish. Keep it below
+    #: the container's memory limit (docker/k8s/envoy-deployment.yaml).
+    max_heap_bytes: int = 1 << 30
     extra_stats_tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -338,6 +345,13 @@ def _admin_cluster(front: Front) -> dict[str, Any]:
     }
 
 
+def _overload_action(name: str, heap_fraction: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": heap_fraction}}],
+    }
+
+
 def render(front: Front) -> dict[str, Any]:
     """The Envoy bootstrap configuration for ``front``."""
     clusters = [_cluster(front, "kernelgen", front.balance)]
@@ -351,6 +365,7 @@ def render(front: Front) -> dict[str, Any]:
             "clusters": clusters,
         },
         "overload_manager": {
+            "refresh_interval": "0.25s",
             "resource_monitors": [
                 {
                     "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -358,8 +373,16 @@ def render(front: Front) -> dict[str, Any]:
                         "@type": _TYPES["connections"],
                         "max_active_downstream_connections": front.max_downstream_connections,
                     },
-                }
-            ]
+                },
+                {
+                    "name": "envoy.resource_monitors.fixed_heap",
+                    "typed_config": {"@type": _TYPES["heap"], "max_heap_size_bytes": front.max_heap_bytes},
+                },
+            ],
+            "actions": [
+                _overload_action("envoy.overload_actions.shrink_heap", 0.95),
+                _overload_action("envoy.overload_actions.stop_accepting_requests", 0.98),
+            ],
         },
     }
 
@@ -419,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retries", type=int, default=defaults.retries, help="retries per call, on other replicas"
     )
+    parser.add_argument(
+        "--max-heap-bytes", type=int, default=defaults.max_heap_bytes, help="Envoy's heap bound"
+    )
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     parser.add_argument("--check", action="store_true", help=f"fail if {DEFAULT_CONFIG.name} is stale")
     args = parser.parse_args(argv)
@@ -437,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             healthy_threshold=args.healthy_threshold,
             connect_timeout_s=args.connect_timeout_s,
             retries=args.retries,
+            max_heap_bytes=args.max_heap_bytes,
         )
     except ValueError as exc:
         print(f"render_envoy: {exc}", file=sys.stderr)

@@ -23,6 +23,13 @@ __all__ = ["ServerSettings", "SettingsError", "flag", "load_settings"]
 
 MiB = 1 << 20
 GiB = 1 << 30
+#: The default connection limit (``ServerSettings.connection_limit``): memory set aside for each
+#: connection, descriptors kept for the server's own files, the fewest connections allowed, and
+#: what an unlimited open-files limit counts as.
+_MEMORY_PER_CONNECTION = MiB
+_OWN_FILES = 256
+_FEWEST_CONNECTIONS = 16
+_FILES_UNLIMITED = 1 << 20
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kernelgen_config", default=None)
 
@@ -124,8 +131,9 @@ class ServerSettings(BaseSettings):
     max_connections: int | None = Field(
         None,
         ge=1,
-        description="client connections at once; more are refused (default: the open-file limit less "
-        "256 for the server's own files)",
+        description="client connections at once, per worker; more are refused (default: one per MiB "
+        "of the memory a worker may use, at most the open-files limit less 256 for the server's own "
+        "files)",
     )
     max_connection_idle_s: float = Field(
         300.0, gt=0, description="a connection with no call in progress for this long is closed"
@@ -188,15 +196,23 @@ class ServerSettings(BaseSettings):
         return max(64 * MiB, usable_memory() // 4 // self.workers)
 
     def connection_limit(self) -> int:
-        """``max_connections``, else the open-file limit less 256 for the server's own files."""
+        """``max_connections``, else one connection per MiB of the memory a worker may use, and
+        never more than the descriptors left once 256 are kept for the server's own files.
+
+        Read after ``kernelgen serve`` raised the soft open-files limit to the hard one: from
+        there the descriptors rarely bound anything (hard limits of a million are common), so
+        memory does. An idle connection costs the server about 22 KiB (measured), a busy one its
+        HTTP/2 windows and buffers too: at one per MiB, connections alone cannot take more than
+        a small share of memory, and an 8 GiB replica takes 8,192 of them.
+        """
         if self.max_connections is not None:
             return self.max_connections
         import resource
 
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            soft = 65536
-        return max(16, int(soft) - 256)
+        descriptors = _FILES_UNLIMITED if soft == resource.RLIM_INFINITY else int(soft)
+        by_memory = usable_memory() // self.workers // _MEMORY_PER_CONNECTION
+        return max(_FEWEST_CONNECTIONS, min(descriptors - _OWN_FILES, by_memory))
 
     def torch_threads(self, cpus: int | None = None) -> int:
         """Torch intra-op threads for one worker: ``cpu_threads``, else its share of the spare CPUs.

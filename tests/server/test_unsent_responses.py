@@ -23,9 +23,12 @@ def test_the_filter_drops_and_counts_exactly_grpcs_failed_send_record() -> None:
     counter = Counter("unsent", "", ["method"], registry=CollectorRegistry())
     unsent = UnsentResponses(counter)
     failed_send = "ExecuteBatchError raised in core by servicer method [%s]"
+    # gRPC's own record: the method already in the message, no arguments (as a live server logs it).
+    logged = f"ExecuteBatchError raised in core by servicer method [{GENERATE}]"
+    assert unsent.filter(record(logged, (), ExecuteBatchError("Failed execute_batch"))) is False
     assert unsent.filter(record(failed_send, (GENERATE,), ExecuteBatchError("Failed execute_batch"))) is False
     assert unsent.filter(record(failed_send, ("/x.Y/Z",), ExecuteBatchError("x"))) is False
-    assert counter.labels("GenerateKernel")._value.get() == 1
+    assert counter.labels("GenerateKernel")._value.get() == 2
     assert counter.labels("other")._value.get() == 1
     # Everything else passes: another message, another exception, another logger.
     assert unsent.filter(

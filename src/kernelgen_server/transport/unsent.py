@@ -35,7 +35,8 @@ class UnsentResponses(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.matches(record):
             return True
-        path = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        # gRPC formats the method into the message itself: "... servicer method [/pkg.Svc/Method]".
+        path = record.getMessage().removeprefix(_MESSAGE).strip().removeprefix("[").removesuffix("]")
         method = path.rsplit("/", 1)[-1] if path.startswith(_SERVICES) else "other"
         self._counter.labels(method).inc()
         return False
