@@ -22,6 +22,7 @@ half of one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ from torch import Tensor
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
 from kernelgen_server.model.config import ConfigError, ModelConfig, describe_errors
 from kernelgen_server.model.output_head import OutputHead
-from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_server.model.served import ServedModel
 from kernelgen_server.repository.checkpoint import (
     WEIGHT_FILES,
     find_weights,
@@ -141,7 +142,7 @@ class LoadedModel:
     name: str
     path: Path
     config: ModelConfig
-    module: SIRENKernelND
+    module: ServedModel
     content_hash: str
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
@@ -198,7 +199,7 @@ def write_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, model_dir / "model.safetensors")
     (model_dir / "model.pt").unlink(missing_ok=True)
-    _write_text(model_dir / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
+    _write_text(model_dir / CONFIG_FILE, json.dumps(config.to_json_dict(), indent=2) + "\n")
     return model_dir
 
 
