@@ -43,6 +43,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python scripts/gen_sync_client.py --check
+	$(BIN)/python scripts/render_envoy.py --check
 	$(BIN)/mypy
 
 test: lint $(PROTOBUF_HIGH_DIR)/.installed

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_triton import side_by_side_table
-from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, process
+from harness import RESULTS, ROOT, Rounds, free_port, kernelgen_server, markdown_table, process
 
-from kernelgen_loadtest.report import plot
+from kernelgen_loadtest.outputs import plot
 
 SERVERS = {
     "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),
@@ -339,20 +339,20 @@ def hostile_section(hostile: dict[str, Any] | None) -> str:
 
 
 ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,sweep"
+#: Seconds per sweep step (the benchmarks take at most 2-3 of them), warm-up per sweep step.
+SUITE_ROUNDS = Rounds(seconds=5.0, warmup=1.0, rounds=None, quick_seconds=1.0, quick_warmup=1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="short steps and fewer levels: a smoke run")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per step (5; quick: 1)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per sweep step (1)")
+    SUITE_ROUNDS.add_arguments(parser)
     parser.add_argument("--concurrency", default=None, help="sweep levels (1,4,16,64; quick: 1,16)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes (1)")
     parser.add_argument("--only", default=ALL_PARTS, help="comma-separated parts to run (all)")
     args = parser.parse_args()
-    args.seconds = args.seconds or (1.0 if args.quick else 5.0)
+    SUITE_ROUNDS.settle(args)
     args.concurrency = args.concurrency or ("1,16" if args.quick else "1,4,16,64")
     parts = set(args.only.split(","))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pydantic import ByteSize, Field, ValidationError, field_validator, model_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["ServerSettings", "SettingsError", "load_settings"]
+__all__ = ["ServerSettings", "SettingsError", "flag", "load_settings"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -287,6 +287,17 @@ class _FileSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise SettingsError(f"config file {path}: expected a mapping of setting names to values")
         return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def flag(field: str) -> str:
+    """The ``kernelgen serve`` flag that sets ``field`` (``max_grid_points``: ``--max-grid-points``).
+
+    Messages about a limit name it, so that whoever meets the limit can tell the operator what to
+    change (the caller may not be the operator).
+    """
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"{field!r} is no setting")
+    return "--" + field.replace("_", "-")
 
 
 def load_settings(cli: dict[str, Any] | None = None) -> ServerSettings:

@@ -98,7 +98,7 @@ async def test_clear_errors_and_exit_codes(server: Any, capsys: pytest.CaptureFi
     assert await run(server, "generate", "long-1d", "--seq-lens", "3", "--random-conditioning", "2") == 2
     assert "takes no conditioning" in capsys.readouterr().err
     assert await run(server, "generate", "long-1d", "--seq-lens", "10000000", "--no-stream") == 1
-    assert "over the limit" in capsys.readouterr().err
+    assert "over the server's limit" in capsys.readouterr().err
 
 
 async def test_generate_factored_writes_the_dense_kernel_or_asked_factors(

@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import (
@@ -76,6 +76,7 @@ __all__ = [
     "ModelConfig",
     "describe_errors",
     "normalize_mask",
+    "read_json_file",
 ]
 
 
@@ -410,15 +411,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ModelConfig:
         """Read and validate a ``config.json``; any failure is a ``ConfigError`` naming the file."""
-        path = Path(path)
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read config: {exc.strerror or exc}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(path, f"invalid config: {describe_errors(exc)}") from None
+        return read_json_file(cls, Path(path), "config")
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike[str] = "<config>") -> ModelConfig:
@@ -427,6 +420,21 @@ class ModelConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(Path(source), f"invalid config: {describe_errors(exc)}") from None
+
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def read_json_file(schema: type[SchemaT], path: Path, what: str) -> SchemaT:
+    """A JSON file validated by ``schema``; any failure is a ``ConfigError`` naming the file and ``what``."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(path, f"invalid {what}: {describe_errors(exc)}") from None
 
 
 def _short(value: Any, limit: int = 60) -> str:

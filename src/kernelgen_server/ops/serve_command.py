@@ -15,7 +15,9 @@ from typing import Any
 
 from kernelgen_server.settings import ServerSettings, SettingsError, load_settings
 
-__all__ = ["register"]
+__all__ = ["raise_open_files_limit", "register"]
+
+log = logging.getLogger("kernelgen.serve")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -54,6 +56,37 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(handler=_run)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one, and log both; returns (soft, hard).
+
+    Every client connection is a descriptor: at a soft limit of 1,024 (a common default) a
+    thousand idle sockets lock every new client out. Worker processes inherit the raised limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still stops at the kernel's per-process maximum.
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_open_files_maximum()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+        else:
+            soft = target
+    log.info(
+        "open-files limit: soft %s, hard %s", soft, "unlimited" if hard == resource.RLIM_INFINITY else hard
+    )
+    return soft, hard
+
+
+def _kernel_open_files_maximum() -> int:
+    try:
+        return int(open("/proc/sys/fs/nr_open").read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
 def _run(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
     try:
@@ -65,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    raise_open_files_limit()
     if settings.workers > 1:
         # The supervisor loads no torch: each worker process does, and holds the device.
         from kernelgen_server.ops.supervisor import supervise

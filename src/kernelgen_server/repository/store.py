@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
-from kernelgen_server.model.config import ConfigError, ModelConfig, describe_errors
+from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
 from kernelgen_server.model.served import ServedModel
 from kernelgen_server.repository.checkpoint import (
@@ -147,7 +147,7 @@ class LoadedModel:
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
     #: The last linear layer, for factored kernels.
-    head: OutputHead
+    output_head: OutputHead
 
     @property
     def weights_path(self) -> Path:
@@ -177,7 +177,7 @@ def load_model(model_dir: Path, name: str | None = None) -> LoadedModel:
         content_hash=content_hash(config, tensors),
         parameter_count=sum(p.numel() for p in module.parameters()),
         weights_format="safetensors" if weights.suffix == ".safetensors" else "pt",
-        head=OutputHead.of(module),
+        output_head=OutputHead.of(module),
     )
 
 
@@ -254,14 +254,7 @@ class GroupManifest(BaseModel):
     @classmethod
     def from_file(cls, path: Path) -> GroupManifest:
         """Read and validate ``group.json``; any failure is a ``ConfigError`` naming the file."""
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read group: {exc.strerror or exc}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(path, f"invalid group: {describe_errors(exc)}") from None
+        return read_json_file(cls, path, "group")
 
 
 @dataclass(frozen=True)
@@ -493,13 +486,14 @@ class ModelRepository:
         model = self.ready.get(name)
         if model is not None:
             return model
-        if name in self.failed:
-            raise ModelNotReady(f"model {name!r} is not ready: it failed to load")
+        failed = self.failed.get(name)
+        if failed is not None:
+            raise ModelNotReady(f"model {name!r} is not ready: it failed to load: {failed.reason}")
         group = self.groups.get(name)
         if group is not None:
             raise InvalidRequest(
                 f"{name!r} is a group of {len(group.members)} models ({_span(group)}), not a model: "
-                "name one of its members, or fetch them all with GenerateGroup"
+                "name one of its members, or ask for the whole group's kernels at once"
             )
         raise ModelNotFound(f"unknown model {name!r}")
 
@@ -509,10 +503,11 @@ class ModelRepository:
         group = self.groups.get(name)
         if group is not None:
             return group
-        if name in self.failed:
-            raise ModelNotReady(f"{name!r} is not ready: it failed to load")
+        failed = self.failed.get(name)
+        if failed is not None:
+            raise ModelNotReady(f"{name!r} is not ready: it failed to load: {failed.reason}")
         if name in self.ready:
-            raise InvalidRequest(f"{name!r} is a model, not a group: fetch its kernel with GenerateKernel")
+            raise InvalidRequest(f"{name!r} is a model, not a group: ask for its kernel alone")
         raise ModelNotFound(f"unknown group {name!r}")
 
     def group_of(self, name: str) -> tuple[ModelGroup, int] | None:

@@ -22,12 +22,13 @@ from kernelgen_server.core.metrics import Metrics
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.repository.store import ModelRepository, embedded_repository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_server.transport.metrics_http import MetricsEndpoint
+from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 from kernelgen_server.transport.native_shared_memory import SharedMemoryGeneratorServicer
 from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
 from kernelgen_server.transport.readiness import HealthStates
 from kernelgen_server.transport.security import BearerTokenInterceptor, load_tokens, server_credentials
 from kernelgen_server.transport.shared_memory import SharedMemoryRegistry
+from kernelgen_server.transport.unsent import UnsentResponses
 from kernelgen_wire.malloc import tune_malloc
 from kernelgen_wire.oip import grpc_service_pb2 as oip_pb
 from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME
@@ -74,6 +75,7 @@ class Server:
         self._tokens = tokens
         self._metrics: MetricsEndpoint | None = None
         self._stopped = asyncio.Event()
+        self._unsent = UnsentResponses(service.metrics.unsent_responses)
 
     @property
     def repository(self) -> ModelRepository:
@@ -84,12 +86,17 @@ class Server:
         for name in [*self.repository.names(), *self.repository.groups]:
             await self.health.set(name, NOT_SERVING)
         await self.health.set("", NOT_SERVING)
+        self._unsent.install()
         await self.grpc_server.start()
         settings = self.settings
         if settings.metrics_port:
             tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-            self._metrics = self.service.metrics.serve(
-                settings.metrics_port, settings.metrics_address(), tokens=self._tokens, tls=tls
+            self._metrics = serve_metrics(
+                self.service.metrics.registry,
+                settings.metrics_address(),
+                settings.metrics_port,
+                tokens=self._tokens,
+                tls=tls,
             )
             self.metrics_port = self._metrics.port
         if self.settings.warmup:
@@ -127,6 +134,7 @@ class Server:
         await self.service.close(drain=True)
         if self._metrics is not None:
             self._metrics.close()
+        self._unsent.remove()
         if self.shared_memory is not None:
             await self.shared_memory.close()
         self._stopped.set()

@@ -38,13 +38,13 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ServerReport(_message.Message):
-    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "model_hash", "worker", "representation")
+    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "content_hash", "worker", "representation")
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
     cache_hit: bool
@@ -52,10 +52,10 @@ class ServerReport(_message.Message):
     batch_requests: int
     queue_ms: float
     compute_ms: float
-    model_hash: str
+    content_hash: str
     worker: int
     representation: Representation
-    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., content_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
     __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation", "output_region")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kernelgen_loadtest.report import CSV_COLUMNS, plot, render_table, write_csv, write_json
+from kernelgen_loadtest.outputs import CSV_COLUMNS, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.stats import Gates, Samples, summarise
 
 
