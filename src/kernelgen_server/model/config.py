@@ -48,7 +48,6 @@ from kernelgen_server.model.fourier import NONLINEARITIES, RandomFourierKernelND
 from kernelgen_server.model.masks import (
     GAUSSIAN_MASKS,
     MASKS,
-    PARAMETRIZATIONS,
     ExponentialModulationND,
     GaussianModulationND,
     Mask,
@@ -129,7 +128,9 @@ class GaussianMaskSection(BaseModel):
     @model_validator(mode="after")
     def _clamps_in_order(self) -> GaussianMaskSection:
         if not self.max_std >= self.min_std:  # also refuses NaN
-            raise ValueError(f"max_std ({self.max_std}) is below min_std ({self.min_std}): the clamps are out of order")
+            raise ValueError(
+                f"max_std ({self.max_std}) is below min_std ({self.min_std}): the clamps are out of order"
+            )
         return self
 
 
@@ -157,14 +158,23 @@ KERNELS = (
     "RandomFourierKernelND",
 )
 #: Every generator's arguments.
-COMMON_ARGUMENTS = ("out_dim", "data_dim", "mlp_hidden_dim", "num_layers", "embedding_dim", "L_cache", "use_bias")
+COMMON_ARGUMENTS = (
+    "out_dim",
+    "data_dim",
+    "mlp_hidden_dim",
+    "num_layers",
+    "embedding_dim",
+    "L_cache",
+    "use_bias",
+)
 _SIREN: dict[str, Any] = dict(OPTIONAL_DEFAULTS)
 _BLOCKS: dict[str, Any] = {
     "num_blocks": 8, "omega_0_min": 1.0, "omega_0_max": 12.0, "schedule": "linear", "off_block_scale": 0.1,
     "omega_0_per_block": None,
 }  # fmt: skip
 _SCALES: dict[str, Any] = {"omega_0_scale_min": 1e-2, "omega_0_scale_max": 2.0}
-#: Each generator's own arguments beyond ``COMMON_ARGUMENTS``: those it needs, and the others with their defaults.
+#: Each generator's own arguments beyond ``COMMON_ARGUMENTS``: those it needs, and the others
+#: with their defaults.
 KERNEL_ARGUMENTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "SIRENKernelND": (("omega_0",), _SIREN),
     "MultiOmegaSIRENKernelND": (("omega_0_per_row",), _SIREN),
@@ -306,6 +316,13 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_architecture(self) -> ModelConfig:
+        if self.film_after_pos_embed and self.film is None:
+            # The reference accepts this and modulates nothing; a config that says so is a mistake.
+            raise ValueError(
+                "film_after_pos_embed is true but there is no film section: without FiLM there is "
+                "nothing to modulate the embedding with (the reference package ignores the flag); "
+                "set film_after_pos_embed to false or add film"
+            )
         if self.mask is not None:
             for key, want in (("data_dim", self.data_dim), ("num_channels", self.out_dim)):
                 have = getattr(self.mask, key)
@@ -451,7 +468,9 @@ def describe_errors(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
-            parts.append(f"{key}.type: unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}")
+            parts.append(
+                f"{key}.type: unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+            )
         elif err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         elif err["type"] == "missing":

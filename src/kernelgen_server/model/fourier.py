@@ -24,7 +24,12 @@ from kernelgen_server.model.siren import (
     normalize_lengths,
 )
 
-__all__ = ["NONLINEARITIES", "RandomFourierKernelND", "RandomFourierPositionalEmbeddingND", "nonlinearity_name"]
+__all__ = [
+    "NONLINEARITIES",
+    "RandomFourierKernelND",
+    "RandomFourierPositionalEmbeddingND",
+    "nonlinearity_name",
+]
 
 #: The activations a served ``RandomFourierKernelND`` may use, by config name: none has parameters.
 NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {
@@ -62,8 +67,8 @@ class RandomFourierPositionalEmbeddingND(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Frequencies ``N(0, omega_0^2)``, phases 0."""
-        self.linear.weight.normal_(0.0, self.omega_0)
+        """Frequencies ``N(0, (2*pi*omega_0)^2)``, phases 0 (the reference's initialisation)."""
+        self.linear.weight.normal_(0.0, 2.0 * math.pi * self.omega_0)
         if self.linear.bias is not None:
             self.linear.bias.zero_()
 
@@ -121,7 +126,9 @@ class RandomFourierKernelND(KernelGenerator):
         self.film_generator = None
         self.film_after_pos_embed = False
         self.num_film_layers = 0
-        self.positional_embedding = RandomFourierPositionalEmbeddingND(data_dim, embedding_dim, omega_0, use_bias)
+        self.positional_embedding = RandomFourierPositionalEmbeddingND(
+            data_dim, embedding_dim, omega_0, use_bias
+        )
         layers: list[nn.Module] = []
         for width in [embedding_dim] + [mlp_hidden_dim] * (num_layers - 2):
             layers += [nn.Linear(width, mlp_hidden_dim, bias=use_bias), NONLINEARITIES[nonlinearity]()]
@@ -163,5 +170,7 @@ class RandomFourierKernelND(KernelGenerator):
         g = math.prod(2 * n - 1 for n in self.normalize_seq_lens(grid_lens))
         e, h = self.embedding_dim, self.mlp_hidden_dim
         flops = 2 * g * self.data_dim * (e // 2) + g * e
-        flops += sum(2 * g * lin.in_features * lin.out_features + g * lin.out_features for lin in self.hidden_layers())
+        flops += sum(
+            2 * g * lin.in_features * lin.out_features + g * lin.out_features for lin in self.hidden_layers()
+        )
         return flops + 2 * g * h * self.out_dim

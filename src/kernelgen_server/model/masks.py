@@ -93,7 +93,10 @@ class _AxisProductMask(nn.Module):
         return total
 
     def mask(self, grid: Tensor) -> Tensor:
-        """The mask on ``grid`` (``[1, *spatial, D]``) as the reference computes it: float32 ``[1, *spatial, C]``."""
+        """The mask on ``grid`` (``[1, *spatial, D]``) as the reference computes it: ``[1, *spatial, C]``.
+
+        Computed in float32 (``grid`` is taken as float32).
+        """
         raise NotImplementedError
 
     def forward(self, grid: Tensor, x: Tensor) -> Tensor:
@@ -118,11 +121,15 @@ class GaussianModulationND(_AxisProductMask):
         if self.max_std < self.min_std:
             raise ValueError(f"mask max_std ({max_std}) must be >= min_std ({min_std})")
         if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"mask parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+            raise ValueError(
+                f"mask parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}"
+            )
         self.parametrization = parametrization
         if isinstance(init_extent, Sequence):
             if len(init_extent) != data_dim:
-                raise ValueError(f"mask init_extent has {len(init_extent)} entries but data_dim is {data_dim}")
+                raise ValueError(
+                    f"mask init_extent has {len(init_extent)} entries but data_dim is {data_dim}"
+                )
             extents = tuple(check_frequency(f"mask init_extent[{i}]", e) for i, e in enumerate(init_extent))
         else:
             extents = (check_frequency("mask init_extent", init_extent),) * data_dim
@@ -132,7 +139,7 @@ class GaussianModulationND(_AxisProductMask):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Per axis, a log-spaced ramp of stds over the channels, narrowest first, scaled by ``init_extent``."""
+        """Per axis, a log-spaced ramp of stds over the channels, narrowest first, times ``init_extent``."""
         high_unit = _std_at(_INIT_ATTENUATION, 1.0)
         rows = []
         for extent in self.init_extent:
@@ -160,9 +167,7 @@ class GaussianModulationND(_AxisProductMask):
 
     def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
         std = self.std().detach().double()
-        return [
-            torch.exp(-0.5 * (t.double()[:, None] / std[d]) ** 2) for d, t in enumerate(axes)
-        ]
+        return [torch.exp(-0.5 * (t.double()[:, None] / std[d]) ** 2) for d, t in enumerate(axes)]
 
     def mask(self, grid: Tensor) -> Tensor:
         inverse = self.std().square().reciprocal()

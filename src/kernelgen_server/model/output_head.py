@@ -36,7 +36,8 @@ class OutputHead:
 
     @classmethod
     def of(cls, module: KernelGenerator | ServedModel) -> OutputHead:
-        linear = module.out_linear
+        generator = module.generator if isinstance(module, ServedModel) else module
+        linear = generator.out_linear
         weight_t = linear.weight.detach().to("cpu", torch.float32).t().contiguous()
         bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).contiguous()
         return cls(_digest(weight_t, bias), weight_t, bias)

@@ -1,12 +1,16 @@
 """A served model: a kernel generator, an optional mask and a causal flag.
 
 This is the kernel a layer convolves with (nvSubquadratic's ``CKConvND``): the
-generator's kernel on the grid of ``seq_lens``, multiplied by the mask, and,
-for a causal (1-D) layer, cropped to its second half along the axis: the
-centre and the positive coordinates, ``[1|B, s, C]`` for ``seq_lens = (s,)``.
-The crop keeps grid coordinates ``k / (L - 1)`` for ``k = 0 .. s-1``, so the
-causal kernel of ``s`` is a prefix of that of any longer ``s'``, as a symmetric
-kernel is the centre of a longer one.
+generator's kernel on the grid of ``seq_lens``, multiplied by the mask on that
+whole grid, and, for a causal (1-D) layer, then cropped to its second half
+along the axis: the centre and the positive coordinates, ``[1|B, s, C]`` for
+``seq_lens = (s,)``. The crop keeps grid coordinates ``k / (L - 1)`` for
+``k = 0 .. s-1``, so the causal kernel of ``s`` is a prefix of that of any
+longer ``s'``, as a symmetric kernel is the centre of a longer one.
+
+Every mask is a product over axes, per channel, so the mask of a served
+kernel is described exactly by ``mask_factors(seq_lens)``: one ``[n_d, C]``
+factor per axis, for the axis's (cropped) coordinates ``axes(seq_lens)``.
 
 Weights: a served model's ``state_dict`` is its generator's (the same keys, so
 a bare generator's weights load unchanged) plus the mask's under ``mask.``.
@@ -24,11 +28,13 @@ from kernelgen_server.model.masks import Mask
 from kernelgen_server.model.siren import (
     KernelFiLMGenerator,
     KernelGenerator,
+    SIRENKernelND,
+    SIRENPositionalEmbeddingND,
     axis_coordinates,
     normalize_lengths,
 )
 
-__all__ = ["ServedModel", "output_axes", "output_grid", "output_spatial"]
+__all__ = ["ServedModel", "has_siren_forward", "output_axes", "output_grid", "output_spatial"]
 
 
 def output_spatial(seq_lens: Sequence[int], causal: bool) -> tuple[int, ...]:
@@ -40,7 +46,7 @@ def output_spatial(seq_lens: Sequence[int], causal: bool) -> tuple[int, ...]:
 
 
 def output_axes(seq_lens: Sequence[int], cache_lens: Sequence[int], causal: bool) -> list[Tensor]:
-    """Each axis's float32 coordinates of a served kernel (``model.axis_coordinates``, cropped when causal)."""
+    """Each axis's float32 coordinates of a served kernel (``axis_coordinates``, cropped when causal)."""
     axes = [axis_coordinates(s, c) for s, c in zip(seq_lens, cache_lens, strict=True)]
     if causal:
         axes[0] = axes[0][seq_lens[0] - 1 :]
@@ -51,6 +57,14 @@ def output_grid(seq_lens: Sequence[int], cache_lens: Sequence[int], causal: bool
     """The ``[1, *spatial, D]`` float32 grid of a served kernel (``ij`` indexing)."""
     mesh = torch.meshgrid(*output_axes(seq_lens, cache_lens, causal), indexing="ij")
     return torch.stack(mesh, dim=-1).unsqueeze(0)
+
+
+def has_siren_forward(generator: KernelGenerator) -> bool:
+    """Whether ``generator``'s forward is ``SIRENKernelND``'s (its embedding ``sin(W_0 x + b_0)``)."""
+    return (
+        isinstance(generator, SIRENKernelND)
+        and type(generator.positional_embedding) is SIRENPositionalEmbeddingND
+    )
 
 
 class ServedModel(nn.Module):
@@ -69,13 +83,16 @@ class ServedModel(nn.Module):
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be a bool, got {causal!r}")
         if causal and generator.data_dim != 1:
-            raise ValueError(f"causal is for 1-D kernels (a causal layer's), but data_dim is {generator.data_dim}")
+            raise ValueError(
+                f"causal is for 1-D kernels (a causal layer's), but data_dim is {generator.data_dim}"
+            )
         if mask is not None:
             if mask.data_dim != generator.data_dim:
                 raise ValueError(f"the mask is {mask.data_dim}-D but the kernel is {generator.data_dim}-D")
             if mask.num_channels != generator.out_dim:
                 raise ValueError(
-                    f"the mask has {mask.num_channels} channels but the kernel's out_dim is {generator.out_dim}"
+                    f"the mask has {mask.num_channels} channels "
+                    f"but the kernel's out_dim is {generator.out_dim}"
                 )
         own = [name for name, _ in generator.named_parameters(recurse=False)]
         own += [name for name, _ in generator.named_buffers(recurse=False)]
@@ -90,8 +107,27 @@ class ServedModel(nn.Module):
 
     @property
     def generator(self) -> KernelGenerator:
+        """The kernel generator; its layers are this module's children too."""
         generator: KernelGenerator = self.__dict__["_generator"]
         return generator
+
+    @property
+    def kind(self) -> str:
+        """The generator's class name, as ``config.json``'s ``kernel`` names it."""
+        return type(self.generator).__name__
+
+    def siren_form(self) -> SIRENKernelND | None:
+        """The generator when this model's kernel is exactly a ``SIRENKernelND``'s forward, else None.
+
+        True of a SIREN, ``MultiOmegaSIRENKernelND`` and
+        ``BlockDiagonalMultiOmegaSIRENKernelND`` (whose forward is the SIREN's)
+        without a mask or a causal crop; not of a learnable-omega embedding, of
+        random Fourier features, nor of any masked or cropped model.
+        """
+        generator = self.generator
+        if self.mask is not None or self.causal or not isinstance(generator, SIRENKernelND):
+            return None
+        return generator if has_siren_forward(generator) else None
 
     # -- the generator's facts -------------------------------------------------------------------
 
@@ -137,6 +173,21 @@ class ServedModel(nn.Module):
 
     def grid_points(self, seq_lens: int | Sequence[int]) -> int:
         return math.prod(self.spatial_shape(seq_lens))
+
+    def axes(self, seq_lens: int | Sequence[int]) -> list[Tensor]:
+        """Each axis's float32 coordinates of the served kernel (the first one cropped when causal)."""
+        return output_axes(self.normalize_seq_lens(seq_lens), self.L_cache, self.causal)
+
+    def mask_factors(self, seq_lens: int | Sequence[int]) -> list[Tensor] | None:
+        """The mask of the served kernel as per-axis, per-channel factors, or None without a mask.
+
+        One float64 ``[n_d, out_dim]`` tensor per axis, on the (cropped) axes of
+        ``axes(seq_lens)``: the mask at grid point ``p`` is ``prod_d factors[d][p_d]``.
+        The forward computes the same mask in float32 as the reference does.
+        """
+        if self.mask is None:
+            return None
+        return self.mask.axis_factors(self.axes(seq_lens))
 
     def forward(
         self, seq_lens: int | Sequence[int], conditioning: Tensor | None = None

@@ -42,7 +42,12 @@ def check_int(name: str, value: object, minimum: int) -> int:
 
 def check_frequency(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number > 0 (not a bool), else ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -182,7 +187,7 @@ class SIRENPositionalEmbeddingND(nn.Module):
             self.linear.bias.uniform_(-1.0, 1.0)
 
     def affine(self) -> tuple[Tensor, Tensor | None]:
-        """The first layer as the forward applies it, ``(W_0, b_0)`` in float64: the phase is ``W_0 x + b_0``."""
+        """The first layer as the forward applies it, ``(W_0, b_0)`` in float64 (phase ``W_0 x + b_0``)."""
         bias = None if self.linear.bias is None else self.linear.bias.detach().double()
         return self.linear.weight.detach().double(), bias
 
@@ -228,7 +233,7 @@ class KernelGenerator(nn.Module):
         return None if self.film_generator is None else self.film_generator.cond_dim
 
     def hidden_layers(self) -> list[nn.Linear]:
-        """The linears between the embedding and ``out_linear``, in order; each is followed by ``activation``."""
+        """The linears between the embedding and ``out_linear``, in order, each followed by ``activation``."""
         raise NotImplementedError
 
     def activation(self, x: Tensor) -> Tensor:
@@ -236,7 +241,7 @@ class KernelGenerator(nn.Module):
         raise NotImplementedError
 
     def embedding_affine(self) -> tuple[Tensor, Tensor | None]:
-        """The first layer as the forward applies it: ``(W_0, b_0)`` in float64, folded where the class scales it."""
+        """The first layer as the forward applies it, ``(W_0, b_0)`` in float64, any scaling folded in."""
         raise NotImplementedError
 
     def normalize_seq_lens(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:

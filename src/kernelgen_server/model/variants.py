@@ -85,7 +85,9 @@ def block_schedule(
     if schedule == "linear":
         return torch.linspace(low, high, num_blocks, dtype=torch.float64, device="cpu")
     if schedule == "log":
-        return torch.logspace(math.log10(low), math.log10(high), num_blocks, dtype=torch.float64, device="cpu")
+        return torch.logspace(
+            math.log10(low), math.log10(high), num_blocks, dtype=torch.float64, device="cpu"
+        )
     raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
@@ -173,7 +175,9 @@ class BlockDiagonalMultiOmegaSIRENKernelND(MultiOmegaSIRENKernelND):
         film_cfg: FiLMConfig | dict[str, Any] | None = None,
         film_after_pos_embed: bool = False,
     ) -> None:
-        _check_blocks(num_blocks, {"embedding_dim": embedding_dim, "mlp_hidden_dim": mlp_hidden_dim, "out_dim": out_dim})
+        _check_blocks(
+            num_blocks, {"embedding_dim": embedding_dim, "mlp_hidden_dim": mlp_hidden_dim, "out_dim": out_dim}
+        )
         blocks = block_schedule(num_blocks, omega_0_min, omega_0_max, schedule, omega_0_per_block)
         rows = blocks.repeat_interleave(embedding_dim // num_blocks).tolist()
         super().__init__(
@@ -208,10 +212,14 @@ class LearnableOmegaSIRENPositionalEmbeddingND(SIRENPositionalEmbeddingND):
         if high < low:
             raise ValueError(f"omega_0_scale_max ({high}) must be >= omega_0_scale_min ({low})")
         if isinstance(omega_0_scale_init, Sequence):
-            init = _frequencies("omega_0_scale_init", omega_0_scale_init, embedding_dim, "row of the first layer")
+            init = _frequencies(
+                "omega_0_scale_init", omega_0_scale_init, embedding_dim, "row of the first layer"
+            )
         else:
             init = (check_frequency("omega_0_scale_init", omega_0_scale_init),) * embedding_dim
-        if not all(low <= s <= high for s in init):
+        # Compared as the reference compares them: the float32 scales against the bounds.
+        scales = torch.tensor(init, dtype=torch.float32, device="cpu")
+        if bool((scales < low).any()) or bool((scales > high).any()):
             raise ValueError(
                 f"omega_0_scale_init must lie in [omega_0_scale_min, omega_0_scale_max] = [{low}, {high}], "
                 f"got {min(init)} .. {max(init)}"
@@ -272,7 +280,13 @@ class LearnableOmegaSIRENKernelND(SIRENKernelND):
     ) -> None:
         # Checked (and built) first so that a bad clamp is refused before any weight is drawn.
         embedding = LearnableOmegaSIRENPositionalEmbeddingND(
-            data_dim, embedding_dim, omega_0, omega_0_scale_init, omega_0_scale_min, omega_0_scale_max, use_bias
+            data_dim,
+            embedding_dim,
+            omega_0,
+            omega_0_scale_init,
+            omega_0_scale_min,
+            omega_0_scale_max,
+            use_bias,
         )
         super().__init__(
             out_dim, data_dim, mlp_hidden_dim, num_layers, embedding_dim, omega_0, L_cache, use_bias,
@@ -310,12 +324,13 @@ class BlockDiagonalLearnableOmegaSIRENKernelND(LearnableOmegaSIRENKernelND):
         film_cfg: FiLMConfig | dict[str, Any] | None = None,
         film_after_pos_embed: bool = False,
     ) -> None:
-        _check_blocks(num_blocks, {"embedding_dim": embedding_dim, "mlp_hidden_dim": mlp_hidden_dim, "out_dim": out_dim})
+        _check_blocks(
+            num_blocks, {"embedding_dim": embedding_dim, "mlp_hidden_dim": mlp_hidden_dim, "out_dim": out_dim}
+        )
         blocks = block_schedule(num_blocks, omega_0_min, omega_0_max, schedule, omega_0_per_block)
         omega_0 = float(blocks.max())
-        # The reference divides in float32; the scales only start there.
-        shares = (blocks.float() / omega_0).repeat_interleave(embedding_dim // num_blocks)
-        init = [min(max(s, omega_0_scale_min), omega_0_scale_max) for s in shares.tolist()]
+        # The reference divides in float32; a share outside the scale's clamp range is refused.
+        init = (blocks.float() / omega_0).repeat_interleave(embedding_dim // num_blocks).tolist()
         super().__init__(
             out_dim, data_dim, mlp_hidden_dim, num_layers, embedding_dim, omega_0, L_cache, use_bias,
             init, omega_0_scale_min, omega_0_scale_max, hidden_omega_0, film_cfg, film_after_pos_embed,

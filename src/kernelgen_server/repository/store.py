@@ -42,7 +42,7 @@ from torch import Tensor
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
 from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
-from kernelgen_server.model.served import ServedModel
+from kernelgen_server.model.served import ServedModel, has_siren_forward
 from kernelgen_server.repository.checkpoint import (
     WEIGHT_FILES,
     find_weights,
@@ -68,6 +68,7 @@ __all__ = [
     "is_served_name",
     "load_group",
     "load_model",
+    "not_served_yet",
     "write_group",
     "write_model",
 ]
@@ -303,6 +304,24 @@ def load_group(
     return group, ready, failed
 
 
+def not_served_yet(module: ServedModel) -> str | None:
+    """Why kernelgen cannot serve ``module`` yet, or None when it can.
+
+    The serving engine computes a SIRENKernelND's kernel (``ServedModel.siren_form``);
+    it would serve a mask, a causal crop, a learnable-omega embedding or random
+    Fourier features wrong, so a model with any of them is refused rather than
+    served without them.
+    """
+    if module.siren_form() is not None:
+        return None
+    parts = [] if has_siren_forward(module.generator) else [f"{module.kind} generators"]
+    if module.mask is not None:
+        parts.append(f"{type(module.mask).__name__} masks")
+    if module.causal:
+        parts.append("causal crops")
+    return f"kernelgen does not serve {' or '.join(parts)} yet"
+
+
 def _load_into(
     model_dir: Path, name: str, ready: dict[str, LoadedModel], failed: dict[str, FailedModel]
 ) -> None:
@@ -462,6 +481,12 @@ class ModelRepository:
             groups[name] = group
             ready.update(members_ready)
             failed.update(members_failed)
+        for name, model in list(ready.items()):
+            reason = not_served_yet(model.module)
+            if reason is not None:
+                del ready[name]
+                failed[name] = FailedModel(name, model.path, f"{model.path}: {reason}")
+                log.warning("model %s not loaded: %s", name, reason)
         return cls(root, ready, failed, groups)
 
     def names(self) -> list[str]:
