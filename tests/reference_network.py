@@ -67,36 +67,78 @@ def _double(data_dim: int, causal: bool = False) -> dict[str, Any]:
 
 
 LAYERS = (
-    Layer("1d-causal-siren-gaussian", _double(1, causal=True),
-          LazyConfig(K.SIRENKernelND)(**_sizes(1, 16), omega_0=12.0),
-          LazyConfig(M.GaussianModulationND)(data_dim=1, num_channels=CHANNELS), False),
-    Layer("1d-causal-learnable-film-exponential", _double(1, causal=True),
-          LazyConfig(K.LearnableOmegaSIRENKernelND)(**_sizes(1, 16), omega_0=8.0, omega_0_scale_min=0.5,
-                                                     omega_0_scale_max=1.5, film_cfg=_film(2)),
-          LazyConfig(M.ExponentialModulationND)(data_dim=1, num_channels=CHANNELS), True),
-    Layer("1d-circular-fourier", dict(data_dim=1, grid_type="single", fft_padding="circular"),
-          LazyConfig(K.RandomFourierKernelND)(**_sizes(1, 15), omega_0=2.0, nonlinear_cfg=LazyConfig(nn.GELU)()),
-          LazyConfig(nn.Identity)(), False),
-    Layer("2d-multiomega-film-embedding-gaussian-log", _double(2),
-          LazyConfig(K.MultiOmegaSIRENKernelND)(**_sizes(2, [6, 8]), omega_0_per_row=[1, 2, 3, 4, 5, 6, 7, 8],
-                                                 film_cfg=_film(3), film_after_pos_embed=True),
-          LazyConfig(M.GaussianModulationND)(data_dim=2, num_channels=CHANNELS, parametrization="log"), True),
-    Layer("2d-blockdiagonal-blockaligned", _double(2),
-          LazyConfig(K.BlockDiagonalMultiOmegaSIRENKernelND)(**_sizes(2, 6, use_bias=False), num_blocks=4),
-          LazyConfig(M.BlockAlignedGaussianModulationND)(data_dim=2, num_channels=CHANNELS), False),
-    Layer("2d-mixed-blockdiagonal-learnable-film-blockaligned-softplus",
-          dict(data_dim=2, grid_type=None, fft_padding=["circular", "zero"]),
-          LazyConfig(K.BlockDiagonalLearnableOmegaSIRENKernelND)(**_sizes(2, 8), num_blocks=2, omega_0_min=2.0,
-                                                                  omega_0_max=12.0, schedule="log", film_cfg=_film(2)),
-          LazyConfig(M.BlockAlignedGaussianModulationND)(data_dim=2, num_channels=CHANNELS,
-                                                         parametrization="softplus"), True),
-    Layer("3d-siren-film-gaussian-softplus", _double(3),
-          LazyConfig(K.SIRENKernelND)(**_sizes(3, 4, layers=4), omega_0=6.0, hidden_omega_0=3.0, film_cfg=_film(3)),
-          LazyConfig(M.GaussianModulationND)(data_dim=3, num_channels=CHANNELS, parametrization="softplus"), True),
-    Layer("3d-learnable-gaussian-extent", _double(3),
-          LazyConfig(K.LearnableOmegaSIRENKernelND)(**_sizes(3, [3, 4, 5]), omega_0=5.0),
-          LazyConfig(M.GaussianModulationND)(data_dim=3, num_channels=CHANNELS, init_extent=[2.0, 1.0, 0.5]), False),
-)  # fmt: skip
+    Layer(
+        "1d-causal-siren-gaussian",
+        _double(1, causal=True),
+        LazyConfig(K.SIRENKernelND)(**_sizes(1, 16), omega_0=12.0),
+        LazyConfig(M.GaussianModulationND)(data_dim=1, num_channels=CHANNELS),
+        False,
+    ),
+    Layer(
+        "1d-causal-learnable-film-exponential",
+        _double(1, causal=True),
+        LazyConfig(K.LearnableOmegaSIRENKernelND)(
+            **_sizes(1, 16), omega_0=8.0, omega_0_scale_min=0.5, omega_0_scale_max=1.5, film_cfg=_film(2)
+        ),
+        LazyConfig(M.ExponentialModulationND)(data_dim=1, num_channels=CHANNELS),
+        True,
+    ),
+    Layer(
+        "1d-circular-fourier",
+        dict(data_dim=1, grid_type="single", fft_padding="circular"),
+        LazyConfig(K.RandomFourierKernelND)(
+            **_sizes(1, 15), omega_0=2.0, nonlinear_cfg=LazyConfig(nn.GELU)()
+        ),
+        LazyConfig(nn.Identity)(),
+        False,
+    ),
+    Layer(
+        "2d-multiomega-film-embedding-gaussian-log",
+        _double(2),
+        LazyConfig(K.MultiOmegaSIRENKernelND)(
+            **_sizes(2, [6, 8]),
+            omega_0_per_row=[1, 2, 3, 4, 5, 6, 7, 8],
+            film_cfg=_film(3),
+            film_after_pos_embed=True,
+        ),
+        LazyConfig(M.GaussianModulationND)(data_dim=2, num_channels=CHANNELS, parametrization="log"),
+        True,
+    ),
+    Layer(
+        "2d-blockdiagonal-blockaligned",
+        _double(2),
+        LazyConfig(K.BlockDiagonalMultiOmegaSIRENKernelND)(**_sizes(2, 6, use_bias=False), num_blocks=4),
+        LazyConfig(M.BlockAlignedGaussianModulationND)(data_dim=2, num_channels=CHANNELS),
+        False,
+    ),
+    Layer(
+        "2d-mixed-blockdiagonal-learnable-film-blockaligned-softplus",
+        dict(data_dim=2, grid_type=None, fft_padding=["circular", "zero"]),
+        LazyConfig(K.BlockDiagonalLearnableOmegaSIRENKernelND)(
+            **_sizes(2, 8), num_blocks=2, omega_0_min=2.0, omega_0_max=12.0, schedule="log", film_cfg=_film(2)
+        ),
+        LazyConfig(M.BlockAlignedGaussianModulationND)(
+            data_dim=2, num_channels=CHANNELS, parametrization="softplus"
+        ),
+        True,
+    ),
+    Layer(
+        "3d-siren-film-gaussian-softplus",
+        _double(3),
+        LazyConfig(K.SIRENKernelND)(
+            **_sizes(3, 4, layers=4), omega_0=6.0, hidden_omega_0=3.0, film_cfg=_film(3)
+        ),
+        LazyConfig(M.GaussianModulationND)(data_dim=3, num_channels=CHANNELS, parametrization="softplus"),
+        True,
+    ),
+    Layer(
+        "3d-learnable-gaussian-extent",
+        _double(3),
+        LazyConfig(K.LearnableOmegaSIRENKernelND)(**_sizes(3, [3, 4, 5]), omega_0=5.0),
+        LazyConfig(M.GaussianModulationND)(data_dim=3, num_channels=CHANNELS, init_extent=[2.0, 1.0, 0.5]),
+        False,
+    ),
+)
 
 
 class Mixer(nn.Module):
@@ -143,7 +185,9 @@ def conv_path(index: int) -> str:
 
 def grid_lens(conv: CKConvND, spatial: Sequence[int]) -> tuple[int, ...]:
     """The generator's ``seq_lens`` for an input of ``spatial`` size, as ``CKConvND.forward`` takes them."""
-    single = [conv.grid_type == "single" if conv.grid_type is not None else p for p in conv._periodic_per_axis]
+    single = [
+        conv.grid_type == "single" if conv.grid_type is not None else p for p in conv._periodic_per_axis
+    ]
     return tuple((s + 1) // 2 if one else s for s, one in zip(spatial, single, strict=True))
 
 
@@ -180,10 +224,14 @@ def clamped_out_of_range(network: Network) -> int:
         embedding = conv.kernel.positional_embedding
         if hasattr(embedding, "omega_0_scale"):
             scale = embedding.omega_0_scale.detach()
-            count += int(((scale < embedding.omega_0_scale_min) | (scale > embedding.omega_0_scale_max)).sum())
+            count += int(
+                ((scale < embedding.omega_0_scale_min) | (scale > embedding.omega_0_scale_max)).sum()
+            )
         if isinstance(conv.mask, M.GaussianModulationND):
             raw = conv.mask.std_param.detach()
-            std = {"direct": raw, "log": raw.exp(), "softplus": nn.functional.softplus(raw)}[conv.mask.parametrization]
+            std = {"direct": raw, "log": raw.exp(), "softplus": nn.functional.softplus(raw)}[
+                conv.mask.parametrization
+            ]
             count += int(((std < conv.mask.min_std) | (std > conv.mask.max_std)).sum())
     return count
 
@@ -209,7 +257,10 @@ def trained_network(seed: int = 0, steps: int = 4) -> tuple[Network, Tensor]:
     optimizer = torch.optim.Adam([{"params": rest, "lr": 2e-2}, {"params": pushed, "lr": 0.5}])
     inputs = []
     for conv in network.convs():
-        spatial = [2 * n - 1 if one else n for n, one in zip(conv.kernel.L_cache_per_axis, _single(conv), strict=True)]
+        spatial = [
+            2 * n - 1 if one else n
+            for n, one in zip(conv.kernel.L_cache_per_axis, _single(conv), strict=True)
+        ]
         inputs.append((torch.randn(2, *spatial, CHANNELS, generator=generator),
                        torch.randn(2, *spatial, CHANNELS, generator=generator)))  # fmt: skip
     for _ in range(steps):
@@ -232,7 +283,10 @@ def _single(conv: CKConvND) -> list[bool]:
 
 
 def save_lightning(network: nn.Module, path: Path, *, compiled: bool = False) -> Path:
-    """A Lightning-style checkpoint of ``network`` held as ``self.network`` (``torch.compile``'d: ``_orig_mod.``)."""
+    """A Lightning-style checkpoint of ``network`` held as ``self.network``.
+
+    ``compiled``: its keys as a ``torch.compile``'d network's (``network._orig_mod.``).
+    """
     head = "network._orig_mod." if compiled else "network."
     state = {head + key: value.detach().clone() for key, value in network.state_dict().items()}
     torch.save(

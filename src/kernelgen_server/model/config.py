@@ -464,7 +464,8 @@ def describe_errors(exc: ValidationError) -> str:
     """One short line per pydantic error (at most 8), joined by '; ', each naming its key."""
     parts = []
     for err in exc.errors(include_url=False):
-        key = ".".join(str(p) for p in err["loc"])
+        # A mask's errors are located under its type's tag (``mask.GaussianModulationND.x``): ``mask.x``.
+        key = ".".join(str(p) for p in err["loc"] if p not in MASKS)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
