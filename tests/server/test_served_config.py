@@ -223,17 +223,18 @@ def test_the_repository_refuses_what_the_engine_does_not_compute_yet(tmp_path: P
     _write(tmp_path, "blocks", BLOCKS)
     _write(tmp_path, "plain", BASE)
     repository = ModelRepository.load(tmp_path)
-    assert set(repository.ready) == {"blocks", "plain"}
+    assert set(repository.ready) == {"plain"}
     reasons = {name: failed.reason for name, failed in repository.failed.items()}
     assert "GaussianModulationND masks" in reasons["masked"]
     assert "LearnableOmegaSIRENKernelND generators" in reasons["learnable"]
     assert "causal crops" in reasons["causal"]
+    assert "BlockDiagonalMultiOmegaSIRENKernelND generators" in reasons["blocks"]
     assert all("does not serve" in reason and str(tmp_path) in reason for reason in reasons.values())
 
 
 def test_the_engine_serves_a_block_diagonal_multi_omega_model_as_its_forward(tmp_path: Path) -> None:
-    _write(tmp_path, "blocks", {**BLOCKS, "film": {"cond_dim": 3}})
-    model = ModelRepository.load(tmp_path).ready["blocks"]
+    folder, _ = _write(tmp_path, "blocks", {**BLOCKS, "film": {"cond_dim": 3}})
+    model = load_model(folder)
     engine = KernelEngine(model.module)
     conditioning = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

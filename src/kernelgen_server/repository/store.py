@@ -42,7 +42,7 @@ from torch import Tensor
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
 from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
-from kernelgen_server.model.served import ServedModel, has_siren_forward
+from kernelgen_server.model.served import ServedModel
 from kernelgen_server.repository.checkpoint import (
     WEIGHT_FILES,
     find_weights,
@@ -305,21 +305,21 @@ def load_group(
 
 
 def not_served_yet(module: ServedModel) -> str | None:
-    """Why kernelgen cannot serve ``module`` yet, or None when it can.
+    """Why kernelgen cannot serve ``module`` yet, or None when it can: a plain ``SIRENKernelND``.
 
-    The serving engine computes a SIRENKernelND's kernel (``ServedModel.siren_form``);
-    it would serve a mask, a causal crop, a learnable-omega embedding or random
-    Fourier features wrong, so a model with any of them is refused rather than
-    served without them.
+    The serving engine computes a SIRENKernelND's kernel (``ServedModel.siren_form``)
+    and would serve a mask, a causal crop, a learnable-omega embedding or random
+    Fourier features wrong; the wire's ``ModelConfig`` describes a
+    ``SIRENKernelND`` alone, so not even the multi-omega variants (whose kernels
+    the engine computes) can be listed yet. A model with any of them is refused
+    rather than served without them.
     """
-    if module.siren_form() is not None:
-        return None
-    parts = [] if has_siren_forward(module.generator) else [f"{module.kind} generators"]
+    parts = [] if module.kind == "SIRENKernelND" else [f"{module.kind} generators"]
     if module.mask is not None:
         parts.append(f"{type(module.mask).__name__} masks")
     if module.causal:
         parts.append("causal crops")
-    return f"kernelgen does not serve {' or '.join(parts)} yet"
+    return f"kernelgen does not serve {' or '.join(parts)} yet" if parts else None
 
 
 def _load_into(
