@@ -24,6 +24,7 @@ at every size, which is what the package computes on a layer's first growth.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -107,11 +108,11 @@ def test_the_package_grid_depends_on_its_history_and_kernelgen_s_does_not() -> N
     trained = oracle.trained(oracle.Case("SIRENKernelND", "none", False, "1d-causal"))
     model = served(trained)
     (cache,) = trained.conv.kernel.L_cache_per_axis
-    grown = oracle.copy.deepcopy(trained.conv)
+    grown = copy.deepcopy(trained.conv)
     with torch.no_grad():
         grown.kernel((cache + 2,))
         history, _ = grown.kernel((cache + 5,))
-        fresh, _ = oracle.copy.deepcopy(trained.conv).kernel((cache + 5,))
+        fresh, _ = copy.deepcopy(trained.conv).kernel((cache + 5,))
         ours = model.generator((cache + 5,))[0]
     step = float(
         grown.kernel.positional_embedding.grid_cache[0, 1, 0]
