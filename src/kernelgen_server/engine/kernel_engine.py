@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from kernelgen_server.engine.memory import ALIGN as _ALIGN
 from kernelgen_server.engine.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
+from kernelgen_server.model.served import ServedModel
 from kernelgen_server.model.siren import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
 from kernelgen_wire.sizes import kernel_spatial
 
@@ -110,6 +111,9 @@ def _linear(module: nn.Module) -> nn.Linear:
 class KernelEngine:
     """Computes the kernels of one ``SIRENKernelND`` on one device, in float32.
 
+    A ``ServedModel`` is served when its kernel is a SIREN's (``siren_form()``);
+    any other is refused with ``ValueError``.
+
     ``batched=False`` (default) evaluates conditioned rows one at a time, bitwise
     independent of the batch; ``True`` evaluates chunks of rows with batched GEMMs
     whose scratch fits ``chunk_bytes`` (results then agree to float32 rounding).
@@ -119,7 +123,7 @@ class KernelEngine:
 
     def __init__(
         self,
-        model: SIRENKernelND,
+        served: ServedModel | SIRENKernelND,
         device: torch.device | str = "cpu",
         *,
         prefix_cache_bytes: int = 64 << 20,
@@ -127,6 +131,13 @@ class KernelEngine:
         chunk_bytes: int = 32 << 20,
         host_pool: HostBufferPool | None = None,
     ) -> None:
+        model = served.siren_form() if isinstance(served, ServedModel) else served
+        if model is None:
+            assert isinstance(served, ServedModel)
+            raise ValueError(
+                f"the engine serves a SIRENKernelND's kernel, not a {served.kind}"
+                f"{' with a mask' if served.mask is not None else ''}{', causal' if served.causal else ''}"
+            )
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -1,10 +1,11 @@
 """A model's output head: the linear layer that turns factors into the kernel.
 
-``SIRENKernelND`` ends in ``out_linear``, which FiLM never modulates, so every
-kernel of a model is ``factors @ W^T + b`` with the model's one ``W``
+Every generator ends in ``out_linear``, which FiLM never modulates, so every
+kernel of a model is ``m * (factors @ W^T + b)`` with the model's one ``W``
 (``[out_dim, hidden]``) and ``b``, where the factors are the last, modulated,
-hidden activation. The output head is what a client needs, once per model, to turn
-factored responses into kernels; its hash names it in every factored response.
+hidden activation and ``m`` the mask (1 without one). The output head is what
+a client needs, once per model, to turn factored responses into kernels; its
+hash names it in every factored response.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_server.model.served import ServedModel
+from kernelgen_server.model.siren import KernelGenerator
 
 __all__ = ["OutputHead"]
 
@@ -33,8 +35,9 @@ class OutputHead:
     bias: Tensor | None
 
     @classmethod
-    def of(cls, module: SIRENKernelND) -> OutputHead:
-        linear = module.out_linear
+    def of(cls, module: KernelGenerator | ServedModel) -> OutputHead:
+        generator = module.generator if isinstance(module, ServedModel) else module
+        linear = generator.out_linear
         weight_t = linear.weight.detach().to("cpu", torch.float32).t().contiguous()
         bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).contiguous()
         return cls(_digest(weight_t, bias), weight_t, bias)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "FiLMConfig",
     "KernelFiLMGenerator",
+    "KernelGenerator",
     "SIRENKernelND",
     "SIRENPositionalEmbeddingND",
     "axis_coordinates",
@@ -29,13 +30,26 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else ``ValueError`` naming it."""
     # bool is an int subclass; a flag passed where a size belongs is a bug.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_frequency(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else ``ValueError`` naming it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def normalize_lengths(name: str, value: int | Sequence[int], data_dim: int, minimum: int) -> tuple[int, ...]:
@@ -45,8 +59,8 @@ def normalize_lengths(name: str, value: int | Sequence[int], data_dim: int, mini
             raise ValueError(
                 f"{name} has {len(value)} entries but data_dim is {data_dim}: give one int or one per axis"
             )
-        return tuple(_check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(value))
-    return (_check_int(name, value, minimum),) * data_dim
+        return tuple(check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(value))
+    return (check_int(name, value, minimum),) * data_dim
 
 
 def axis_coordinates(seq_len: int, cache_len: int) -> Tensor:
@@ -105,10 +119,10 @@ class KernelFiLMGenerator(nn.Module):
         self, cond_dim: int, hidden_dim: int, num_film_layers: int, film_hidden_dim: int = 64
     ) -> None:
         super().__init__()
-        self.cond_dim = _check_int("film cond_dim", cond_dim, 1)
-        self.hidden_dim = _check_int("film hidden_dim", hidden_dim, 1)
-        self.num_film_layers = _check_int("num_film_layers", num_film_layers, 1)
-        self.film_hidden_dim = _check_int("film_hidden_dim", film_hidden_dim, 1)
+        self.cond_dim = check_int("film cond_dim", cond_dim, 1)
+        self.hidden_dim = check_int("film hidden_dim", hidden_dim, 1)
+        self.num_film_layers = check_int("num_film_layers", num_film_layers, 1)
+        self.film_hidden_dim = check_int("film_hidden_dim", film_hidden_dim, 1)
         self.mlp = nn.Sequential(
             nn.Linear(cond_dim, film_hidden_dim),
             nn.GELU(),  # exact (erf) GELU
@@ -172,6 +186,11 @@ class SIRENPositionalEmbeddingND(nn.Module):
         if self.linear.bias is not None:
             self.linear.bias.uniform_(-1.0, 1.0)
 
+    def affine(self) -> tuple[Tensor, Tensor | None]:
+        """The first layer as the forward applies it, ``(W_0, b_0)`` in float64 (phase ``W_0 x + b_0``)."""
+        bias = None if self.linear.bias is None else self.linear.bias.detach().double()
+        return self.linear.weight.detach().double(), bias
+
     def forward(self, grid: Tensor) -> Tensor:
         # The embedding is evaluated in at least float32 whatever the weights are:
         # sine arguments reach |omega_0| and half precision would wreck them.
@@ -181,7 +200,61 @@ class SIRENPositionalEmbeddingND(nn.Module):
         return torch.sin(nn.functional.linear(grid.to(dtype), weight, bias))
 
 
-class SIRENKernelND(nn.Module):
+class KernelGenerator(nn.Module):
+    """What every kernel generator is to the rest of kernelgen: a map from ``seq_lens`` to a kernel.
+
+    ``forward(seq_lens, conditioning)`` returns ``(kernel [1|B, *spatial, out_dim],
+    grid [1, *spatial, data_dim])`` on the grid ``kernel_grid(seq_lens, L_cache)``.
+    Every generator is an embedding of the coordinates (``features``: ``"sine"``,
+    ``sin(W_0 x + b_0)``, or ``"fourier"``, ``[cos(W_0 x + b_0) | sin(W_0 x + b_0)]``,
+    with ``embedding_affine()`` the effective ``(W_0, b_0)``), then
+    ``hidden_layers()`` each followed by ``activation``, then ``out_linear``; FiLM
+    (``film_generator``, where the class takes it) modulates the activations. The
+    engine serves any generator from these facts alone. A subclass holds every
+    parameter and buffer in its child modules, never on itself.
+    """
+
+    out_dim: int
+    data_dim: int
+    mlp_hidden_dim: int
+    num_layers: int
+    embedding_dim: int
+    L_cache: tuple[int, ...]
+    use_bias: bool
+    film_after_pos_embed: bool
+    num_film_layers: int
+    film_generator: KernelFiLMGenerator | None
+    out_linear: nn.Linear
+    #: How the first layer's phases become features: ``"sine"`` or ``"fourier"``.
+    features: str = "sine"
+
+    @property
+    def cond_dim(self) -> int | None:
+        return None if self.film_generator is None else self.film_generator.cond_dim
+
+    def hidden_layers(self) -> list[nn.Linear]:
+        """The linears between the embedding and ``out_linear``, in order, each followed by ``activation``."""
+        raise NotImplementedError
+
+    def activation(self, x: Tensor) -> Tensor:
+        """The hidden activation (it may work in place on ``x``)."""
+        raise NotImplementedError
+
+    def embedding_affine(self) -> tuple[Tensor, Tensor | None]:
+        """The first layer as the forward applies it, ``(W_0, b_0)`` in float64, any scaling folded in."""
+        raise NotImplementedError
+
+    def normalize_seq_lens(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
+        return normalize_lengths("seq_lens", seq_lens, self.data_dim, 1)
+
+    def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
+        return kernel_grid(self.normalize_seq_lens(seq_lens), self.L_cache)
+
+    def flop_count(self, grid_lens: int | Sequence[int], inference: bool = False) -> int:
+        raise NotImplementedError
+
+
+class SIRENKernelND(KernelGenerator):
     """Convolution kernel parametrised by a SIREN MLP over a coordinate grid.
 
     ``k(x) = W_out h_{N-1} + b_out`` with ``h_0 = sin(W_0 x + b_0)`` and
@@ -214,20 +287,14 @@ class SIRENKernelND(nn.Module):
         film_after_pos_embed: bool = False,
     ) -> None:
         super().__init__()
-        self.out_dim = _check_int("out_dim", out_dim, 1)
-        self.data_dim = _check_int("data_dim", data_dim, 1)
-        self.mlp_hidden_dim = _check_int("mlp_hidden_dim", mlp_hidden_dim, 1)
-        self.num_layers = _check_int("num_layers", num_layers, 2)
-        self.embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
+        self.out_dim = check_int("out_dim", out_dim, 1)
+        self.data_dim = check_int("data_dim", data_dim, 1)
+        self.mlp_hidden_dim = check_int("mlp_hidden_dim", mlp_hidden_dim, 1)
+        self.num_layers = check_int("num_layers", num_layers, 2)
+        self.embedding_dim = check_int("embedding_dim", embedding_dim, 1)
         self.L_cache = normalize_lengths("L_cache", L_cache, data_dim, 2)
-        for name, freq in (("omega_0", omega_0), ("hidden_omega_0", hidden_omega_0)):
-            if (
-                isinstance(freq, bool)
-                or not isinstance(freq, int | float)
-                or not math.isfinite(freq)
-                or freq <= 0
-            ):
-                raise ValueError(f"{name} must be a finite number > 0, got {freq!r}")
+        check_frequency("omega_0", omega_0)
+        check_frequency("hidden_omega_0", hidden_omega_0)
         for name, flag in (("use_bias", use_bias), ("film_after_pos_embed", film_after_pos_embed)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -238,7 +305,10 @@ class SIRENKernelND(nn.Module):
         film = FiLMConfig.coerce(film_cfg)
         if film_after_pos_embed:
             if film is None:
-                raise ValueError("film_after_pos_embed=True needs a FiLM config (film_cfg)")
+                raise ValueError(
+                    "film_after_pos_embed=True needs a FiLM config (film_cfg): without FiLM it modulates "
+                    "nothing (the reference package accepts it as a no-op); set it false"
+                )
             if embedding_dim != mlp_hidden_dim:
                 raise ValueError(
                     "film_after_pos_embed=True requires embedding_dim == mlp_hidden_dim, got "
@@ -267,9 +337,14 @@ class SIRENKernelND(nn.Module):
             )
         self.reset_parameters()
 
-    @property
-    def cond_dim(self) -> int | None:
-        return None if self.film_generator is None else self.film_generator.cond_dim
+    def hidden_layers(self) -> list[nn.Linear]:
+        return [layer for layer in self.hidden_linears if isinstance(layer, nn.Linear)]
+
+    def activation(self, x: Tensor) -> Tensor:
+        return x.sin_()
+
+    def embedding_affine(self) -> tuple[Tensor, Tensor | None]:
+        return self.positional_embedding.affine()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -289,12 +364,6 @@ class SIRENKernelND(nn.Module):
             self.out_linear.bias._no_weight_decay = True  # type: ignore[attr-defined]
         if self.film_generator is not None:
             self.film_generator.reset_parameters()
-
-    def normalize_seq_lens(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
-        return normalize_lengths("seq_lens", seq_lens, self.data_dim, 1)
-
-    def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
-        return kernel_grid(self.normalize_seq_lens(seq_lens), self.L_cache)
 
     def forward(
         self, seq_lens: int | Sequence[int], conditioning: Tensor | None = None

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kernelgen_server.model.config import ModelConfig
-from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_server.model.served import ServedModel
 
 __all__ = [
     "ACCEPTED_DTYPES",
@@ -318,7 +318,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def load_module(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> SIRENKernelND:
+def load_module(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> ServedModel:
     """The module ``config`` describes holding ``tensors``: float32, eval mode, no gradients.
 
     The module is built on the meta device and the checked tensors are

@@ -22,6 +22,7 @@ half of one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ from torch import Tensor
 from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
 from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
-from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_server.model.served import ServedModel
 from kernelgen_server.repository.checkpoint import (
     WEIGHT_FILES,
     find_weights,
@@ -67,6 +68,7 @@ __all__ = [
     "is_served_name",
     "load_group",
     "load_model",
+    "not_served_yet",
     "write_group",
     "write_model",
 ]
@@ -141,7 +143,7 @@ class LoadedModel:
     name: str
     path: Path
     config: ModelConfig
-    module: SIRENKernelND
+    module: ServedModel
     content_hash: str
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
@@ -198,7 +200,7 @@ def write_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, model_dir / "model.safetensors")
     (model_dir / "model.pt").unlink(missing_ok=True)
-    _write_text(model_dir / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
+    _write_text(model_dir / CONFIG_FILE, json.dumps(config.to_json_dict(), indent=2) + "\n")
     return model_dir
 
 
@@ -310,6 +312,24 @@ def load_group(
         checkpoint=manifest.checkpoint,
     )
     return group, ready, failed
+
+
+def not_served_yet(module: ServedModel) -> str | None:
+    """Why kernelgen cannot serve ``module`` yet, or None when it can: a plain ``SIRENKernelND``.
+
+    The serving engine computes a SIRENKernelND's kernel (``ServedModel.siren_form``)
+    and would serve a mask, a causal crop, a learnable-omega embedding or random
+    Fourier features wrong; the wire's ``ModelConfig`` describes a
+    ``SIRENKernelND`` alone, so not even the multi-omega variants (whose kernels
+    the engine computes) can be listed yet. A model with any of them is refused
+    rather than served without them.
+    """
+    parts = [] if module.kind == "SIRENKernelND" else [f"{module.kind} generators"]
+    if module.mask is not None:
+        parts.append(f"{type(module.mask).__name__} masks")
+    if module.causal:
+        parts.append("causal crops")
+    return f"kernelgen does not serve {' or '.join(parts)} yet" if parts else None
 
 
 def _load_into(
@@ -478,6 +498,12 @@ class ModelRepository:
             groups[name] = group
             ready.update(members_ready)
             failed.update(members_failed)
+        for name, model in list(ready.items()):
+            reason = not_served_yet(model.module)
+            if reason is not None:
+                del ready[name]
+                failed[name] = FailedModel(name, model.path, f"{model.path}: {reason}")
+                log.warning("model %s not loaded: %s", name, reason)
         return cls(root, ready, failed, groups)
 
     def names(self) -> list[str]:
