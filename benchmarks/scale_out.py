@@ -8,7 +8,7 @@ retries on another replica, cache-key affinity) with the client's retry policy o
 application runs it; through Envoy with the client's retries off, to show what Envoy alone
 covers; and through the client's own round robin over the three addresses, retries on. In each run
 the second replica is SIGKILLed at a tenth of the run and started again at three twentieths; the
-third is sent SIGTERM at two fifths (it drains: NOT_SERVING, new calls refused, calls in flight
+third is sent SIGTERM at three tenths (it drains: NOT_SERVING, new calls refused, calls in flight
 answered) and started again once it has exited. Reports, per run: calls sent, answered and failed by
 status code, sampled responses recomputed against the reference model, and what proves each
 restarted replica back in rotation (the calls it answered since its restart, and Envoy's own
@@ -103,7 +103,8 @@ def run(
         at(0.15)
         killed.launch()  # it starts while the others serve
         event(f"{killed.target} restarting")
-        at(0.40)
+        # Early enough that both restarted replicas have most of the run left to be back in rotation.
+        at(0.30)
         drained.drain()
         event(f"SIGTERM {drained.target}")
         drained_exit = drained.wait()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_a_killed_and_a_drained_replica_lose_no_call_and_come_back(
     name: str, through_envoy: bool, tmp_path: Path
 ) -> None:
-    result: dict[str, Any] = run(name, through_envoy, 5, tmp_path, duration=14.0, concurrency=8, check=24)
+    result: dict[str, Any] = run(name, through_envoy, 5, tmp_path, duration=18.0, concurrency=8, check=24)
     assert result["sent"] > 500, result
     assert result["counts_add_up"], result
     assert result["failed"] == 0, (result["errors_by_code"], result["error_examples"])
