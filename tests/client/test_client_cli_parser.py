@@ -113,7 +113,7 @@ def _result(wire: int, grid: bool) -> KernelResult[np.ndarray]:
 
 @pytest.mark.parametrize("wire", [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16])
 def test_safetensors_keep_the_wire_dtype(tmp_path: Path, wire: int) -> None:
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch
     from safetensors import safe_open
 
     result = _result(wire, grid=True)

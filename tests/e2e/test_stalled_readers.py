@@ -29,8 +29,6 @@ BUDGET = 48 * MiB
 #: long-1d [300000]: 599,999 points x 256 x 4 bytes = 614 MB, over ten budgets.
 HUGE = pb.GenerateKernelRequest(model="long-1d", seq_lens=[300000]).SerializeToString()
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from Linux /proc")
-
 
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -14,15 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-import tritonclient.grpc.aio as aioclient  # noqa: E402
-import tritonclient.utils.shared_memory as shm  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from kernelgen_client import KernelClient
 
-from kernelgen_client import KernelClient  # noqa: E402
-
-from support import ServeProcess, serve_process  # noqa: E402
+from support import ServeProcess, serve_process
 
 pytestmark = pytest.mark.slow
 ROWS = np.random.default_rng(11).standard_normal((4, 384), dtype=np.float32)

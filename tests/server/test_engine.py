@@ -305,7 +305,7 @@ def test_cpu_allocation_failure_is_recognised() -> None:
 # -- CUDA (deployment hosts) ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     model = make_model(num_layers=4, out_dim=32, hidden=16)
@@ -321,7 +321,7 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     assert_close(cuda.unconditioned((5, 4)), cpu.unconditioned((5, 4)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_factors_match_cpu() -> None:
     model = make_model(num_layers=4, out_dim=32, hidden=16)
     cpu, cuda = KernelEngine(model), KernelEngine(model, "cuda", batched=True)
