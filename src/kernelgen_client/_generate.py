@@ -44,6 +44,7 @@ from kernelgen_client.tensors import (
 )
 from kernelgen_client.types import KernelResult, ModelInfo, ServerReport
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
+from kernelgen_wire.metadata import Reason
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "GenerateCall",
     "GroupCall",
     "check_seq_lens",
+    "pointed",
     "predict_bytes",
     "prepare",
     "prepare_group",
@@ -64,6 +66,39 @@ REPRESENTATIONS = ("dense", "factored", "auto")
 #: Responses predicted above this many bytes are streamed. Below the server's
 #: default unary limit (4 MiB) with room for the envelope and a raised grid.
 STREAM_THRESHOLD_BYTES = 3_670_016  # 3.5 MiB
+
+
+#: The largest length the wire carries (``int64``).
+_MAX_LENGTH = (1 << 63) - 1
+
+#: The client call to make instead, when a name is of the other kind: (method, reason) -> hint.
+_OTHER_CALL: dict[tuple[str, str], str] = {
+    ("generate", Reason.GROUP_NOT_MODEL): "generate_group({name!r}, seq_lens, conditioning) fetches "
+    "all of its kernels in one call; get_group({name!r}) lists its members",
+    ("get_model", Reason.GROUP_NOT_MODEL): "get_group({name!r}) describes it and its members",
+    (
+        "generate_group",
+        Reason.MODEL_NOT_GROUP,
+    ): "generate({name!r}, seq_lens, conditioning) fetches its kernel",
+    ("get_group", Reason.MODEL_NOT_GROUP): "get_model({name!r}) describes it",
+}
+
+
+def pointed(error: KernelServiceError, method: str, name: str) -> KernelServiceError:
+    """``error`` of client ``method`` on ``name``, pointing to the client method that fits when
+    ``name`` is a group's where a model's is expected, or the reverse; else ``error`` itself.
+
+    The server's message names no call of any protocol; the client names its own.
+    """
+    hint = _OTHER_CALL.get((method, error.reason or ""))
+    if hint is None:
+        return error
+    return type(error)(
+        f"{error.message}; {hint.format(name=name)}",
+        code=error.code,
+        reason=error.reason,
+        retry_pushback_ms=error.retry_pushback_ms,
+    )
 
 
 class Deadline:
@@ -88,9 +123,12 @@ def check_seq_lens(seq_lens: int | Sequence[int]) -> tuple[int, ...]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidRequest(f"seq_lens must be integers, got {value!r}")
-        if value < 1:
+        length = int(value)
+        if length < 1:
             raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
-        lens.append(int(value))
+        if length > _MAX_LENGTH:
+            raise InvalidRequest(f"seq_lens must each fit in int64 (below 2**63), got {length}")
+        lens.append(length)
     if not lens:
         raise InvalidRequest("seq_lens is empty; give one length per spatial axis")
     return tuple(lens)

@@ -21,12 +21,13 @@ import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
-from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, prepare, prepare_group
+from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, pointed, prepare, prepare_group
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import AsyncChannels, AsyncOnce
 from kernelgen_client.errors import (
     ConnectionFailed,
+    InvalidRequest,
     KernelServiceError,
     MalformedResponse,
     ModelNotFound,
@@ -39,6 +40,7 @@ from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolic
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_client.types import FlopReport, GroupInfo, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
+from kernelgen_wire.metadata import Reason
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 if TYPE_CHECKING:
@@ -224,9 +226,11 @@ class AsyncKernelClient:
         for group in GroupInfo.collect(infos):
             if group.name == name:
                 return group
-        failed = next((info for info in infos if info.name == name and not info.ready), None)
-        if failed is not None:
-            raise ModelNotReady(f"{name!r} is not ready: {failed.reason}")
+        model = next((info for info in infos if info.name == name), None)
+        if model is not None and not model.ready:
+            raise ModelNotReady(f"{name!r} is not ready: {model.reason}")
+        if model is not None:
+            raise InvalidRequest(f"{name!r} is a model, not a group", reason=Reason.MODEL_NOT_GROUP)
         raise ModelNotFound(f"unknown group {name!r}")
 
     async def _info(self, model: str, deadline: Deadline, metadata: MetadataLike | None) -> ModelInfo:
@@ -256,15 +260,24 @@ class AsyncKernelClient:
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> GroupInfo:
         """One group and its members in order; ``ModelNotFound`` when the server has none of that name."""
-        return await self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
+        try:
+            return await self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
+        except InvalidRequest as exc:
+            raise pointed(exc, "get_group", name) from exc.__cause__
 
     async def get_model(
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> ModelInfo:
         """One model; ``ModelNotFound`` when the server has none of that name."""
-        reply = await self._call(
-            "GetModel", pb.GetModelRequest(model=name), Deadline(self._config.call_timeout(timeout)), metadata
-        )
+        try:
+            reply = await self._call(
+                "GetModel",
+                pb.GetModelRequest(model=name),
+                Deadline(self._config.call_timeout(timeout)),
+                metadata,
+            )
+        except InvalidRequest as exc:
+            raise pointed(exc, "get_model", name) from exc.__cause__
         info = ModelInfo.from_pb(reply)
         self._models.put(info)
         return info
@@ -524,9 +537,12 @@ class AsyncKernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        info = await self._info(call.model, deadline, metadata) if call.needs_info else None
-        call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
-        return await self._generate(call, info, deadline, metadata)
+        try:
+            info = await self._info(call.model, deadline, metadata) if call.needs_info else None
+            call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
+            return await self._generate(call, info, deadline, metadata)
+        except InvalidRequest as exc:
+            raise pointed(exc, "generate", model) from exc.__cause__
 
     async def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -791,10 +807,13 @@ class AsyncKernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        if call.representation == "auto":
-            found = await self._group(group, deadline, metadata)
-            call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
-        name, members, views = await self._group_stream(call.request, deadline, metadata)
+        try:
+            if call.representation == "auto":
+                found = await self._group(group, deadline, metadata)
+                call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
+            name, members, views = await self._group_stream(call.request, deadline, metadata)
+        except InvalidRequest as exc:
+            raise pointed(exc, "generate_group", group) from exc.__cause__
         heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:

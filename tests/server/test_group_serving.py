@@ -201,7 +201,7 @@ async def status_of(stub: Any, request: Any) -> tuple[grpc.StatusCode, str, dict
         (
             ("stack/0", (3, 3)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "invalid-argument",
+            "model-not-group",
             "'stack/0' is a model, not a group",
         ),
         (("", (3,)), grpc.StatusCode.INVALID_ARGUMENT, "invalid-argument", "group name is empty"),
@@ -244,9 +244,11 @@ async def test_a_member_that_failed_to_load_names_it(tmp_path: Path, repo: Path)
             code, details, trailers = await status_of(stub, group_request("stack", (3, 3)))
             assert code == grpc.StatusCode.FAILED_PRECONDITION
             assert trailers[REASON_TRAILER] == "model-not-ready"
-            assert details == (
-                "group 'stack', member 'stack/2': model 'stack/2' is not ready: it failed to load"
+            # The reason it failed travels with the refusal: the caller need not ask ListModels.
+            assert details.startswith(
+                "group 'stack', member 'stack/2': model 'stack/2' is not ready: it failed to load: "
             )
+            assert "model.safetensors" in details, details
             health = health_pb2_grpc.HealthStub(channel)
             status = await health.Check(health_pb2.HealthCheckRequest(service="stack"))
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -302,6 +304,7 @@ async def test_models_list_their_group_and_the_group_is_healthy(stub: Any) -> No
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetModel(pb.GetModelRequest(model="stack"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(caught.value.trailing_metadata() or ())[REASON_TRAILER] == "group-not-model"
     details = caught.value.details() or ""
     assert "'stack' is a group of 3 models (stack/0 .. stack/2), not a model" in details
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stub.server.port}") as channel:

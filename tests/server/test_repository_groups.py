@@ -63,10 +63,14 @@ def test_lookups_tell_groups_and_models_apart(tmp_path: Path) -> None:
     write_model(tmp_path, "alone", CONFIG, CONFIG.build(seed=0).state_dict())
     write_group(tmp_path, "net", members(2))
     repo = ModelRepository.load(tmp_path)
-    with pytest.raises(InvalidRequest, match=r"'net' is a group of 2 models \(net/0 .. net/1\), not a model"):
+    with pytest.raises(
+        InvalidRequest, match=r"'net' is a group of 2 models \(net/0 .. net/1\), not a model"
+    ) as a:
         repo.get("net")
-    with pytest.raises(InvalidRequest, match="'alone' is a model, not a group"):
+    assert a.value.reason == "group-not-model"  # the client names its own call for a group from it
+    with pytest.raises(InvalidRequest, match="'alone' is a model, not a group") as b:
         repo.group("alone")
+    assert b.value.reason == "model-not-group"
     with pytest.raises(ModelNotFound, match="unknown group 'other'"):
         repo.group("other")
     with pytest.raises(ModelNotFound, match="unknown model 'net/2'"):
