@@ -158,3 +158,32 @@ def test_memory_and_connection_budgets() -> None:
         load_settings({"max_inflight_bytes": "4MiB", "stream_tile_bytes": "4MiB"})
     with pytest.raises(SettingsError, match="--stream-tile-bytes must be at least --stream-chunk-bytes"):
         load_settings({"stream_tile_bytes": "64KiB"})
+
+
+def test_serve_help_shows_every_default_once_as_the_readme_writes_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+
+    from kernelgen_client.cli import main
+    from kernelgen_server.settings import ServerSettings, flag_of
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = text.split(" options: ", 1)[1]
+    entries = re.split(r" (?=--[a-z-]+(?: [A-Z_]+|, --no-[a-z-]+) )", options)
+    described = {entry.split()[0].rstrip(","): entry for entry in entries if entry.startswith("--")}
+    for name in ServerSettings.model_fields:
+        entry = described[flag_of(name)]
+        assert entry.count("(default: ") == 1, entry  # exactly one default, never "(default: unset)" twice
+        assert "(default: unset)" not in entry, entry
+    assert described["--cache-bytes"].endswith("(default: 1GiB)")
+    assert described["--max-batch-bytes"].endswith("(default: 512MiB)")
+    assert described["--model-repo"].endswith("(default: the embedded models)")
+    for switch, default in (("--strict", "off"), ("--warmup", "on"), ("--tune-malloc", "on")):
+        assert described[switch].endswith(f"(default: {default})"), described[switch]
+    assert described["--cache-slicing"].endswith("(default: on)")
+    assert described["--allow-empty"].endswith("(default: off)")
+    assert "at most 100" in described["--max-queue-delay-ms"]
+    assert "exit codes: 0 drained after SIGTERM or SIGINT" in text
