@@ -16,11 +16,15 @@ PROTOBUF_HIGH_DIR := $(VENV)/protobuf-high
 
 .PHONY: serve test lint typecheck unit setup clean bench image
 
-$(STAMP): pyproject.toml
+# The tests' oracle (the reference package, pinned) goes in without its dependencies: see the file.
+ORACLE := tests/oracle-requirements.txt
+
+$(STAMP): pyproject.toml $(ORACLE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_PIN)"
 	$(BIN)/pip install -e ".[server,dev,loadtest]" "$(TORCH_PIN)" "protobuf==$(PROTOBUF_LOW)"
+	$(BIN)/pip install --no-deps -r $(ORACLE)
 	touch $(STAMP)
 
 $(PROTOBUF_HIGH_DIR)/.installed: $(STAMP)
@@ -39,6 +43,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python scripts/gen_sync_client.py --check
+	$(BIN)/python scripts/render_envoy.py --check
 	$(BIN)/mypy
 
 test: lint $(PROTOBUF_HIGH_DIR)/.installed

@@ -34,10 +34,13 @@ import grpc
 import numpy as np
 from harness import (
     GENERATE,
+    Rounds,
     ServerProcess,
     Step,
+    benchmark_main,
     closed_loop,
     echo_server,
+    int_list,
     kernelgen_server,
     load_generator,
     machine,
@@ -45,7 +48,6 @@ from harness import (
     median_rate,
     merge,
     raw,
-    write_results,
 )
 
 from kernelgen_wire.metadata import REPORT_TRAILER
@@ -197,7 +199,7 @@ def _core_rates(levels: list[int], seconds: float, device: str) -> list[dict[str
 def encode_ms(dtype: Any) -> float:
     import torch
 
-    from kernelgen_server.core.tensors import to_payload
+    from kernelgen_server.core.payloads import to_payload
     from kernelgen_wire.kernel_messages import encode_kernel
 
     tensor = torch.randn(1, 29, 29, OUT_DIM).to(dtype)
@@ -284,6 +286,12 @@ class Clients:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def summarize(rounds: list[Measured], encode: float | None) -> dict[str, Any]:
@@ -474,35 +482,36 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+#: Steps of 2 s, 3 interleaved rounds; ``--quick``: one round of 1 s steps.
+BATCHING_ROUNDS = Rounds(seconds=2.0, warmup=None, rounds=3, quick_seconds=1.0)
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=int_list, default="1,8,32,64", help="comma-separated closed-loop levels"
     )
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per step")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every step")
-    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated closed-loop levels")
     parser.add_argument(
         "--device", default="auto", help="the servers' and the engine's device (auto, cpu, cuda)"
     )
-    parser.add_argument("--output", default="batching", help="results/<output>.json and .md")
     parser.add_argument(
         "--client-processes", type=int, default=1, help="client processes sharing each step's concurrency"
     )
-    args = parser.parse_args()
-    levels = [int(x) for x in args.concurrency.split(",")]
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.time()
-    clients = Clients(max(1, args.client_processes))
-    try:
-        result = asyncio.run(run(args.seconds, levels, max(1, args.rounds), device, clients))
-    finally:
-        clients.close()
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)")
+    with Clients(max(1, args.client_processes)) as clients:
+        return asyncio.run(run(args.seconds, args.concurrency, args.rounds, device, clients))
+
+
+def main() -> None:
+    benchmark_main(
+        run_from_args, report, doc=__doc__, output="batching", rounds=BATCHING_ROUNDS, arguments=arguments
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Workloads: hyena-2d conditioned, one FiLM row per request, a 29x29 grid
 (1.29 MB dense), closed loop at concurrency 1, 8, 32, 64; long-1d [40000]
 (82 MB dense, a cached kernel, always streamed) at concurrency 1 and 4.
 Each step reports kernels/s, p50/p99, bytes on the wire per kernel (the
-kernel or its factors; the head is counted apart, once per client), and the
+kernel or its factors; the output head is counted apart, once per client), and the
 server's and the client's CPU per kernel. Ratios are taken per round and the
 median reported with its range; rounds alternate which representation goes
 first.
@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 from harness import (
     ClientProcess,
-    Rounds,
     ServerProcess,
+    benchmark_main,
     closed_loop,
+    int_list,
     kernelgen_server,
     machine,
     markdown_table,
     median_rate,
     reply,
-    write_results,
 )
 
 BENCH = Path(__file__).resolve()
@@ -141,12 +141,14 @@ def materialise_ms(model: Any, seq_lens: list[int]) -> dict[str, float]:
     """In-process cost of one dense kernel from its factors (the client's GEMM), and of a copy of it."""
     from kernelgen_client.factored import FactoredKernel, OutputHead
 
-    head = model.head
+    output_head = model.output_head
     client_head = OutputHead(
-        head.head_hash, head.weight_t.numpy(), None if head.bias is None else head.bias.numpy()
+        output_head.head_hash,
+        output_head.weight_t.numpy(),
+        None if output_head.bias is None else output_head.bias.numpy(),
     )
     spatial = [2 * n - 1 for n in seq_lens]
-    factors = np.random.default_rng(0).standard_normal((1, *spatial, head.hidden), dtype=np.float32)
+    factors = np.random.default_rng(0).standard_normal((1, *spatial, output_head.hidden), dtype=np.float32)
     kernel = FactoredKernel(factors, client_head, factors.nbytes)
     dense = kernel.dense()
     return {
@@ -193,7 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "head_bytes": {name: repository.ready[w["model"]].head.nbytes for name, w in WORKLOADS.items()},
+        "head_bytes": {
+            name: repository.ready[w["model"]].output_head.nbytes for name, w in WORKLOADS.items()
+        },
         "materialise": {
             name: materialise_ms(repository.ready[w["model"]], w["seq_lens"]) for name, w in WORKLOADS.items()
         },
@@ -289,25 +293,16 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "client":
-        asyncio.run(client_loop(sys.argv[2]))
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=int_list, default="1,8,32,64", help="hyena-2d closed-loop levels"
     )
-    Rounds().add_arguments(parser)
-    parser.add_argument("--concurrency", default="1,8,32,64", help="hyena-2d closed-loop levels")
-    parser.add_argument("--long-concurrency", default="1,4", help="long-1d closed-loop levels")
-    parser.add_argument("--output", default="factored", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    Rounds().settle(args)
-    args.concurrency = [int(n) for n in args.concurrency.split(",")]
-    args.long_concurrency = [int(n) for n in args.long_concurrency.split(",")]
-    started = time.time()
-    result = run(args)
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
+    parser.add_argument("--long-concurrency", type=int_list, default="1,4", help="long-1d closed-loop levels")
+
+
+def main() -> None:
+    roles = {"client": lambda argv: asyncio.run(client_loop(argv[0]))}
+    benchmark_main(run, report, doc=__doc__, output="factored", arguments=arguments, roles=roles)
 
 
 if __name__ == "__main__":

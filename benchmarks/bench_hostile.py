@@ -35,12 +35,12 @@ from harness import (
     ClientProcess,
     Rounds,
     ServerProcess,
+    benchmark_main,
     closed_loop,
     kernelgen_server,
     machine,
     markdown_table,
     reply,
-    write_results,
 )
 
 BENCH = Path(__file__).resolve()
@@ -243,22 +243,18 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] in ("small", "large"):
-        asyncio.run((small_client if sys.argv[1] == "small" else large_client)(sys.argv[2]))
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    HOSTILE_ROUNDS.add_arguments(parser)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, default=4, help="large streams at once (4)")
-    parser.add_argument("--output", default="hostile", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    HOSTILE_ROUNDS.settle(args)
-    started = time.time()
-    result = run(args)
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
+
+
+def main() -> None:
+    roles = {
+        "small": lambda argv: asyncio.run(small_client(argv[0])),
+        "large": lambda argv: asyncio.run(large_client(argv[0])),
+    }
+    benchmark_main(
+        run, report, doc=__doc__, output="hostile", rounds=HOSTILE_ROUNDS, arguments=arguments, roles=roles
+    )
 
 
 if __name__ == "__main__":

@@ -39,14 +39,14 @@ from typing import Any
 import numpy as np
 from harness import (
     ClientProcess,
-    Rounds,
     ServerProcess,
+    benchmark_main,
     closed_loop,
+    int_list,
     kernelgen_server,
     machine,
     markdown_table,
     reply,
-    write_results,
 )
 
 BENCH = Path(__file__).resolve()
@@ -339,23 +339,15 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "client":
-        asyncio.run(client_loop(sys.argv[2]))
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=int_list, default="1,8,32,64", help="hyena-2d closed-loop levels"
     )
-    Rounds().add_arguments(parser)
-    parser.add_argument("--concurrency", default="1,8,32,64", help="hyena-2d closed-loop levels")
-    parser.add_argument("--output", default="oip", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    Rounds().settle(args)
-    args.concurrency = [int(n) for n in args.concurrency.split(",")]
-    started = time.time()
-    result = run(args)
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
+
+
+def main() -> None:
+    roles = {"client": lambda argv: asyncio.run(client_loop(argv[0]))}
+    benchmark_main(run, report, doc=__doc__, output="oip", arguments=arguments, roles=roles)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import asyncio
 import socket
 import statistics
 import threading
-import time
 from typing import Any
 
 import grpc
@@ -26,6 +25,8 @@ import numpy as np
 from harness import (
     GENERATE,
     STREAM,
+    Rounds,
+    benchmark_main,
     closed_loop,
     echo_server,
     kernelgen_server,
@@ -35,7 +36,6 @@ from harness import (
     median_rate,
     merge,
     raw,
-    write_results,
 )
 
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -216,18 +216,15 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per step")
-    args = parser.parse_args()
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     load_generator()
-    result = asyncio.run(run(args.seconds))
-    write_results("service", result, report(result))
+    return asyncio.run(run(args.seconds))
+
+
+def main() -> None:
+    rounds = Rounds(seconds=3.0, warmup=None, rounds=None, quick_seconds=1.0)
+    benchmark_main(run_from_args, report, doc=__doc__, output="service", rounds=rounds)
 
 
 if __name__ == "__main__":
-    started = time.time()
     main()
-    print(f"({time.time() - started:.0f} s)")

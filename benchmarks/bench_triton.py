@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -74,19 +75,19 @@ import numpy as np
 from harness import (
     ROOT,
     ClientProcess,
-    Rounds,
     ServerProcess,
     Step,
+    benchmark_main,
     closed_loop,
     cpu_seconds,
     free_port,
+    int_list,
     kernelgen_server,
     machine,
     markdown_table,
     process,
     process_tree,
     reply,
-    write_results,
 )
 
 BENCH = Path(__file__).resolve()
@@ -270,44 +271,40 @@ def conditioning_rows(cond_dim: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((ROWS, cond_dim), dtype=np.float32)
 
 
-async def triton_sender(
-    target: str, model: str, seq_lens: list[int], rows: np.ndarray
-) -> tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]:
-    """A coroutine sending row ``i`` to Triton (tritonclient's asyncio gRPC client), and a closer."""
-    from importlib.metadata import version
+Sender = tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]
 
-    from tritonclient.grpc import InferInput, InferRequestedOutput
-    from tritonclient.grpc.aio import InferenceServerClient
 
-    client = InferenceServerClient(target)
-    metadata = await client.get_server_metadata()
+async def triton_sender(target: str, model: str, seq_lens: list[int], rows: np.ndarray) -> Sender:
+    """A coroutine sending row ``i`` to Triton (tritonclient's asyncio gRPC client), and a closer.
+
+    Triton batches every input: ``conditioning`` FP32 [1, cond_dim] and ``seq_lens`` INT64 [1, data_dim].
+    """
+    packages = ("nvidia-pytriton", "tritonclient", "grpcio", "protobuf", "numpy")
     lens = np.array([seq_lens], dtype=np.int64)
-    requested = [InferRequestedOutput("kernel")]
-
-    async def send(i: int) -> np.ndarray:
-        conditioning = InferInput("conditioning", [1, rows.shape[1]], "FP32")
-        conditioning.set_data_from_numpy(rows[i % len(rows)][None])
-        seq = InferInput("seq_lens", [1, len(seq_lens)], "INT64")
-        seq.set_data_from_numpy(lens)
-        result = await client.infer(model, [conditioning, seq], outputs=requested, client_timeout=60)
-        return result.as_numpy("kernel")
-
-    info = {
-        "server": f"{metadata.name} {metadata.version}",
-        "python": platform.python_version(),
-        **{p: version(p) for p in ("nvidia-pytriton", "tritonclient", "grpcio", "protobuf", "numpy")},
-    }
-    return send, client.close, info
+    return await tritonclient_sender(target, model, rows, lens, seq_lens_first=False, packages=packages)
 
 
-async def kernelgen_oip_sender(
-    target: str, model: str, seq_lens: list[int], rows: np.ndarray
-) -> tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]:
+async def kernelgen_oip_sender(target: str, model: str, seq_lens: list[int], rows: np.ndarray) -> Sender:
     """A coroutine sending row ``i`` to kernelgen's Open Inference Protocol with tritonclient.
 
     kernelgen's OIP inputs: ``seq_lens`` INT64 [data_dim] and ``conditioning`` FP32
     [rows, cond_dim]; output ``kernel`` FP32 [rows, *spatial, out_dim].
     """
+    packages = ("tritonclient", "grpcio", "protobuf", "numpy")
+    lens = np.array(seq_lens, dtype=np.int64)
+    return await tritonclient_sender(target, model, rows, lens, seq_lens_first=True, packages=packages)
+
+
+async def tritonclient_sender(
+    target: str,
+    model: str,
+    rows: np.ndarray,
+    lens: np.ndarray,
+    *,
+    seq_lens_first: bool,
+    packages: tuple[str, ...],
+) -> Sender:
+    """tritonclient sending row ``i`` and ``lens`` (``seq_lens``, as shaped) over asyncio, and a closer."""
     from importlib.metadata import version
 
     from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -315,28 +312,26 @@ async def kernelgen_oip_sender(
 
     client = InferenceServerClient(target)
     metadata = await client.get_server_metadata()
-    lens = np.array(seq_lens, dtype=np.int64)
     requested = [InferRequestedOutput("kernel")]
 
     async def send(i: int) -> np.ndarray:
         conditioning = InferInput("conditioning", [1, rows.shape[1]], "FP32")
         conditioning.set_data_from_numpy(rows[i % len(rows)][None])
-        seq = InferInput("seq_lens", [len(seq_lens)], "INT64")
+        seq = InferInput("seq_lens", list(lens.shape), "INT64")
         seq.set_data_from_numpy(lens)
-        result = await client.infer(model, [seq, conditioning], outputs=requested, client_timeout=60)
+        inputs = [seq, conditioning] if seq_lens_first else [conditioning, seq]
+        result = await client.infer(model, inputs, outputs=requested, client_timeout=60)
         return result.as_numpy("kernel")
 
     info = {
         "server": f"{metadata.name} {metadata.version}",
         "python": platform.python_version(),
-        **{p: version(p) for p in ("tritonclient", "grpcio", "protobuf", "numpy")},
+        **{p: version(p) for p in packages},
     }
     return send, client.close, info
 
 
-async def kernelgen_sender(
-    target: str, model: str, seq_lens: list[int], rows: np.ndarray
-) -> tuple[Callable[[int], Awaitable[np.ndarray]], Callable[[], Awaitable[None]], dict[str, Any]]:
+async def kernelgen_sender(target: str, model: str, seq_lens: list[int], rows: np.ndarray) -> Sender:
     """A coroutine sending row ``i`` to kernelgen (its AsyncKernelClient), and a closer."""
     from importlib.metadata import version
 
@@ -542,7 +537,7 @@ def client_command(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     info["load_average_before"] = round(os.getloadavg()[0], 2)
-    levels = [int(x) for x in args.concurrency.split(",")]
+    levels: list[int] = args.concurrency
     seq_lens = [int(n) for n in args.seq_lens.split(",")]
     loaded = reference_model(args.model_repo, args.model)
     if loaded.config.film is None:
@@ -757,30 +752,24 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("triton-server", "client"):
-        role(sys.argv[1], sys.argv[2:])
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrency", type=int_list, default="1,8,32,64", help="closed-loop levels")
+    parser.add_argument(
+        "--model-repo",
+        type=lambda path: str(Path(path).resolve()),
+        default=None,
+        help="model repository (default: the embedded one)",
     )
-    Rounds().add_arguments(parser)
-    parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop levels")
-    parser.add_argument("--model-repo", default=None, help="model repository (default: the embedded one)")
     parser.add_argument("--model", default="hyena-2d", help="a FiLM model of the repository")
     parser.add_argument("--seq-lens", default="15,15", help="seq_lens of every request (15,15: a 29x29 grid)")
     parser.add_argument("--no-triton", action="store_true", help="measure kernelgen only")
     parser.add_argument("--venv", default=str(VENV_DIR), help="the Triton environment's folder")
     parser.add_argument("--triton-python", default=DEBIAN_PYTHON, help="the Python it is made from")
-    parser.add_argument("--output", default="triton", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    Rounds().settle(args)
-    if args.model_repo:
-        args.model_repo = str(Path(args.model_repo).resolve())
-    started = time.time()
-    result = run(args)
-    write_results(args.output, result, report(result))
-    print(f"({time.time() - started:.0f} s)")
+
+
+def main() -> None:
+    roles = {name: functools.partial(role, name) for name in ("triton-server", "client")}
+    benchmark_main(run, report, doc=__doc__, output="triton", arguments=arguments, roles=roles)
 
 
 def role(name: str, argv: list[str]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from bench_batching import (
     BATCHING,
+    BATCHING_ROUNDS,
     Clients,
     Measured,
     encode_ms,
@@ -37,7 +38,13 @@ from bench_batching import (
     response_size,
     summarize,
 )
-from harness import echo_server, kernelgen_server, markdown_table, write_results
+from harness import (
+    benchmark_main,
+    echo_server,
+    int_list,
+    kernelgen_server,
+    markdown_table,
+)
 
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -120,31 +127,29 @@ def report(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers", type=int_list, default="1,2", help="comma-separated worker counts; the first is the base"
     )
     parser.add_argument(
-        "--workers", default="1,2", help="comma-separated worker counts; the first is the base"
+        "--concurrency", type=int_list, default="8,32,64", help="comma-separated closed-loop levels"
     )
-    parser.add_argument("--concurrency", default="8,32,64", help="comma-separated closed-loop levels")
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per step")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every step")
     parser.add_argument("--device", default="auto", help="the servers' --device (auto)")
     parser.add_argument("--client-processes", type=int, default=2, help="processes generating the load")
     parser.add_argument("--connections", type=int, default=8, help="connections per client process")
-    parser.add_argument("--output", default="workers", help="results/<output>.json and .md")
-    args = parser.parse_args()
-    workers = [int(n) for n in args.workers.split(",")]
-    levels = [int(c) for c in args.concurrency.split(",")]
-    clients = Clients(args.client_processes, args.connections)
-    try:
-        result = asyncio.run(run(workers, levels, args.seconds, args.rounds, args.device, clients))
-    finally:
-        clients.close()
-    text = report(result)
-    write_results(args.output, result, text)
-    print(text)
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    with Clients(args.client_processes, args.connections) as clients:
+        return asyncio.run(
+            run(args.workers, args.concurrency, args.seconds, args.rounds, args.device, clients)
+        )
+
+
+def main() -> None:
+    benchmark_main(
+        run_from_args, report, doc=__doc__, output="workers", rounds=BATCHING_ROUNDS, arguments=arguments
+    )
 
 
 if __name__ == "__main__":

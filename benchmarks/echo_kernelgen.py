@@ -70,7 +70,7 @@ async def main() -> None:
             responses[key] = body
         trailer = trailers.get(rows)
         if trailer is None:
-            report = pb.ServerReport(batch_size=rows, batch_requests=1, model_hash="echo")
+            report = pb.ServerReport(batch_size=rows, batch_requests=1, content_hash="echo")
             trailer = trailers[rows] = ((REPORT_TRAILER, report.SerializeToString()),)
         context.set_trailing_metadata(trailer)
         return body

@@ -356,35 +356,116 @@ def median_rate(fn: Callable[[], object], min_time: float = 1.0, repeats: int = 
     return statistics.median(rates)
 
 
+def _number(kind: type[float] | type[int], low: float, inclusive: bool) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` of at least ``low`` (above it unless ``inclusive``), or a clear error."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if inclusive else 'above'} {low:g}")
+        return value
+
+    return parse
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated ints (``"1,8,32"``)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 @dataclass(frozen=True)
 class Rounds:
-    """How long a benchmark measures: its defaults, and those of ``--quick`` (a smoke run)."""
+    """How long a benchmark measures: its defaults, and those of ``--quick`` (a smoke run).
+
+    ``warmup`` or ``rounds`` None: the benchmark has no such knob (and no flag for it).
+    """
 
     seconds: float = 5.0
-    warmup: float = 1.0
-    rounds: int = 3
+    warmup: float | None = 1.0
+    rounds: int | None = 3
     quick_seconds: float = 2.0
     quick_warmup: float = 0.5
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """``--quick``, ``--seconds``, ``--warmup`` and ``--rounds``; ``settle`` fills them in."""
+        """``--quick``, ``--seconds`` and, where the benchmark has them, ``--warmup`` and ``--rounds``.
+
+        A value given is used as given, 0 included where it means something (no
+        warm-up); one that means nothing (0 measured seconds, 0 rounds) is refused.
+        ``settle`` fills in those not given.
+        """
+        rounds = "1 round" if self.rounds is not None else "steps"
         parser.add_argument(
-            "--quick", action="store_true", help=f"a smoke run: 1 round of {self.quick_seconds:g} s per step"
+            "--quick", action="store_true", help=f"a smoke run: {rounds} of {self.quick_seconds:g} s per step"
         )
         parser.add_argument(
-            "--seconds", type=float, default=None, help=f"measured seconds per step ({self.seconds:g})"
+            "--seconds",
+            type=_number(float, 0, inclusive=False),
+            default=None,
+            help=f"measured seconds per step ({self.seconds:g})",
         )
-        parser.add_argument(
-            "--warmup", type=float, default=None, help=f"warm-up seconds per step ({self.warmup:g})"
-        )
-        parser.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds ({self.rounds})")
+        if self.warmup is not None:
+            parser.add_argument(
+                "--warmup",
+                type=_number(float, 0, inclusive=True),
+                default=None,
+                help=f"warm-up seconds per step ({self.warmup:g})",
+            )
+        if self.rounds is not None:
+            parser.add_argument(
+                "--rounds",
+                type=_number(int, 1, inclusive=True),
+                default=None,
+                help=f"interleaved rounds ({self.rounds})",
+            )
 
     def settle(self, args: argparse.Namespace) -> None:
-        """Each of the four not given on the command line takes its (quick) default."""
-        args.seconds = args.seconds or (self.quick_seconds if args.quick else self.seconds)
-        if args.warmup is None:
+        """Each one not given on the command line takes its (quick) default."""
+        if args.seconds is None:
+            args.seconds = self.quick_seconds if args.quick else self.seconds
+        if self.warmup is not None and args.warmup is None:
             args.warmup = self.quick_warmup if args.quick else self.warmup
-        args.rounds = max(1, args.rounds or (1 if args.quick else self.rounds))
+        if self.rounds is not None and args.rounds is None:
+            args.rounds = 1 if args.quick else self.rounds
+
+
+def benchmark_main(
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    *,
+    doc: str | None,
+    output: str,
+    rounds: Rounds | None = None,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    roles: dict[str, Callable[[list[str]], None]] | None = None,
+) -> None:
+    """A benchmark script's ``main()``: its options, one ``run``, the results written.
+
+    ``python bench_x.py ROLE ARGS...`` runs ``roles[ROLE](ARGS)`` instead (the
+    script as one of its own client or server processes). Otherwise the options
+    are ``rounds``' (``Rounds()`` by default), those ``arguments`` adds, and
+    ``--output`` (``results/<output>.json`` and ``.md``); the wall time goes to stderr.
+    """
+    if roles and len(sys.argv) > 1 and sys.argv[1] in roles:
+        roles[sys.argv[1]](sys.argv[2:])
+        return
+    rounds = rounds or Rounds()
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rounds.add_arguments(parser)
+    if arguments is not None:
+        arguments(parser)
+    parser.add_argument("--output", default=output, help=f"results/<output>.json and .md ({output})")
+    args = parser.parse_args()
+    rounds.settle(args)
+    started = time.time()
+    result = run(args)
+    write_results(args.output, result, report(result))
+    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
 
 
 def write_results(name: str, result: dict[str, Any], text: str) -> None:

@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 20 minutes)
-    python benchmarks/run_all.py --quick    # a smoke run (about 3 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 25 minutes)
+    python benchmarks/run_all.py --quick    # a smoke run (about 4 minutes)
 
 Runs on this machine, one after another:
 
@@ -16,7 +16,9 @@ Runs on this machine, one after another:
 7. ``bench_hostile.py``: small requests while large kernels stream, tiled against whole;
 8. ``bench_oip.py``: Triton's client on the Open Inference Protocol and kernels through shared
    memory against the native client;
-9. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+9. ``bench_envoy.py``: the latency and CPU Envoy adds in front of a replica, and the cache hit
+   rates of three replicas behind Envoy's hash on the cache key, behind round robin, and of one;
+10. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -43,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_triton import side_by_side_table
-from harness import RESULTS, ROOT, free_port, kernelgen_server, markdown_table, process
+from harness import RESULTS, ROOT, Rounds, free_port, kernelgen_server, markdown_table, process
 
-from kernelgen_loadtest.report import plot
+from kernelgen_loadtest.outputs import plot
 
 SERVERS = {
     "batching_on": ("batching on", ["--max-batch-size", "64", "--max-queue-delay-ms", "0"]),
@@ -270,6 +272,8 @@ def page(
         hostile_section(load("hostile.json")),
         "## The Open Inference Protocol and shared memory",
         oip_section(load("oip.json")),
+        "## Behind Envoy: added latency and CPU, cache affinity",
+        envoy_section(load("envoy.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -292,6 +296,21 @@ def oip_section(oip: dict[str, Any] | None) -> str:
         + markdown_table(rows)
         + f"\n\nThe 82 MB long-1d kernel through shared memory: {long['shm_over_memcpy']:.2f}x a plain "
         f"copy of its bytes. Details: [oip.md](oip.md)."
+    )
+
+
+def envoy_section(envoy: dict[str, Any] | None) -> str:
+    if not envoy:
+        return "(not run)"
+    from bench_envoy import affinity_table, overhead_table
+
+    return (
+        f"`bench_envoy.py`, {envoy['machine']['date']}: one replica direct and through Envoy, medians "
+        "of interleaved rounds.\n\n"
+        + overhead_table(envoy["overhead"])
+        + "\n\nThree replicas, each caching half of the key space:\n\n"
+        + affinity_table(envoy["affinity"])
+        + "\n\nDetails: [envoy.md](envoy.md)."
     )
 
 
@@ -338,21 +357,21 @@ def hostile_section(hostile: dict[str, Any] | None) -> str:
     )
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,sweep"
+ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,envoy,sweep"
+#: Seconds per sweep step (the benchmarks take at most 2-3 of them), warm-up per sweep step.
+SUITE_ROUNDS = Rounds(seconds=5.0, warmup=1.0, rounds=None, quick_seconds=1.0, quick_warmup=1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="short steps and fewer levels: a smoke run")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per step (5; quick: 1)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per sweep step (1)")
+    SUITE_ROUNDS.add_arguments(parser)
     parser.add_argument("--concurrency", default=None, help="sweep levels (1,4,16,64; quick: 1,16)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes (1)")
     parser.add_argument("--only", default=ALL_PARTS, help="comma-separated parts to run (all)")
     args = parser.parse_args()
-    args.seconds = args.seconds or (1.0 if args.quick else 5.0)
+    SUITE_ROUNDS.settle(args)
     args.concurrency = args.concurrency or ("1,16" if args.quick else "1,4,16,64")
     parts = set(args.only.split(","))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -390,6 +409,8 @@ def main() -> None:
         run([sys.executable, str(BENCH / "bench_hostile.py"), *(["--quick"] if args.quick else [])])
     if "oip" in parts:
         run([sys.executable, str(BENCH / "bench_oip.py"), *(["--quick"] if args.quick else [])])
+    if "envoy" in parts:
+        run([sys.executable, str(BENCH / "bench_envoy.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

@@ -1,15 +1,18 @@
-"""Scale-out check: three replicas behind one round-robin target, one killed and restarted.
+"""Scale-out check: three replicas, one SIGKILLed and one drained (SIGTERM) under load, both restarted.
 
     python benchmarks/scale_out.py [--duration 30] [--concurrency 16]
 
-Starts ``kernelgen serve`` on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (same port),
-runs ``kernelgen loadtest`` against all three as one client target, SIGKILLs
-the second replica a quarter of the way in and restarts it at three eighths. Reports
-requests sent, succeeded and failed by status code, sampled correctness, the
-calls each replica served, and the throughput of three replicas against one
-under the same load. On a 2-core machine the replicas share the same cores as
-the client, so the throughput ratio measures overhead, not speed-up.
-Writes benchmarks/results/scale_out.json and scale_out.md.
+Starts ``kernelgen serve`` on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (same port) and drives them with
+``kernelgen loadtest`` in three runs: through Envoy (``scripts/render_envoy.py``: health checks,
+retries on another replica, cache-key affinity) with the client's retry policy on, as an
+application runs it; through Envoy with the client's retries off, to show what Envoy alone
+covers; and through the client's own round robin over the three addresses, retries on. In each run
+the second replica is SIGKILLed at a tenth of the run and started again at three twentieths; the
+third is sent SIGTERM at two fifths (it drains: NOT_SERVING, new calls refused, calls in flight
+answered) and started again once it has exited. Reports, per run: calls sent, answered and failed by
+status code, sampled responses recomputed against the reference model, and what proves each
+restarted replica back in rotation (the calls it answered since its restart, and Envoy's own
+count of calls sent to it since then). Writes benchmarks/results/scale_out.json and scale_out.md.
 """
 
 from __future__ import annotations
@@ -17,190 +20,208 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from harness import serve_command, start_process, write_results
+from envoy_front import HOSTS, EnvoyFront, Replica, free_port_on
+from harness import write_results
 
-HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-
-
-def _free_port() -> int:
-    """A port free on every replica address (checked by binding each)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOSTS[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in HOSTS[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on all replica addresses")
+#: The load: hyena-2d FiLM rows (batched) and unconditioned grids (cached, keyed), and
+#: long-1d's 4 MB kernels, which are streamed: a replica that dies mid-stream cuts the response.
+WORKLOAD = ["-m", "hyena-2d:6", "-m", "long-1d:1", "--seq-lens", "15,15", "--seq-lens", "11,11",
+            "--seq-lens", "2000", "--rows", "1-2", "--unconditioned", "0.3"]  # fmt: skip
+#: The runs: (name, through Envoy, the client's attempts per call).
+RUNS = (("envoy", True, 5), ("envoy, client retries off", True, 1), ("client round robin", False, 5))
 
 
-class Replica:
-    """One ``kernelgen serve`` process on a fixed address, restartable."""
-
-    def __init__(self, host: str, port: int, metrics_port: int) -> None:
-        self.host, self.port, self.metrics_port = host, port, metrics_port
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        command = serve_command(self.host, self.port, metrics_port=self.metrics_port)
-        self.proc = start_process(command, r"listening on", timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=60)
-
-    def served(self) -> int:
-        """GenerateKernel calls this process answered OK (since its last start)."""
-        url = f"http://{self.host}:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        total = 0.0
-        for labels, value in re.findall(r"^kernelgen_requests_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
-            fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            if fields.get("code") == "OK" and fields.get("method") in ("GenerateKernel", "StreamKernel"):
-                total += float(value)
-        return int(total)
+def _loadtest(target: str, duration: float, concurrency: int, retries: int, out: Path, check: int,
+              log: Path) -> subprocess.Popen[bytes]:  # fmt: skip
+    command = [sys.executable, "-m", "kernelgen_client.cli", "loadtest", "--target", target, *WORKLOAD,
+               "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", "1",
+               "--timeout", "30", "--retries", str(retries), "--json", str(out), "--quiet",
+               "--max-error-rate", "1"]  # fmt: skip
+    if check:
+        command += ["--check-correctness", str(check)]
+    with log.open("wb") as sink:
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ})
 
 
-def _loadtest(target: str, duration: float, concurrency: int, out: Path, check: int) -> subprocess.Popen[str]:
-    workload = ["hyena-2d", "--seq-lens", "15,15", "--rows", "1-2", "--unconditioned", "0.2"]
-    load = ["--concurrency", str(concurrency), "--duration", str(duration)]
-    load += ["--warmup", "1", "--timeout", "10"]
-    checks = ["--check-correctness", str(check)] if check else []
-    command = [sys.executable, "-m", "kernelgen_client.cli", "loadtest", "--target", target,
-               *workload, *load, *checks, "--json", str(out), "--quiet"]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _sent_to(front: EnvoyFront | None, target: str) -> int:
+    """Calls Envoy has sent to ``target`` (all its clusters; 0 without Envoy)."""
+    if front is None:
+        return 0
+    return sum(hosts.get(target, {}).get("rq_total", 0) for hosts in front.hosts().values())
 
 
-def _step(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    steps = data["steps"] if isinstance(data, dict) else data
-    step: dict[str, Any] = steps[0]
-    return step
-
-
-def scale_out(duration: float = 30.0, concurrency: int = 16, check: int = 64) -> dict[str, Any]:
-    """Run the scenario; returns the figures (see the module docstring)."""
-    port = _free_port()
-    replicas = [Replica(host, port, _free_port()) for host in HOSTS]
-    target = ",".join(r.target for r in replicas)
+def run(
+    name: str,
+    through_envoy: bool,
+    retries: int,
+    logs: Path,
+    duration: float = 30.0,
+    concurrency: int = 16,
+    check: int = 64,
+) -> dict[str, Any]:
+    """One run of the scenario (see the module docstring); its figures."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port_on(HOSTS)
+    replicas = [Replica(host, port, logs) for host in HOSTS]
+    killed, drained = replicas[1], replicas[2]
     events: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+    front: EnvoyFront | None = None
+    with ExitStack() as stack:
         for replica in replicas:
-            replica.start()
-            stack.callback(replica.stop)
-        out = Path(tmp) / "three.json"
+            replica.launch()
+            stack.callback(replica.kill)
+        for replica in replicas:
+            replica.wait_ready()
+        if through_envoy:
+            front = EnvoyFront([r.target for r in replicas], logs)
+            stack.callback(front.stop)
+            front.start()
+            target = front.target
+        else:
+            target = ",".join(r.target for r in replicas)
+        out = logs / "loadtest.json"
+        load = _loadtest(target, duration, concurrency, retries, out, check, logs / "loadtest.log")
         started = time.monotonic()
-        load = _loadtest(target, duration, concurrency, out, check)
-        time.sleep(1.0 + duration / 4)  # warm-up, then a quarter of the run
-        replicas[1].kill()
-        events.append(f"{time.monotonic() - started:.1f} s: SIGKILL {replicas[1].target}")
-        time.sleep(max(0.0, 1.0 + 3 * duration / 8 - (time.monotonic() - started)))
-        replicas[1].start()
-        events.append(f"{time.monotonic() - started:.1f} s: restarted {replicas[1].target}")
-        log, _ = load.communicate(timeout=duration + 120)
+
+        def at(fraction: float) -> None:
+            time.sleep(max(0.0, 1.0 + fraction * duration - (time.monotonic() - started)))
+
+        def event(text: str) -> None:
+            events.append(f"{time.monotonic() - started:.1f} s: {text}")
+
+        at(0.10)
+        killed.kill()
+        event(f"SIGKILL {killed.target}")
+        at(0.15)
+        killed.launch()  # it starts while the others serve
+        event(f"{killed.target} restarting")
+        at(0.40)
+        drained.drain()
+        event(f"SIGTERM {drained.target}")
+        drained_exit = drained.wait()
+        event(f"{drained.target} drained, exit code {drained_exit}")
+        drained.launch()
+        event(f"{drained.target} restarting")
+        sent_after: dict[str, int] = {}
+        for replica in (killed, drained):
+            replica.wait_ready()
+            event(f"{replica.target} serving again")
+            sent_after[replica.target] = _sent_to(front, replica.target)
+        back_in = {}
+        if front is not None:
+            back_in = {
+                r.target: round(front.wait_healthy([r.target], timeout=10.0), 2) for r in (killed, drained)
+            }
+        load.wait(timeout=duration + 120)
         if not out.exists():
-            raise RuntimeError(f"the load test wrote no result:\n{log}")
-        three = _step(out)
+            raise RuntimeError(
+                f"the load test wrote no result:\n{(logs / 'loadtest.log').read_text()[-3000:]}"
+            )
+        document = json.loads(out.read_text())
+        step: dict[str, Any] = document["steps"][0]
         served = {r.target: r.served() for r in replicas}
+        envoy_sent = {t: _sent_to(front, t) - before for t, before in sent_after.items()} if front else {}
         exit_codes = {r.target: r.stop() for r in replicas}
-        stack.pop_all()
+    errors: dict[str, int] = step["errors"]
+    correctness = step.get("correctness") or {}
+    return {
+        "run": name,
+        "through_envoy": through_envoy,
+        "client_attempts": retries,
+        "events": events,
+        "sent": step["sent"],
+        "ok": step["ok"],
+        "failed": sum(errors.values()),
+        "errors_by_code": errors,
+        "error_examples": step.get("error_examples", {}),
+        "counts_add_up": step["sent"] == step["ok"] + sum(errors.values()),
+        "requests_per_s": step["requests_per_s"],
+        "cache_hit_rate": (step.get("server") or {}).get("cache_hit_rate"),
+        "correctness": correctness,
+        "drained_exit_code": drained_exit,
+        "served_by_replica_since_last_start": served,
+        "envoy_calls_to_restarted_since_restart": envoy_sent,
+        "envoy_healthy_again_s": back_in,
+        "exit_codes_on_sigterm_at_the_end": exit_codes,
+    }
 
-        single = Replica(HOSTS[0], _free_port(), _free_port())
-        single.start()
-        try:
-            one_out = Path(tmp) / "one.json"
-            one = _loadtest(single.target, duration, concurrency, one_out, 0)
-            one_log, _ = one.communicate(timeout=duration + 120)
-            if not one_out.exists():
-                raise RuntimeError(f"the single-replica load test wrote no result:\n{one_log}")
-            one_step = _step(one_out)
-        finally:
-            single.stop()
 
-    errors: dict[str, int] = three["errors"]
-    correctness = three.get("correctness") or {}
+def scale_out(duration: float = 30.0, concurrency: int = 16, check: int = 64,
+              runs: tuple[tuple[str, bool, int], ...] = RUNS) -> dict[str, Any]:  # fmt: skip
+    """Every run of ``runs``, in one temporary folder of logs (kept only on failure)."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kernelgen-scale-out-") as tmp:
+        for number, (name, envoy, retries) in enumerate(runs):
+            logs = Path(tmp) / f"run{number}"
+            try:
+                results.append(run(name, envoy, retries, logs, duration, concurrency, check))
+            except Exception:
+                for path in sorted(logs.glob("*.log")):
+                    print(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+                raise
     return {
         "duration_s": duration,
         "concurrency": concurrency,
-        "events": events,
-        "sent": three["sent"],
-        "ok": three["ok"],
-        "errors_by_code": errors,
-        "counts_add_up": three["sent"] == three["ok"] + sum(errors.values()),
-        "only_unavailable_errors": set(errors) <= {"UNAVAILABLE"},
-        "correctness": correctness,
-        "served_by_replica_since_last_start": served,
-        "replica_exit_codes_on_sigterm": exit_codes,
-        "three_replicas_per_s": three["requests_per_s"],
-        "one_replica_per_s": one_step["requests_per_s"],
-        "three_over_one": three["requests_per_s"] / one_step["requests_per_s"],
-        "loadtest_log_tail": log.splitlines()[-5:],
+        "workload": " ".join(WORKLOAD),
+        "runs": results,
     }
 
 
 def report(result: dict[str, Any], machine: str) -> str:
-    rows = [
-        ("requests sent", result["sent"]),
-        ("succeeded", result["ok"]),
-        ("failed, by status code", result["errors_by_code"] or "none"),
-        ("sent = succeeded + failed", result["counts_add_up"]),
+    names = [r["run"] for r in result["runs"]]
+    rows: list[tuple[str, list[Any]]] = [
+        ("client attempts per call", [r["client_attempts"] for r in result["runs"]]),
+        ("calls sent", [r["sent"] for r in result["runs"]]),
+        ("answered", [r["ok"] for r in result["runs"]]),
+        ("failed, by status code", [r["errors_by_code"] or "none" for r in result["runs"]]),
+        ("sent = answered + failed", [r["counts_add_up"] for r in result["runs"]]),
         (
-            "failures only UNAVAILABLE (the killed replica's calls in flight)",
-            result["only_unavailable_errors"],
+            "sampled responses recomputed / mismatches",
+            [
+                f"{r['correctness'].get('checked', 0)} / {r['correctness'].get('mismatches', 'n/a')}"
+                for r in result["runs"]
+            ],
+        ),
+        ("calls/s", [f"{r['requests_per_s']:.0f}" for r in result["runs"]]),
+        ("drained replica's exit code", [r["drained_exit_code"] for r in result["runs"]]),
+        (
+            "OK calls per replica since its last start",
+            [r["served_by_replica_since_last_start"] for r in result["runs"]],
         ),
         (
-            "sampled responses recomputed in-process / mismatches",
-            f"{result['correctness'].get('checked', 0)} / {result['correctness'].get('mismatches', 'n/a')}",
+            "calls Envoy sent each restarted replica since its restart",
+            [r["envoy_calls_to_restarted_since_restart"] or "-" for r in result["runs"]],
         ),
         (
-            "OK calls per replica (the restarted one counts since its restart)",
-            result["served_by_replica_since_last_start"],
+            "seconds until Envoy held each restarted replica healthy",
+            [r["envoy_healthy_again_s"] or "-" for r in result["runs"]],
         ),
-        ("exit codes on SIGTERM at the end", result["replica_exit_codes_on_sigterm"]),
-        ("requests/s, 3 replicas", f"{result['three_replicas_per_s']:.1f}"),
-        ("requests/s, 1 replica, same load", f"{result['one_replica_per_s']:.1f}"),
-        ("3 replicas / 1", f"{result['three_over_one']:.2f}"),
     ]
-    table = "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+    table = "\n".join(
+        ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        + [f"| {label} | " + " | ".join(str(v) for v in values) + " |" for label, values in rows]
+    )
+    events = "\n".join(f"- {r['run']}: " + "; ".join(r["events"]) + "." for r in result["runs"])
     parts = [
-        "# Scale-out: three replicas, one killed and restarted",
-        f"Machine: {machine}. Load: `kernelgen loadtest` on hyena-2d (15x15, 1-2 FiLM rows, 20 % "
-        f"unconditioned), closed loop at concurrency {result['concurrency']} "
-        f"for {result['duration_s']:.0f} s, round robin over 127.0.0.1-3. Calls are not retried by "
-        "the load tester: every failure is counted.",
-        "Events: " + "; ".join(result["events"]) + ".",
+        "# Scale-out: three replicas, one SIGKILLed and one drained, both restarted",
+        f"Machine: {machine}. Load: `kernelgen loadtest {result['workload']}`, closed loop at "
+        f"concurrency {result['concurrency']} for {result['duration_s']:.0f} s, replicas on "
+        "127.0.0.1-3. A failure is a call the load tester's client saw fail after its own retries "
+        "(none when attempts are 1).",
+        "Events:\n\n" + events,
         table,
-        "On this 2-core machine the replicas and the client share the same two cores, so 3 vs 1 says "
-        "nothing about adding devices: it measures the cost (or, when one replica's event-loop thread "
-        "is the limit, the gain) of spreading the same CPU over more processes.",
+        "Envoy retries a call on another replica only until its response has started; a call cut "
+        "after that (the killed replica was sending it) reaches the client as INTERNAL (Envoy's "
+        "reset) or UNAVAILABLE, and only the client can send it again: with its retry policy on it "
+        "does, once, from the start. On these 2 shared cores the figures say nothing about speed.",
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -211,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds of the load test")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds of each load test")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     result = scale_out(args.duration, args.concurrency)

@@ -11,8 +11,9 @@
 #   b         the integration tests of the served path (in-process servers, device "auto")
 #   c         benchmarks/bench_engine.py, short, on the GPU
 #   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
-#   e         benchmarks/bench_workers.py: serve --workers 4 against 1 on the GPU (last: it gets
-#             what time is left)
+#   e         benchmarks/bench_workers.py: serve --workers 4 against 1 on the GPU
+#   f         benchmarks/bench_network.py --quick: a network's forward on the GPU, local against
+#             served (its table goes to bench.log; last: it gets what time is left)
 # Writes at most 8 files into $OUT (default reports/device): summary.txt (each step's exit
 # code and time, and whether the CUDA tests ran), env.txt (nvidia-smi, versions, the
 # requirement check), tests.log, bench.log, engine_<device>.json, batching_<device>.{json,md},
@@ -208,7 +209,8 @@ step "b integration tests" 180 "$TESTS_LOG" \
     tests/client/test_client_errors_served.py tests/client/test_client_cli_commands.py \
     tests/loadtest/test_loadtest_served.py tests/e2e/test_workers.py \
     tests/server/test_service_pipeline.py tests/server/test_cache_slicing.py \
-    tests/server/test_factored_kernels.py tests/client/test_factored_client.py
+    tests/server/test_factored_kernels.py tests/client/test_factored_client.py \
+    tests/client/test_remote_kernels.py
 junit_summary "$WORK/service.xml" | grep -v '^cuda_skipped=\|CUDA tests: none found' | tee -a "$SUMMARY"
 
 # -- c: in-process engine vs reference forward --------------------------------------------------
@@ -244,6 +246,13 @@ if [ -f "benchmarks/results/$name.md" ]; then
 else
     note "  bench_workers wrote no benchmarks/results/$name.md"
 fi
+
+# -- f: a whole network's forward, local against served, on the GPU ------------------------------
+# Its markdown is printed into bench.log; its files are not kept (the file limit).
+name=network_$DEVICE
+step "f bench_network.py ($DEVICE)" 90 "$BENCH_LOG" \
+    "$PY" benchmarks/bench_network.py --quick --device "$DEVICE" --output "$name"
+rm -f "benchmarks/results/$name.json" "benchmarks/results/$name.md"
 
 # -- verdict ------------------------------------------------------------------------------------
 files=$(find "$OUT" -type f | wc -l)

@@ -30,6 +30,8 @@ WHEELS_SCRIPT = ROOT / "scripts" / "device_wheels.sh"
 IMAGE = ROOT / "scripts" / "device_image.txt"
 #: dev requirements that the check's test runs need besides pytest itself.
 TEST_PLUGINS = ("pytest-asyncio",)
+#: The tests' oracle, installed without its dependencies (its metadata names training packages).
+ORACLE = ROOT / "tests" / "oracle-requirements.txt"
 #: the marker environment of the GPU machine's python3.
 DEVICE_ENV = {
     "python_version": "3.12",
@@ -47,7 +49,13 @@ def roots(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
     extras = project["optional-dependencies"]
     found = [Requirement(r) for r in [*project["dependencies"], *extras["server"]]]
     found += [r for r in map(Requirement, extras["dev"]) if canonicalize_name(r.name) in TEST_PLUGINS]
-    return found
+    return found + oracle()
+
+
+def oracle(path: Path = ORACLE) -> list[Requirement]:
+    """The pinned oracle packages (``tests/oracle-requirements.txt``)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
 
 
 def carried(script: Path = WHEELS_SCRIPT) -> list[str]:
@@ -70,7 +78,10 @@ def image(path: Path = IMAGE) -> dict[str, str | None]:
 
 
 def requires(name: str, env: dict[str, str] | None = None) -> list[Requirement]:
-    """The requirements of an installed distribution that apply in ``env`` without extras."""
+    """The requirements of an installed distribution that apply in ``env`` without extras (none for
+    the oracle's packages, installed without their dependencies)."""
+    if canonicalize_name(name) in {canonicalize_name(r.name) for r in oracle()}:
+        return []
     reqs = [Requirement(r) for r in metadata.requires(name) or ()]
     return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": "", **(env or {})})]
 

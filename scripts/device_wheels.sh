@@ -41,6 +41,11 @@ PACKAGES=(
     typing-extensions
     prometheus-client
     pytest-asyncio
+    # The tests' oracle and what its modules import (tests/oracle-requirements.txt), for the
+    # served network's tests and bench_network.py.
+    nvsubquadratic
+    einops
+    omegaconf
 )
 
 PY="$VENV/bin/python"

@@ -13,9 +13,10 @@ outside what is checked:
 - ``namespace``: set on namespaced objects; a Namespace object is renamed to it;
 - ``labels``: ``pairs`` added to every object's metadata, and with
   ``includeTemplates`` to pod templates; ``includeSelectors`` must be false;
-- ``configMapGenerator``: ``literals`` only, the name suffixed with kustomize's
-  content hash unless ``options.disableNameSuffixHash``, and references to it
-  from pod templates rewritten;
+- ``configMapGenerator``: ``literals`` and ``files`` (UTF-8 text, the key the
+  file's name or ``key=path``), the name suffixed with kustomize's content hash
+  unless ``options.disableNameSuffixHash``, and references to it from pod
+  templates rewritten;
 - ``images``: ``newName``, ``newTag`` and ``digest`` for containers and init
   containers of pod templates;
 - output order: kustomize's legacy kind order, then group/version/kind, namespace, name.
@@ -155,14 +156,34 @@ def _check_kinds(objects: list[Obj]) -> None:
             raise RenderError(f"{obj['kind']} {obj['metadata']['name']}: kind not supported by the renderer")
 
 
-def _generate_config_maps(generators: list[Any]) -> tuple[list[Obj], dict[str, str]]:
+def _file_entries(directory: Path, name: str, files: list[Any]) -> Iterator[tuple[str, str]]:
+    """(key, text) of each ``files`` entry of generator ``name``: ``path`` or ``key=path``."""
+    for entry in files:
+        if not isinstance(entry, str) or not entry:
+            raise RenderError(f"configMapGenerator {name!r}: file entry {entry!r} is not a path")
+        key, sep, relative = entry.partition("=")
+        if not sep:
+            key, relative = Path(entry).name, entry
+        path = (directory / relative).resolve()
+        if "://" in relative or not path.is_file():
+            raise RenderError(f"configMapGenerator {name!r}: {relative!r} is not a local file")
+        if not path.is_relative_to(directory.resolve()):  # kustomize's load restrictor, by default
+            raise RenderError(f"configMapGenerator {name!r}: {relative!r} is outside the kustomization")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # kustomize would write binaryData
+            raise RenderError(f"configMapGenerator {name!r}: {relative!r} is not UTF-8 text") from exc
+        yield key, text
+
+
+def _generate_config_maps(directory: Path, generators: list[Any]) -> tuple[list[Obj], dict[str, str]]:
     """ConfigMaps from ``configMapGenerator``, and the map of generated names."""
     maps: list[Obj] = []
     renames: dict[str, str] = {}
     for gen in generators:
         if not isinstance(gen, dict):
             raise RenderError(f"configMapGenerator entry {gen!r}: not a mapping")
-        extra = sorted(set(gen) - {"name", "literals", "options", "behavior"})
+        extra = sorted(set(gen) - {"name", "literals", "files", "options", "behavior"})
         if extra:
             raise RenderError(f"configMapGenerator {gen.get('name')!r}: unsupported fields {extra}")
         if gen.get("behavior", "create") != "create":
@@ -173,7 +194,7 @@ def _generate_config_maps(generators: list[Any]) -> tuple[list[Obj], dict[str, s
         name = gen.get("name")
         if not isinstance(name, str) or not name:
             raise RenderError("configMapGenerator entry without a name")
-        data: dict[str, str] = {}
+        entries: list[tuple[str, str]] = []
         for literal in gen.get("literals") or []:
             if not isinstance(literal, str) or "=" not in literal:
                 raise RenderError(f"configMapGenerator {name!r}: literal {literal!r} is not KEY=VALUE")
@@ -181,6 +202,10 @@ def _generate_config_maps(generators: list[Any]) -> tuple[list[Obj], dict[str, s
             # kustomize strips one pair of surrounding quotes; keep values unquoted.
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 raise RenderError(f"configMapGenerator {name!r}: write {key}'s value without quotes")
+            entries.append((key, value))
+        entries += _file_entries(directory, name, gen.get("files") or [])
+        data: dict[str, str] = {}
+        for key, value in entries:
             if key in data:
                 raise RenderError(f"configMapGenerator {name!r}: {key} given twice")
             data[key] = value
@@ -289,7 +314,7 @@ def render(directory: Path) -> list[Obj]:
     directory = Path(directory)
     kust = _load_kustomization(directory)
     objects = [copy.deepcopy(o) for o in _load_resources(directory, kust.get("resources") or [])]
-    generated, renames = _generate_config_maps(kust.get("configMapGenerator") or [])
+    generated, renames = _generate_config_maps(directory, kust.get("configMapGenerator") or [])
     objects += generated
     _check_kinds(objects)
 

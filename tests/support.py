@@ -59,12 +59,31 @@ class ServeProcess:
         return self.proc.wait(timeout=timeout)
 
 
+#: Runs argv[2:] with the open-files limit set to argv[1] ("soft:hard"): set in the child before
+#: it execs, so the server starts with it (a preexec_fn is not safe with the test's threads).
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; soft, hard = map(int, sys.argv[1].split(':')); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); os.execv(sys.executable, sys.argv[2:])"
+)
+
+
 @contextmanager
 def serve_process(
-    *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None, timeout: float = 60.0
+    *args: str,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    open_files: tuple[int, int] | None = None,
 ) -> Iterator[ServeProcess]:
-    """Start ``kernelgen serve --host HOST --port 0 ARGS`` and wait until it prints its port."""
+    """Start ``kernelgen serve --host HOST --port 0 ARGS`` and wait until it prints its port.
+
+    ``open_files``: the (soft, hard) open-files limit the process starts with.
+    """
+    launcher = []
+    if open_files is not None:
+        launcher = [sys.executable, "-c", _WITH_OPEN_FILES, "{}:{}".format(*open_files)]
     command = [
+        *launcher,
         sys.executable,
         "-m",
         "kernelgen_client.cli",

@@ -38,7 +38,7 @@ from kernelgen_client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from kernelgen_client.types import (
+from kernelgen_client.results import (
     FiLMConfig,
     FlopReport,
     GroupInfo,

@@ -26,7 +26,7 @@ from kernelgen_client._channel import (
     merge_metadata,
     resolve_target,
 )
-from kernelgen_client.types import ModelInfo
+from kernelgen_client.results import ModelInfo
 from kernelgen_wire.rpc import HEALTH_CHECK_PATH, method_path
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 

@@ -147,6 +147,13 @@ class RetryPolicy:
     (until their deadline) instead of failing at once while none is up, which
     carries a client across a server restart.
 
+    gRPC retries a call only until its response has begun. ``replays`` is how
+    many times a kernel call whose response was then cut (a replica that died
+    mid-response, a proxy's reset: ``KernelServiceError.interrupted``) is sent
+    again from the start, within its deadline; every kernelgen call is
+    idempotent. Behind a proxy this is what keeps a streamed kernel whose
+    replica died from being lost.
+
     Example::
 
         KernelClient("127.0.0.1:50051", retries=RetryPolicy(max_attempts=3, wait_for_ready=True))
@@ -157,8 +164,11 @@ class RetryPolicy:
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
     wait_for_ready: bool = False
+    replays: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.replays <= 3:
+            raise ValueError(f"replays must be 0 to 3, got {self.replays}")
         if not 1 <= self.max_attempts <= 5:
             raise ValueError(f"max_attempts must be 1 to 5 (gRPC's limit), got {self.max_attempts}")
         if not 0 < self.initial_backoff <= self.max_backoff:
@@ -168,11 +178,11 @@ class RetryPolicy:
 
     @classmethod
     def coerce(cls, value: RetryPolicy | int | None) -> RetryPolicy:
-        """``None`` or ``0`` turns retries off, an int sets ``max_attempts``."""
+        """``None`` or ``0`` turns retries (and replays) off, an int sets ``max_attempts``."""
         if isinstance(value, RetryPolicy):
             return value
         if value is None or value == 0:
-            return cls(max_attempts=1)
+            return cls(max_attempts=1, replays=0)
         return cls(max_attempts=int(value))
 
 

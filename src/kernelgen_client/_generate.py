@@ -11,9 +11,12 @@ Flow of a call, identical in both clients:
    ``STREAM_THRESHOLD_BYTES`` the kernel comes by ``StreamKernel``;
 3. a unary call that is refused as too large for one message (a stale
    prediction) is redone once as a stream (``wants_stream``);
-4. a factored response names its output head, which the client fetches once
-   per head (``GetOutputHead``);
-5. ``finish`` decodes the received bytes into what the caller asked for.
+4. an unconditioned call carries its cache key in the ``kernelgen-cache-key``
+   header (``affinity``), so that a proxy in front of several replicas sends
+   each key to the replica that caches it; a conditioned one carries none;
+5. a factored response names its output head, which the client fetches once
+   per output head (``GetOutputHead``);
+6. ``finish`` decodes the received bytes into what the caller asked for.
 
 A ``generate_group`` call is the same for every member of the group at once
 (``prepare_group``, ``GroupCall``): it always streams (``GenerateGroup``),
@@ -23,15 +26,16 @@ kernel as a ``generate`` call of that member would.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from kernelgen_client.errors import InvalidRequest, KernelServiceError, KernelTooLarge, MalformedResponse
 from kernelgen_client.factored import FactoredKernel, OutputHead
+from kernelgen_client.results import KernelResult, ModelInfo, ServerReport
 from kernelgen_client.tensors import (
     ConditioningLike,
     DTypeLike,
@@ -39,12 +43,11 @@ from kernelgen_client.tensors import (
     decode_torch,
     dtype_name,
     encode_conditioning,
-    itemsize,
     wire_dtype,
 )
-from kernelgen_client.types import KernelResult, ModelInfo, ServerReport
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
-from kernelgen_wire.metadata import Reason
+from kernelgen_wire.metadata import CACHE_KEY_HEADER, Reason, cache_key
+from kernelgen_wire.sizes import GRID_DTYPE, kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = [
@@ -53,15 +56,22 @@ __all__ = [
     "Deadline",
     "GenerateCall",
     "GroupCall",
+    "SeqLens",
     "check_seq_lens",
-    "pointed",
+    "pointing",
     "predict_bytes",
     "prepare",
     "prepare_group",
 ]
 
+#: What ``generate(seq_lens=...)`` takes: one length per spatial axis (an int: one axis).
+SeqLens = int | Sequence[int]
+
 #: What ``generate(representation=...)`` takes.
 REPRESENTATIONS = ("dense", "factored", "auto")
+
+#: Call metadata, as ``(key, value)`` pairs.
+Pairs = tuple[tuple[str, str], ...]
 
 #: Responses predicted above this many bytes are streamed. Below the server's
 #: default unary limit (4 MiB) with room for the envelope and a raised grid.
@@ -84,21 +94,25 @@ _OTHER_CALL: dict[tuple[str, str], str] = {
 }
 
 
-def pointed(error: KernelServiceError, method: str, name: str) -> KernelServiceError:
-    """``error`` of client ``method`` on ``name``, pointing to the client method that fits when
-    ``name`` is a group's where a model's is expected, or the reverse; else ``error`` itself.
+@contextlib.contextmanager
+def pointing(method: str, name: str) -> Iterator[None]:
+    """Within it, an ``InvalidRequest`` of client ``method`` saying that ``name`` is a group's where a
+    model's is expected (or the reverse) points to the client method that fits; others pass as they are.
 
     The server's message names no call of any protocol; the client names its own.
     """
-    hint = _OTHER_CALL.get((method, error.reason or ""))
-    if hint is None:
-        return error
-    return type(error)(
-        f"{error.message}; {hint.format(name=name)}",
-        code=error.code,
-        reason=error.reason,
-        retry_pushback_ms=error.retry_pushback_ms,
-    )
+    try:
+        yield
+    except InvalidRequest as error:
+        hint = _OTHER_CALL.get((method, error.reason or ""))
+        if hint is None:
+            raise
+        raise type(error)(
+            f"{error.message}; {hint.format(name=name)}",
+            code=error.code,
+            reason=error.reason,
+            retry_pushback_ms=error.retry_pushback_ms,
+        ) from error.__cause__
 
 
 class Deadline:
@@ -114,7 +128,7 @@ class Deadline:
         return max(self._end - time.monotonic(), 0.001)
 
 
-def check_seq_lens(seq_lens: int | Sequence[int]) -> tuple[int, ...]:
+def check_seq_lens(seq_lens: SeqLens) -> tuple[int, ...]:
     """``seq_lens`` as a tuple of ints >= 1; an int is one axis."""
     if isinstance(seq_lens, (str, bytes)):
         raise InvalidRequest(f"seq_lens must be integers, got {seq_lens!r}")
@@ -141,10 +155,10 @@ def predict_bytes(
     config = info.config
     if config is None:
         return 0
-    points = math.prod(2 * n - 1 for n in seq_lens)
-    grid = points * config.data_dim * 4 if return_grid else 0
+    spatial = kernel_spatial(seq_lens)
+    grid = tensor_bytes((1, *spatial, config.data_dim), GRID_DTYPE) if return_grid else 0
     width = config.mlp_hidden_dim if factored else config.out_dim
-    return rows * points * width * itemsize(wire) + grid
+    return tensor_bytes((rows, *spatial, width), wire) + grid
 
 
 def head_bytes(info: ModelInfo) -> int:
@@ -174,15 +188,29 @@ class GenerateCall:
 
     @property
     def needs_info(self) -> bool:
-        """Whether the call needs the model's info (to pick a transport or a representation)."""
-        return self.stream is None or self.representation == "auto"
+        """Whether the call needs the model's info: to pick a transport or a representation, or
+        (unconditioned) for the content hash of its cache key."""
+        return self.stream is None or self.representation == "auto" or not self.conditioned
 
     @property
     def factored(self) -> bool:
         return self.request.representation == pb.REPRESENTATION_FACTORED
 
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.request.HasField("conditioning"))
+
+    def affinity(self, info: ModelInfo | None) -> Pairs:
+        """The ``kernelgen-cache-key`` header of an unconditioned call, once its representation is
+        settled; none for a conditioned call (no cache holds it) or a model of unknown hash."""
+        if self.conditioned or info is None or not info.content_hash:
+            return ()
+        representation = _representation(self.factored)
+        key = cache_key(info.content_hash, self.seq_lens, dtype_name(self.wire), representation)
+        return ((CACHE_KEY_HEADER, key),)
+
     def choose_representation(self, info: ModelInfo | None, head_held: bool) -> None:
-        """Settle ``"auto"``: factored when its bytes, head included unless ``head_held``, are fewer."""
+        """Settle ``"auto"``: factored when fewer bytes, the output head's counted unless ``head_held``."""
         if self.representation != "auto":
             return
         factored = False
@@ -210,12 +238,12 @@ class GenerateCall:
     @staticmethod
     def wants_stream(error: KernelServiceError) -> bool:
         """A unary call refused only because its response is over the one-message limit."""
-        return isinstance(error, KernelTooLarge) and "StreamKernel" in error.message
+        return isinstance(error, KernelTooLarge) and error.reason == Reason.MESSAGE_TOO_LARGE
 
-    def finish(self, response: ResponseView, *, streamed: bool, head: OutputHead | None = None) -> Any:
+    def finish(self, response: ResponseView, *, streamed: bool, output_head: OutputHead | None = None) -> Any:
         """The caller's result from a decoded response: array(s), or a ``KernelResult``.
 
-        A factored response becomes a ``FactoredKernel`` with ``head``, its output head.
+        A factored response becomes a ``FactoredKernel`` with ``output_head``.
         """
         decode = decode_torch if self.as_torch else decode_numpy
         kernel_view = response.kernel
@@ -226,9 +254,9 @@ class GenerateCall:
             )
         kernel: Any = decode(kernel_view.data, kernel_view.shape, kernel_view.dtype, copy=self.copy)
         if response.factored:
-            if head is None or head.head_hash != response.head_hash:
+            if output_head is None or output_head.head_hash != response.head_hash:
                 raise MalformedResponse("a factored kernel came without its output head")
-            kernel = FactoredKernel(kernel, head, kernel_view.data.nbytes)
+            kernel = FactoredKernel(kernel, output_head, kernel_view.data.nbytes)
         grid = None
         if self.return_grid:
             grid_view: TensorView | None = response.grid
@@ -279,6 +307,15 @@ class GroupCall:
         chosen = pb.REPRESENTATION_FACTORED if known and factored < dense else pb.REPRESENTATION_DENSE
         self.request.representation = chosen  # type: ignore[assignment]
 
+    def affinity(self) -> Pairs:
+        """The ``kernelgen-cache-key`` header of an unconditioned group call (once ``"auto"`` is
+        settled), keyed by the group's name; none for a conditioned call."""
+        if self.request.HasField("conditioning"):
+            return ()
+        representation = _representation(self.request.representation == pb.REPRESENTATION_FACTORED)
+        key = cache_key(f"group:{self.group}", self.seq_lens, dtype_name(self.wire), representation)
+        return ((CACHE_KEY_HEADER, key),)
+
     def member_call(self, model: str) -> GenerateCall:
         """The ``generate`` call of one member this call stands for, to decode its kernel."""
         request = pb.GenerateKernelRequest(model=model, representation=self.request.representation)
@@ -302,20 +339,20 @@ class GroupCall:
         group: str,
         members: Sequence[str],
         views: Sequence[ResponseView],
-        heads: Mapping[str, OutputHead],
+        output_heads: Mapping[str, OutputHead],
     ) -> dict[str, Any]:
-        """Each member's result by model name, in the group's order (``heads``: factored members' heads)."""
+        """Each member's result by model name, in the group's order (``output_heads``: factored members')."""
         if group != self.group:
             raise MalformedResponse(f"asked for group {self.group!r}, got {group!r}")
         return {
-            name: self.member_call(name).finish(view, streamed=True, head=heads.get(name))
+            name: self.member_call(name).finish(view, streamed=True, output_head=output_heads.get(name))
             for name, view in zip(members, views, strict=True)
         }
 
 
 def prepare_group(
     group: str,
-    seq_lens: int | Sequence[int],
+    seq_lens: SeqLens,
     conditioning: ConditioningLike | None,
     *,
     dtype: DTypeLike,
@@ -345,7 +382,7 @@ def prepare_group(
 
 def prepare(
     model: str,
-    seq_lens: int | Sequence[int],
+    seq_lens: SeqLens,
     conditioning: ConditioningLike | None,
     *,
     dtype: DTypeLike,
@@ -375,6 +412,10 @@ def prepare(
         stream=stream,
         representation=representation,
     )
+
+
+def _representation(factored: bool) -> str:
+    return "factored" if factored else "dense"
 
 
 def _check_name_and_representation(what: str, name: object, representation: object) -> None:

@@ -8,7 +8,7 @@ health`` stays cheap to start.
 
 from __future__ import annotations
 
-from kernelgen_client.types import HealthStatus
+from kernelgen_client.results import HealthStatus
 from kernelgen_wire.protowire import fields, varint
 
 __all__ = ["decode_response", "encode_request"]

@@ -16,17 +16,17 @@ lies inside the buffer; at the end the chunks cover the buffer exactly once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from kernelgen_client.errors import MalformedResponse
-from kernelgen_wire.dtypes import DTYPE_NAMES, itemsize
+from kernelgen_wire.dtypes import DTYPE_NAMES
 from kernelgen_wire.group_messages import parse_group_chunk
 from kernelgen_wire.kernel_messages import ResponseView, TensorView, parse_chunk, parse_response
 from kernelgen_wire.protowire import WireFormatError
+from kernelgen_wire.sizes import GRID_DTYPE, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["Assembled", "Assembler", "GroupReassembler", "Reassembler", "read_unary"]
@@ -85,8 +85,8 @@ class Reassembler:
         factored = header.representation == pb.REPRESENTATION_FACTORED
         if factored != bool(header.head_hash):
             raise MalformedResponse("the stream's header names factors without their head, or the reverse")
-        kernel_bytes = math.prod(header.kernel_shape) * itemsize(header.kernel_dtype)
-        grid_bytes = math.prod(header.grid_shape) * 4 if header.grid_shape else 0
+        kernel_bytes = tensor_bytes(header.kernel_shape, header.kernel_dtype)
+        grid_bytes = tensor_bytes(header.grid_shape, GRID_DTYPE) if header.grid_shape else 0
         if header.kernel_bytes != kernel_bytes or header.grid_bytes != grid_bytes:
             raise MalformedResponse(
                 f"stream header announces {header.kernel_bytes}+{header.grid_bytes} bytes but its "

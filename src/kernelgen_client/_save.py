@@ -9,8 +9,8 @@ named by its model (``vision-net/0``, ...).
 
 A factored kernel is saved as its dense kernel (float32), unless ``factors``
 is asked: then ``.safetensors`` holds ``factors`` (as they travelled),
-``head.weight_t`` and ``head.bias``, with ``kernel = factors @ head.weight_t +
-head.bias``.
+``head.weight_t`` and ``head.bias`` (the output head's ``weight_t`` and
+``bias``), with ``kernel = factors @ head.weight_t + head.bias``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kernelgen_client.factored import FactoredKernel
-from kernelgen_client.types import KernelResult
+from kernelgen_client.results import KernelResult
 
 __all__ = ["SUFFIXES", "save_group", "save_kernel"]
 
@@ -67,15 +67,15 @@ def save_kernel(
         if factored is None or not factors:
             tensors = {"kernel": _dense_entry(result)}
         else:
-            head = factored.head
+            output_head = factored.output_head
             factors_shape = tuple(int(n) for n in factored.factors.shape)
             tensors = {
                 "factors": (_SAFETENSORS_DTYPES[result.wire_dtype], factors_shape, result.raw),
-                "head.weight_t": ("F32", tuple(head.weight_t.shape), head.weight_t.tobytes()),
+                "head.weight_t": ("F32", tuple(output_head.weight_t.shape), output_head.weight_t.tobytes()),
             }
-            if head.bias is not None:
-                tensors["head.bias"] = ("F32", tuple(head.bias.shape), head.bias.tobytes())
-            meta = {**meta, "head_hash": head.head_hash}
+            if output_head.bias is not None:
+                tensors["head.bias"] = ("F32", tuple(output_head.bias.shape), output_head.bias.tobytes())
+            meta = {**meta, "head_hash": output_head.head_hash}
         if result.grid is not None:
             grid = np.ascontiguousarray(result.grid, dtype="<f4")
             tensors["grid"] = ("F32", tuple(grid.shape), grid.tobytes())

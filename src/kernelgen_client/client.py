@@ -14,8 +14,16 @@ import grpc
 import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
-from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig
-from kernelgen_client._generate import Deadline, GenerateCall, check_seq_lens, pointed, prepare, prepare_group
+from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig, merge_metadata
+from kernelgen_client._generate import (
+    Deadline,
+    GenerateCall,
+    SeqLens,
+    check_seq_lens,
+    pointing,
+    prepare,
+    prepare_group,
+)
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import SyncChannels, SyncOnce
@@ -30,9 +38,9 @@ from kernelgen_client.errors import (
     from_rpc_error,
 )
 from kernelgen_client.factored import FactoredKernel, OutputHead
-from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolicy, coerce_policy
+from kernelgen_client.results import FlopReport, GroupInfo, HealthStatus, KernelResult, ModelInfo
+from kernelgen_client.shared_memory import MappedRegion, RegionPool, SharedMemoryPolicy, coerce_policy
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
-from kernelgen_client.types import FlopReport, GroupInfo, HealthStatus, KernelResult, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView
 from kernelgen_wire.metadata import Reason
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -42,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KernelClient"]
 
-SeqLens = int | Sequence[int]
 NDArray = npt.NDArray[Any]
 Representation = Literal["dense", "factored", "auto"]
 
@@ -109,7 +116,7 @@ class KernelClient:
         )
         self._channels = SyncChannels(self._config, connections)
         self._models = ModelCache()
-        self._heads: SyncOnce[OutputHead] = SyncOnce()
+        self._output_heads: SyncOnce[OutputHead] = SyncOnce()
         self._shared_memory = RegionPool(policy) if policy is not None else None
 
     @property
@@ -250,24 +257,20 @@ class KernelClient:
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> GroupInfo:
         """One group and its members in order; ``ModelNotFound`` when the server has none of that name."""
-        try:
+        with pointing("get_group", name):
             return self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
-        except InvalidRequest as exc:
-            raise pointed(exc, "get_group", name) from exc.__cause__
 
     def get_model(
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> ModelInfo:
         """One model; ``ModelNotFound`` when the server has none of that name."""
-        try:
+        with pointing("get_model", name):
             reply = self._call(
                 "GetModel",
                 pb.GetModelRequest(model=name),
                 Deadline(self._config.call_timeout(timeout)),
                 metadata,
             )
-        except InvalidRequest as exc:
-            raise pointed(exc, "get_model", name) from exc.__cause__
         info = ModelInfo.from_pb(reply)
         self._models.put(info)
         return info
@@ -292,7 +295,7 @@ class KernelClient:
         """The model's output head (``kernel = factors @ weight_t + bias``), as factored kernels use it."""
         deadline = Deadline(self._config.call_timeout(timeout))
         info = self._info(model, deadline, metadata)
-        return self._head(model, info.head_hash, deadline, metadata)
+        return self._output_head(model, info.head_hash, deadline, metadata)
 
     def health(
         self, model: str | None = None, *, timeout: float | None = None, metadata: MetadataLike | None = None
@@ -527,12 +530,19 @@ class KernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        try:
+        with pointing("generate", model):
             info = self._info(call.model, deadline, metadata) if call.needs_info else None
-            call.choose_representation(info, head_held=info is not None and info.head_hash in self._heads)
-            return self._generate(call, info, deadline, metadata)
-        except InvalidRequest as exc:
-            raise pointed(exc, "generate", model) from exc.__cause__
+            head_held = info is not None and info.head_hash in self._output_heads
+            call.choose_representation(info, head_held=head_held)
+            routed = merge_metadata(metadata, call.affinity(info))
+            replays = self._config.retries.replays
+            while True:
+                try:
+                    return self._generate(call, info, deadline, routed)
+                except KernelServiceError as exc:
+                    if not (replays and exc.interrupted):
+                        raise
+                    replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
 
     def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -555,15 +565,15 @@ class KernelClient:
                 if call.stream is False or not call.wants_stream(exc):
                     raise
                 response, streamed = self._streamed(call.request, deadline, metadata), True
-        head = None
+        output_head = None
         if response.factored:
-            head = self._head(call.model, response.head_hash, deadline, metadata)
-        return call.finish(response, streamed=streamed, head=head)
+            output_head = self._output_head(call.model, response.head_hash, deadline, metadata)
+        return call.finish(response, streamed=streamed, output_head=output_head)
 
     def _in_shared_memory(
         self,
         call: GenerateCall,
-        lease: tuple[Region, list[Region]],
+        lease: tuple[MappedRegion, list[MappedRegion]],
         size: int,
         deadline: Deadline,
         metadata: MetadataLike | None,
@@ -592,13 +602,15 @@ class KernelClient:
         except BaseException:
             pool.release(region)
             raise
-        head = None
+        output_head = None
         if response.factored:
-            head = self._head(call.model, response.head_hash, deadline, metadata)
-        return call.finish(response, streamed=False, head=head)
+            output_head = self._output_head(call.model, response.head_hash, deadline, metadata)
+        return call.finish(response, streamed=False, output_head=output_head)
 
-    def _register_region(self, region: Region, deadline: Deadline, metadata: MetadataLike | None) -> None:
-        request = pb.RegisterSharedMemoryRequest(name=region.name, key=region.key, byte_size=region.size)
+    def _register_region(
+        self, region: MappedRegion, deadline: Deadline, metadata: MetadataLike | None
+    ) -> None:
+        request = pb.RegisterSharedMemoryRequest(name=region.name, key=region.key, byte_size=region.byte_size)
         try:
             self._call("RegisterSharedMemory", request, deadline, metadata)
         except BaseException:
@@ -607,7 +619,7 @@ class KernelClient:
             raise
         region.registered = True
 
-    def _unregister_region(self, region: Region) -> None:
+    def _unregister_region(self, region: MappedRegion) -> None:
         """Unregister a region taken out of the pool (the server then never touches it), then remove it."""
         assert self._shared_memory is not None
         if region.registered:
@@ -618,7 +630,7 @@ class KernelClient:
                 pass  # the server is gone, and its registrations with it
         self._shared_memory.drop(region)
 
-    def _head(
+    def _output_head(
         self, model: str, head_hash: str, deadline: Deadline, metadata: MetadataLike | None
     ) -> OutputHead:
         """The output head ``head_hash`` names, fetched once per client however many calls ask."""
@@ -626,15 +638,15 @@ class KernelClient:
         def fetch() -> OutputHead:
             request = pb.GetOutputHeadRequest(model=model)
             reply = self._call("GetOutputHead", request, deadline, metadata)
-            head = OutputHead.from_pb(reply)
-            if head.head_hash != head_hash:
+            output_head = OutputHead.from_pb(reply)
+            if output_head.head_hash != head_hash:
                 raise MalformedResponse(
                     f"the factors of {model!r} name output head {head_hash[:12]} but the server's is "
-                    f"{head.head_hash[:12]} (replicas serving different weights?)"
+                    f"{output_head.head_hash[:12]} (replicas serving different weights?)"
                 )
-            return head
+            return output_head
 
-        return self._heads.get(head_hash, fetch)
+        return self._output_heads.get(head_hash, fetch)
 
     # --- generate_group -----------------------------------------------------------------------
     @overload
@@ -795,15 +807,22 @@ class KernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        try:
+        with pointing("generate_group", group):
             if call.representation == "auto":
                 found = self._group(group, deadline, metadata)
-                call.choose_representation(found.members, lambda head_hash: head_hash in self._heads)
-            name, members, views = self._group_stream(call.request, deadline, metadata)
-        except InvalidRequest as exc:
-            raise pointed(exc, "generate_group", group) from exc.__cause__
-        heads: dict[str, OutputHead] = {}
+                call.choose_representation(found.members, lambda head_hash: head_hash in self._output_heads)
+            metadata = merge_metadata(metadata, call.affinity())
+            replays = self._config.retries.replays
+            while True:
+                try:
+                    name, members, views = self._group_stream(call.request, deadline, metadata)
+                    break
+                except KernelServiceError as exc:
+                    if not (replays and exc.interrupted):
+                        raise
+                    replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
+        output_heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:
-                heads[member] = self._head(member, view.head_hash, deadline, metadata)
-        return call.finish(name, members, views, heads)
+                output_heads[member] = self._output_head(member, view.head_hash, deadline, metadata)
+        return call.finish(name, members, views, output_heads)

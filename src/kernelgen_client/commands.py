@@ -38,7 +38,7 @@ from kernelgen_client.errors import (
 from kernelgen_wire.metadata import Reason
 
 if TYPE_CHECKING:
-    from kernelgen_client.types import KernelResult, ModelInfo
+    from kernelgen_client.results import KernelResult, ModelInfo
 
 __all__ = ["EXIT_CODES", "SEQ_LENS_HELP", "register", "seq_lens_from_text"]
 
@@ -307,7 +307,7 @@ def _generate(args: argparse.Namespace) -> int:
         meta = {
             "model": args.model,
             "seq_lens": ",".join(map(str, args.seq_lens)),
-            "model_hash": result.report.model_hash,
+            "content_hash": result.report.content_hash,
         }
         save_kernel(args.out, result, meta, factors=args.save_factors)
     report = result.report
@@ -351,7 +351,7 @@ def _summary(result: KernelResult[Any]) -> dict[str, Any]:
         "queue_ms": report.queue_ms,
         "compute_ms": report.compute_ms,
         "elapsed_ms": result.elapsed_ms,
-        "model_hash": report.model_hash,
+        "content_hash": report.content_hash,
         "worker": report.worker,
     }
 
@@ -431,7 +431,7 @@ def _flops(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from kernelgen_client.client import KernelClient
-    from kernelgen_client.types import GroupInfo
+    from kernelgen_client.results import GroupInfo
 
     with KernelClient(**client_kwargs(args)) as client:
         infos = client.list_models()
@@ -486,7 +486,7 @@ def _health(args: argparse.Namespace) -> int:
     from kernelgen_client._base import METHODS, ClientConfig, open_channel
     from kernelgen_client._health import decode_response, encode_request
     from kernelgen_client.errors import from_rpc_error
-    from kernelgen_client.types import HealthStatus
+    from kernelgen_client.results import HealthStatus
 
     kwargs = client_kwargs(args)
     config = ClientConfig.build(

@@ -16,7 +16,7 @@ within a status by reason::
     │   └── SharedMemoryUnavailable    reason shared-memory-off
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
     │   ├── Overloaded                 reason queue-full or memory-full (retryable)
-    │   └── KernelTooLarge             reason too-large (never retried)
+    │   └── KernelTooLarge             reason too-large (never retried), message-too-large (streamed instead)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED (also a TimeoutError)
     ├── Cancelled                 CANCELLED
     ├── Unavailable               UNAVAILABLE
@@ -107,11 +107,32 @@ class KernelServiceError(Exception):
         self.reason = reason
         self.retry_pushback_ms = retry_pushback_ms
 
+    @property
+    def interrupted(self) -> bool:
+        """The call was cut by the transport (a connection lost mid-response, a proxy's reset of the
+        stream), not answered by a kernelgen server: UNAVAILABLE, INTERNAL or CANCELLED without a
+        ``kernelgen-reason`` (a kernelgen server sends one with every status it decides), after a
+        server was reached, and not cancelled by this process. Every kernelgen call is idempotent,
+        so such a call may be sent again."""
+        return (
+            self.code in _INTERRUPTIONS
+            and self.reason is None
+            and not isinstance(self, ConnectionFailed)
+            and _LOCAL_CANCEL not in self.message
+        )
+
     def __str__(self) -> str:
         return f"{self.message} [{self.code.name}]"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name}, reason={self.reason!r})"
+
+
+#: Statuses a proxy's reset or a lost connection reaches the client as (Envoy resets a stream whose
+#: upstream died mid-response with RST_STREAM INTERNAL_ERROR or CANCEL).
+_INTERRUPTIONS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+#: gRPC's details of a call this process cancelled itself.
+_LOCAL_CANCEL = "Locally cancelled"
 
 
 class InvalidRequest(KernelServiceError, ValueError):
@@ -236,6 +257,7 @@ _BY_REASON: dict[str, type[KernelServiceError]] = {
     Reason.QUEUE_FULL: Overloaded,
     Reason.MEMORY_FULL: Overloaded,
     Reason.TOO_LARGE: KernelTooLarge,
+    Reason.MESSAGE_TOO_LARGE: KernelTooLarge,
     Reason.DRAINING: ServerDraining,
     Reason.SHARED_MEMORY_OFF: SharedMemoryUnavailable,
     Reason.REGION_NOT_FOUND: RegionNotFound,

@@ -1,10 +1,11 @@
 """Factored kernels: the kernel's factors and the model's output head, materialised where used.
 
 A SIREN kernel ends in one linear layer that FiLM never modulates, so every
-kernel of a model is ``factors @ head.weight_t + head.bias``: ``factors`` is
-``[B, *spatial, hidden]``, the head ``[hidden, out_dim]`` and ``[out_dim]``.
-With ``hidden`` much smaller than ``out_dim`` the factors are many times
-smaller than the kernel, and the head is fetched once per model.
+kernel of a model is ``factors @ output_head.weight_t + output_head.bias``:
+``factors`` is ``[B, *spatial, hidden]``, the output head ``[hidden, out_dim]``
+and ``[out_dim]``. With ``hidden`` much smaller than ``out_dim`` the factors
+are many times smaller than the kernel, and the output head is fetched once
+per model.
 
 Exactness: float32 factors give the server's dense kernel up to the rounding
 of the last GEMM, done here instead of on the server (a few units of float32
@@ -40,7 +41,7 @@ class OutputHead:
 
     ``weight_t`` is ``[hidden, out_dim]`` and ``bias`` ``[out_dim]`` (``None``
     for a model without biases), float32, read-only. ``head_hash`` names it in
-    every factored response; a client fetches each head once.
+    every factored response; a client fetches each output head once.
     """
 
     head_hash: str
@@ -101,7 +102,7 @@ def _float32(tensor: pb.Tensor, ndim: int, name: str) -> npt.NDArray[np.float32]
 
 
 class FactoredKernel(Generic[ArrayT]):
-    """A kernel as ``factors @ head.weight_t + head.bias``, computed when asked for.
+    """A kernel as ``factors @ output_head.weight_t + output_head.bias``, computed when asked for.
 
     ``factors`` is a numpy array (bfloat16 factors widened to float32) or, with
     ``as_torch=True``, a torch tensor (bfloat16 kept). ``np.asarray(kernel)``
@@ -116,25 +117,25 @@ class FactoredKernel(Generic[ArrayT]):
         kernel = np.asarray(factored)        # the same
     """
 
-    def __init__(self, factors: ArrayT, head: OutputHead, nbytes: int) -> None:
+    def __init__(self, factors: ArrayT, output_head: OutputHead, nbytes: int) -> None:
         shape = tuple(int(n) for n in factors.shape)  # type: ignore[attr-defined]
-        if not shape or shape[-1] != head.hidden:
+        if not shape or shape[-1] != output_head.hidden:
             raise MalformedResponse(
-                f"factors of shape {list(shape)} do not fit a head of width {head.hidden}"
+                f"factors of shape {list(shape)} do not fit an output head of width {output_head.hidden}"
             )
         self.factors = factors
-        self.head = head
+        self.output_head = output_head
         self._nbytes = nbytes
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The dense kernel's shape: ``[B, *spatial, out_dim]``."""
         factors_shape: Any = self.factors.shape  # type: ignore[attr-defined]
-        return (*(int(n) for n in factors_shape[:-1]), self.head.out_dim)
+        return (*(int(n) for n in factors_shape[:-1]), self.output_head.out_dim)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the factors as they travelled (the head is fetched once per model, apart)."""
+        """Bytes of the factors as they travelled (the output head is fetched once per model, apart)."""
         return self._nbytes
 
     @property
@@ -156,14 +157,14 @@ class FactoredKernel(Generic[ArrayT]):
 
     def _dense_numpy(self, out: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32]:
         factors: npt.NDArray[Any] = self.factors  # type: ignore[assignment]
-        flat = factors.reshape(-1, self.head.hidden).astype(np.float32, copy=False)
+        flat = factors.reshape(-1, self.output_head.hidden).astype(np.float32, copy=False)
         result = np.empty(self.shape, np.float32) if out is None else out
         if result.shape != self.shape or result.dtype != np.float32 or not result.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of shape {self.shape}")
-        rows = result.reshape(-1, self.head.out_dim)
-        np.matmul(flat, self.head.weight_t, out=rows)
-        if self.head.bias is not None:
-            rows += self.head.bias
+        rows = result.reshape(-1, self.output_head.out_dim)
+        np.matmul(flat, self.output_head.weight_t, out=rows)
+        if self.output_head.bias is not None:
+            rows += self.output_head.bias
         return result
 
     def _dense_torch(self, out: Any, device: torch.device | str | None) -> torch.Tensor:
@@ -171,12 +172,12 @@ class FactoredKernel(Generic[ArrayT]):
 
         factors: torch.Tensor = self.factors  # type: ignore[assignment]
         target = torch.device(device) if device is not None else factors.device
-        weight_t, bias = self.head.torch(target)
-        flat = factors.to(target, torch.float32).reshape(-1, self.head.hidden)
+        weight_t, bias = self.output_head.torch(target)
+        flat = factors.to(target, torch.float32).reshape(-1, self.output_head.hidden)
         result = torch.empty(self.shape, dtype=torch.float32, device=target) if out is None else out
         if tuple(result.shape) != self.shape or result.dtype != torch.float32 or not result.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of shape {self.shape}")
-        rows = result.view(-1, self.head.out_dim)
+        rows = result.view(-1, self.output_head.out_dim)
         if bias is None:
             torch.mm(flat, weight_t, out=rows)
         else:
@@ -192,5 +193,5 @@ class FactoredKernel(Generic[ArrayT]):
         factors_shape: Any = self.factors.shape  # type: ignore[attr-defined]
         return (
             f"FactoredKernel(shape={list(self.shape)}, factors={list(factors_shape)}, "
-            f"head={self.head.head_hash[:12]}, nbytes={self.nbytes})"
+            f"output_head={self.output_head.head_hash[:12]}, nbytes={self.nbytes})"
         )

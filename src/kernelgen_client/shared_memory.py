@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from kernelgen_client.errors import MalformedResponse
-from kernelgen_wire.dtypes import itemsize
 from kernelgen_wire.kernel_messages import ResponseView, TensorView
+from kernelgen_wire.sizes import tensor_bytes
 
-__all__ = ["SHM_ROOT", "RegionPool", "SharedMemoryPolicy", "coerce_policy"]
+__all__ = ["SHM_ROOT", "MappedRegion", "RegionPool", "SharedMemoryPolicy", "coerce_policy"]
 
 #: Where Linux keeps POSIX shared-memory objects.
 SHM_ROOT = Path("/dev/shm")
@@ -80,11 +80,15 @@ def coerce_policy(value: SharedMemoryPolicy | bool | None) -> SharedMemoryPolicy
 
 
 @dataclass(eq=False)
-class Region:
-    """One shared-memory object of the pool, registered with the server under ``name``."""
+class MappedRegion:
+    """A region the client owns: a shared-memory object it created and mapped whole.
+
+    Registered (when ``registered``) with the server under ``name`` as the
+    region of ``byte_size`` bytes from offset 0 of the object ``key``.
+    """
 
     name: str
-    size: int
+    byte_size: int
     memory: mmap.mmap
     registered: bool = False
     in_use: bool = False
@@ -104,7 +108,7 @@ class RegionPool:
         self.policy = policy
         self._root = root
         self._prefix = f"kernelgen-{os.getpid()}-{secrets.token_hex(4)}"
-        self._regions: list[Region] = []
+        self._regions: list[MappedRegion] = []
         self._count = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -112,13 +116,13 @@ class RegionPool:
     @property
     def total_bytes(self) -> int:
         with self._lock:
-            return sum(r.size for r in self._regions)
+            return sum(r.byte_size for r in self._regions)
 
-    def regions(self) -> list[Region]:
+    def regions(self) -> list[MappedRegion]:
         with self._lock:
             return list(self._regions)
 
-    def acquire(self, nbytes: int) -> tuple[Region, list[Region]] | None:
+    def acquire(self, nbytes: int) -> tuple[MappedRegion, list[MappedRegion]] | None:
         """A region for ``nbytes`` marked in use, and the free regions evicted to make room.
 
         The caller unregisters the evicted regions, then ``drop``s them. None when
@@ -128,20 +132,20 @@ class RegionPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the client is closed")
-            free = [r for r in self._regions if not r.in_use and r.size >= nbytes]
+            free = [r for r in self._regions if not r.in_use and r.byte_size >= nbytes]
             if free:
-                region = min(free, key=lambda r: r.size)
+                region = min(free, key=lambda r: r.byte_size)
                 region.in_use = True
                 return region, []
             if size > self.policy.max_bytes:
                 return None
-            evicted: list[Region] = []
-            total = sum(r.size for r in self._regions)
+            evicted: list[MappedRegion] = []
+            total = sum(r.byte_size for r in self._regions)
             for candidate in sorted((r for r in self._regions if not r.in_use), key=lambda r: r.uses):
                 if total + size <= self.policy.max_bytes:
                     break
                 evicted.append(candidate)
-                total -= candidate.size
+                total -= candidate.byte_size
             if total + size > self.policy.max_bytes:
                 return None
             for old in evicted:
@@ -152,7 +156,7 @@ class RegionPool:
             self._regions.append(region)
             return region, evicted
 
-    def _create(self, name: str, size: int) -> Region:
+    def _create(self, name: str, size: int) -> MappedRegion:
         path = self._root / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -163,32 +167,32 @@ class RegionPool:
             raise
         finally:
             os.close(fd)
-        return Region(name, size, memory)
+        return MappedRegion(name, size, memory)
 
-    def release(self, region: Region) -> None:
+    def release(self, region: MappedRegion) -> None:
         """Back to the pool (the last view of it is gone, or the call failed)."""
         with self._lock:
             region.in_use = False
 
-    def forget(self, region: Region) -> None:
+    def forget(self, region: MappedRegion) -> None:
         """Take a region out of the pool (its registration failed) and remove it."""
         with self._lock:
             if region in self._regions:
                 self._regions.remove(region)
         self.drop(region)
 
-    def drop(self, region: Region) -> None:
+    def drop(self, region: MappedRegion) -> None:
         """Remove an object taken out of the pool; its memory lives on while arrays view it."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._root / region.name)
         with contextlib.suppress(BufferError):  # arrays still view it: the mapping goes when they do
             region.memory.close()
 
-    def view(self, region: Region, response: ResponseView, nbytes: int) -> ResponseView:
+    def view(self, region: MappedRegion, response: ResponseView, nbytes: int) -> ResponseView:
         """``response`` with its tensor viewing the region; the region returns to the pool
         when the last array made from the view is gone."""
         tensor = response.kernel
-        expected = math.prod(tensor.shape) * itemsize(tensor.dtype)
+        expected = tensor_bytes(tensor.shape, tensor.dtype)
         if response.shared_memory_bytes != nbytes or expected != nbytes or tensor.data.nbytes:
             raise MalformedResponse(
                 f"the server wrote {response.shared_memory_bytes} bytes into shared memory for a "
@@ -206,7 +210,7 @@ class RegionPool:
             response.shared_memory_bytes,
         )
 
-    def close(self) -> list[Region]:
+    def close(self) -> list[MappedRegion]:
         """Empty the pool; returns the regions to unregister, then ``drop``."""
         with self._lock:
             self._closed = True

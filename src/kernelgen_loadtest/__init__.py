@@ -10,7 +10,7 @@ Modules, each usable alone:
 - ``stats``: raw samples to per-step results (percentiles, histograms, gates).
 - ``correctness``: sampled responses recomputed with a reference model that the
   server package contributes through the ``kernelgen.reference`` entry points.
-- ``report``/``progress``: the live display, the final table, JSON, CSV and PNG.
+- ``outputs``/``progress``: the live display, the final table, JSON, CSV and PNG.
 - ``cli``: the ``loadtest`` subcommand, contributed to ``kernelgen`` through the
   ``kernelgen.commands`` entry points; ``session``: one run of it; ``exit_codes``.
 

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--protocol oip, Open Inference Protocol ModelInfer calls): a closed "
         "loop at each --concurrency or an open loop at each --rate. Reports throughput, latency "
         "percentiles, errors by status code and the server's batching, queueing and cache figures per step. "
-        "--timeout is each call's deadline. Calls are not retried: every failure is counted.",
+        "--timeout is each call's deadline. Calls are not retried unless --retries says so: every failure "
+        "is counted.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -144,6 +145,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--connections", type=_number(1, 256, integer=True), default=1, metavar="N",
         help="connections per client process, taken in turn by its calls; more than one reaches "
         "every worker of a `kernelgen serve --workers N` server (1)",
+    )  # fmt: skip
+    load.add_argument(
+        "--retries", type=_number(1, 5, integer=True), default=1, metavar="N",
+        help="attempts per call: 1 counts every failure as the server answered it; more retries as an "
+        "application's client does (kernelgen_client.RetryPolicy(max_attempts=N): gRPC's retries of "
+        "UNAVAILABLE and of a full queue, and one replay of a call whose response was cut) (1)",
     )  # fmt: skip
 
     wire = p.add_argument_group("protocol")

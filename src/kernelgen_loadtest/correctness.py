@@ -47,7 +47,7 @@ class Kept:
     conditioning: npt.NDArray[np.float32] | None
     dtype: str
     kernel: npt.NDArray[np.float32]
-    model_hash: str
+    content_hash: str
     #: What the reduced dtype's rounding scales with, per element: ``|kernel|`` when None (a
     #: dense kernel rounded once); for factors rounded once, ``|factors| @ |W^T|``.
     rounding_bound: npt.NDArray[np.float32] | None = None
@@ -88,7 +88,7 @@ class Reference(Protocol):
         model: str,
         seq_lens: tuple[int, ...],
         conditioning: npt.NDArray[np.float32] | None,
-        model_hash: str,
+        content_hash: str,
     ) -> npt.NDArray[np.float64] | str:
         """The float64 kernel, or why this repository cannot recompute it (a missing model, other weights)."""
         ...
@@ -152,7 +152,7 @@ class Checker:
 
         result = CheckResult()
         for item in kept:
-            reference = self.reference.kernel(item.model, item.seq_lens, item.conditioning, item.model_hash)
+            reference = self.reference.kernel(item.model, item.seq_lens, item.conditioning, item.content_hash)
             if isinstance(reference, str):
                 result.skipped += 1
                 _note(result, reference)

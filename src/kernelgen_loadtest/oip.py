@@ -34,10 +34,12 @@ from kernelgen_client.errors import (
     from_rpc_error,
 )
 from kernelgen_client.factored import FactoredKernel, OutputHead
-from kernelgen_client.shared_memory import Region, RegionPool, SharedMemoryPolicy
+from kernelgen_client.results import KernelResult, ServerReport
+from kernelgen_client.shared_memory import MappedRegion, RegionPool, SharedMemoryPolicy
 from kernelgen_client.tensors import decode_numpy
-from kernelgen_client.types import KernelResult, ServerReport
+from kernelgen_wire.dtypes import DTYPE_BY_NAME
 from kernelgen_wire.kernel_messages import ResponseView, TensorView, report_from_trailers
+from kernelgen_wire.sizes import kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["OipClient"]
@@ -103,7 +105,7 @@ class OipClient:
         )
         self._pool = RegionPool(SharedMemoryPolicy()) if shared_memory else None
         self._widths: dict[tuple[str, bool], int] = {}
-        self._heads: dict[str, OutputHead] = {}
+        self._output_heads: dict[str, OutputHead] = {}
         self._native: Any = None
         self._native_options = {"timeout": timeout, "tls": tls, "token": token}
 
@@ -127,10 +129,10 @@ class OipClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.target) from exc
 
-    async def _register(self, region: Region) -> None:
+    async def _register(self, region: MappedRegion) -> None:
         oip = self._oip
         request = oip.SystemSharedMemoryRegisterRequest(
-            name=region.name, key=region.key, byte_size=region.size
+            name=region.name, key=region.key, byte_size=region.byte_size
         )
         try:
             await self._unary("SystemSharedMemoryRegister", request, oip.SystemSharedMemoryRegisterResponse)
@@ -140,7 +142,7 @@ class OipClient:
             raise
         region.registered = True
 
-    async def _unregister(self, region: Region) -> None:
+    async def _unregister(self, region: MappedRegion) -> None:
         assert self._pool is not None
         if region.registered:
             oip = self._oip
@@ -190,7 +192,7 @@ class OipClient:
         lens = [seq_lens] if isinstance(seq_lens, int) else list(seq_lens)
         factored = representation == "factored"
         request = self._request(model, lens, conditioning, dtype, factored)
-        region: Region | None = None
+        region: MappedRegion | None = None
         if self._pool is not None:
             region = await self._output_region(request, model, lens, conditioning, dtype, factored)
         try:
@@ -213,12 +215,12 @@ class OipClient:
             raise
         kernel: Any = decode_numpy(raw, shape, wire)
         if factored:
-            head = await self._head(model)
-            if output.parameters["head_hash"].string_param != head.head_hash:
+            output_head = await self._output_head(model)
+            if output.parameters["head_hash"].string_param != output_head.head_hash:
                 raise MalformedResponse(
                     f"the factors of {model!r} name another output head than the server's"
                 )
-            kernel = FactoredKernel(kernel, head, nbytes)
+            kernel = FactoredKernel(kernel, output_head, nbytes)
         return KernelResult(
             kernel=kernel,
             grid=None,
@@ -232,12 +234,12 @@ class OipClient:
 
     async def _output_region(
         self, request: Any, model: str, lens: list[int], conditioning: Any, dtype: str, factored: bool
-    ) -> Region | None:
+    ) -> MappedRegion | None:
         """A region of the pool for the output, named in the request; None: the socket."""
         assert self._pool is not None
         rows = 1 if conditioning is None or np.ndim(conditioning) == 1 else len(conditioning)
         width = await self._width(model, factored)
-        size = rows * math.prod(2 * n - 1 for n in lens) * width * (4 if dtype == "float32" else 2)
+        size = tensor_bytes((rows, *kernel_spatial(lens), width), DTYPE_BY_NAME[dtype])
         lease = self._pool.acquire(size)
         if lease is None:
             return None
@@ -255,7 +257,7 @@ class OipClient:
         output.parameters["shared_memory_byte_size"].int64_param = size
         return region
 
-    async def _call(self, request: Any, region: Region | None) -> tuple[Any, Any]:
+    async def _call(self, request: Any, region: MappedRegion | None) -> tuple[Any, Any]:
         """The response and its trailers (the server's report); a lost region is registered again, once."""
         try:
             return await self._attempt(request)
@@ -275,15 +277,15 @@ class OipClient:
         response = await call
         return response, await call.trailing_metadata()
 
-    async def _head(self, model: str) -> OutputHead:
+    async def _output_head(self, model: str) -> OutputHead:
         """The model's output head, from kernelgen.v1's GetOutputHead on the same server, once per model."""
-        if model not in self._heads:
+        if model not in self._output_heads:
             if self._native is None:
                 from kernelgen_client import AsyncKernelClient
 
                 self._native = AsyncKernelClient(self.target, retries=None, **self._native_options)
-            self._heads[model] = await self._native.output_head(model)
-        return self._heads[model]
+            self._output_heads[model] = await self._native.output_head(model)
+        return self._output_heads[model]
 
     async def _width(self, model: str, factored: bool) -> int:
         """The last dimension of the model's kernel (or factors), from its metadata, once per model."""

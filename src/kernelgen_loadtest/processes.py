@@ -45,19 +45,21 @@ class Driver(Protocol):
 
 
 async def _client(kwargs: Mapping[str, Any]) -> Any:
-    from kernelgen_client import AsyncKernelClient, tune_malloc
+    from kernelgen_client import AsyncKernelClient, RetryPolicy, tune_malloc
 
     # Batched responses arrive together: with glibc's defaults each would start on fresh
     # pages, and this process, not the server, would set the pace.
     tune_malloc()
 
     options = dict(kwargs)
+    attempts = int(options.pop("retries", 1))
     if options.pop("protocol", "native") == "oip":
         from kernelgen_loadtest.oip import OipClient
 
         return OipClient(**options)
-    # No retries: the tester counts every failure as the server answered it.
-    return AsyncKernelClient(**options, retries=None)
+    # By default no retries: the tester counts every failure as the server answered it.
+    retries = RetryPolicy(max_attempts=attempts) if attempts > 1 else None
+    return AsyncKernelClient(**options, retries=retries)
 
 
 class LocalDriver:

@@ -327,14 +327,14 @@ def _keep(request: Request, model: str, result: Any) -> Kept:
     if factors is not None and request.dtype != "float32":
         # Reduced factors are rounded once each: element j of the kernel is off by at most
         # a unit roundoff of sum_i |factors_i * W^T[i, j]| (README, "Dense or factored kernels").
-        flat = np.abs(np.asarray(factors, dtype=np.float32).reshape(-1, kernel.head.hidden))
-        bound = (flat @ np.abs(kernel.head.weight_t)).reshape(kernel.shape)
+        flat = np.abs(np.asarray(factors, dtype=np.float32).reshape(-1, kernel.output_head.hidden))
+        bound = (flat @ np.abs(kernel.output_head.weight_t)).reshape(kernel.shape)
     return Kept(
         model=model,
         seq_lens=request.seq_lens,
         conditioning=request.conditioning,
         dtype=request.dtype,
         kernel=np.array(kernel, dtype=np.float32),  # a copy: the response buffer is not ours
-        model_hash=result.report.model_hash,
+        content_hash=result.report.content_hash,
         rounding_bound=bound,
     )

@@ -19,12 +19,12 @@ from typing import Any
 
 from kernelgen_client import __version__, commands
 from kernelgen_client.errors import ModelNotFound
-from kernelgen_client.types import ModelInfo
+from kernelgen_client.results import ModelInfo
 from kernelgen_loadtest.correctness import Checker, reference_missing
 from kernelgen_loadtest.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PASSED, EXIT_USAGE
+from kernelgen_loadtest.outputs import missing_plotting, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.processes import open_driver
 from kernelgen_loadtest.progress import make_display
-from kernelgen_loadtest.report import missing_plotting, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.runner import StepPlan
 from kernelgen_loadtest.stats import Gates, Mode, Samples, StepResult, summarise
 from kernelgen_loadtest.workload import (
@@ -58,6 +58,8 @@ class Session:
             return reference_missing()
         if args.shared_memory and args.connections != 1:
             return "--shared-memory needs --connections 1: a region is known to one server process"
+        if args.retries > 1 and args.protocol == "oip":
+            return "--retries is for the native protocol: the Open Inference Protocol client does not retry"
         for path in (args.json, args.csv, args.plot):
             if path is not None and not path.parent.is_dir():
                 return f"cannot write {path}: folder {path.parent} does not exist"
@@ -127,7 +129,7 @@ class Session:
         plans = self.plans()
         client_kwargs = {**commands.client_kwargs(args), "connections": args.connections}
         resolved = resolve(workload, self._models(client_kwargs, workload))
-        client_kwargs.update(protocol=args.protocol, shared_memory=args.shared_memory)
+        client_kwargs.update(protocol=args.protocol, shared_memory=args.shared_memory, retries=args.retries)
         checker = Checker(args.model_repo) if args.check_correctness else None
 
         display = make_display(args.quiet)
@@ -184,6 +186,7 @@ class Session:
                 "max_inflight": args.max_inflight,
                 "workers": args.workers,
                 "connections": args.connections,
+                "retries": args.retries,
                 "protocol": args.protocol,
                 "shared_memory": args.shared_memory,
                 "timeout_s": args.timeout,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernelgen_client.commands import seq_lens_from_text
-from kernelgen_client.types import GroupInfo, ModelInfo
+from kernelgen_client.results import GroupInfo, ModelInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +62,6 @@ __all__ = [
 
 DTYPES = ("float32", "float16", "bfloat16")
 REPRESENTATIONS = ("dense", "factored", "auto")
-SeqLens = tuple[int, ...]
 
 
 class WorkloadError(ValueError):
@@ -70,7 +69,7 @@ class WorkloadError(ValueError):
 
 
 # --- parsing of single settings ----------------------------------------------------------------------
-def parse_seq_lens(value: object) -> SeqLens:
+def parse_seq_lens(value: object) -> tuple[int, ...]:
     """``"15,15"``, ``15`` or ``[15, 15]`` as a tuple of ints >= 1 (never ``"29x29"``: a kernel shape)."""
     if isinstance(value, str):
         try:
@@ -134,7 +133,7 @@ class ModelMix:
 
     name: str
     weight: float = 1.0
-    seq_lens: tuple[SeqLens, ...] = ()
+    seq_lens: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -208,7 +207,7 @@ class Workload:
 
     models: tuple[ModelMix, ...]
     #: Shared seq_lens options; a model takes those with one entry per axis of its own.
-    seq_lens: tuple[SeqLens, ...] = ()
+    seq_lens: tuple[tuple[int, ...], ...] = ()
     rows: RowRange = field(default_factory=RowRange)
     #: Share of requests sent without conditioning, in [0, 1] (cache traffic).
     unconditioned: float = 0.0
@@ -313,7 +312,7 @@ class ModelTarget:
 
     name: str
     weight: float
-    seq_lens: tuple[SeqLens, ...]
+    seq_lens: tuple[tuple[int, ...], ...]
     #: ``None``: the model has no FiLM generator and every request is unconditioned.
     cond_dim: int | None
     #: A group's members, in order; empty for a model.
@@ -322,7 +321,7 @@ class ModelTarget:
 
 @dataclass(frozen=True)
 class ResolvedWorkload:
-    """A workload checked against the server; picklable, so worker processes get it as is."""
+    """A workload checked against the server; picklable, so client processes get it as is."""
 
     workload: Workload
     targets: tuple[ModelTarget, ...]
@@ -356,7 +355,7 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
     with no seq_lens at all, its ``L_cache`` (the grid it was trained on).
     """
     targets = []
-    used: set[SeqLens] = set()
+    used: set[tuple[int, ...]] = set()
     groups = {group.name: group for group in GroupInfo.collect(list(infos.values()))}
     for mix in workload.models:
         if mix.name not in infos and mix.name in groups:
@@ -420,7 +419,7 @@ class Request:
     """One GenerateKernel call to make (or GenerateGroup, for a group)."""
 
     model: str
-    seq_lens: SeqLens
+    seq_lens: tuple[int, ...]
     #: ``[rows, cond_dim]`` float32, or ``None`` for an unconditioned (cacheable) kernel.
     conditioning: npt.NDArray[np.float32] | None
     dtype: str

@@ -21,6 +21,7 @@ __all__ = [
     "KernelGenError",
     "KernelTooLarge",
     "MemoryFull",
+    "MessageTooLarge",
     "ModelNotFound",
     "ModelNotGroup",
     "ModelNotReady",
@@ -120,6 +121,12 @@ class KernelTooLarge(KernelGenError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.TOO_LARGE
     retry_pushback_ms = -1
+
+
+class MessageTooLarge(KernelTooLarge):
+    """A response over the one-message limit: the same kernel can be streamed in chunks."""
+
+    reason = Reason.MESSAGE_TOO_LARGE
 
 
 class DeadlineExceeded(KernelGenError):

@@ -23,7 +23,7 @@ __all__ = [
     "ServerSettings",
     "SettingsError",
     "env_of",
-    "flag_of",
+    "flag",
     "help_default",
     "load_settings",
     "shown_bytes",
@@ -31,6 +31,13 @@ __all__ = [
 
 MiB = 1 << 20
 GiB = 1 << 30
+#: The default connection limit (``ServerSettings.connection_limit``): memory set aside for each
+#: connection, descriptors kept for the server's own files, the fewest connections allowed, and
+#: what an unlimited open-files limit counts as.
+_MEMORY_PER_CONNECTION = MiB
+_OWN_FILES = 256
+_FEWEST_CONNECTIONS = 16
+_FILES_UNLIMITED = 1 << 20
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kernelgen_config", default=None)
 
@@ -39,14 +46,22 @@ class SettingsError(ValueError):
     """Invalid settings; the message lists every problem, one per line."""
 
 
-def flag_of(name: str) -> str:
-    """The ``kernelgen serve`` flag of setting ``name``: ``max_batch_size`` -> ``--max-batch-size``."""
-    return "--" + name.replace("_", "-")
+def flag(field: str) -> str:
+    """The ``kernelgen serve`` flag that sets ``field`` (``max_grid_points``: ``--max-grid-points``).
+
+    Messages about a limit or a setting name it, so that whoever meets the limit can tell the operator
+    what to change (the caller may not be the operator).
+    """
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"{field!r} is no setting")
+    return "--" + field.replace("_", "-")
 
 
-def env_of(name: str) -> str:
-    """The environment variable of setting ``name``: ``KERNELGEN_MAX_BATCH_SIZE``."""
-    return f"KERNELGEN_{name.upper()}"
+def env_of(field: str) -> str:
+    """The environment variable that sets ``field``: ``KERNELGEN_MAX_BATCH_SIZE``."""
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"{field!r} is no setting")
+    return f"KERNELGEN_{field.upper()}"
 
 
 def shown_bytes(value: int) -> str:
@@ -178,8 +193,11 @@ class ServerSettings(BaseSettings):
     max_connections: int | None = Field(
         None,
         ge=1,
-        description="client connections at once; more are refused",
-        json_schema_extra=_default_text("the open-file limit less 256 for the server's own files"),
+        description="client connections at once, per worker; more are refused",
+        json_schema_extra=_default_text(
+            "one per MiB of the memory a worker may use, at most the open-files limit less 256 for the "
+            "server's own files"
+        ),
     )
     max_connection_idle_s: float = Field(
         300.0, gt=0, description="a connection with no call in progress for this long is closed"
@@ -265,15 +283,23 @@ class ServerSettings(BaseSettings):
         return max(64 * MiB, usable_memory() // 4 // self.workers)
 
     def connection_limit(self) -> int:
-        """``max_connections``, else the open-file limit less 256 for the server's own files."""
+        """``max_connections``, else one connection per MiB of the memory a worker may use, and
+        never more than the descriptors left once 256 are kept for the server's own files.
+
+        Read after ``kernelgen serve`` raised the soft open-files limit to the hard one: from
+        there the descriptors rarely bound anything (hard limits of a million are common), so
+        memory does. An idle connection costs the server about 22 KiB (measured), a busy one its
+        HTTP/2 windows and buffers too: at one per MiB, connections alone cannot take more than
+        a small share of memory, and an 8 GiB replica takes 8,192 of them.
+        """
         if self.max_connections is not None:
             return self.max_connections
         import resource
 
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            soft = 65536
-        return max(16, int(soft) - 256)
+        descriptors = _FILES_UNLIMITED if soft == resource.RLIM_INFINITY else int(soft)
+        by_memory = usable_memory() // self.workers // _MEMORY_PER_CONNECTION
+        return max(_FEWEST_CONNECTIONS, min(descriptors - _OWN_FILES, by_memory))
 
     def torch_threads(self, cpus: int | None = None) -> int:
         """Torch intra-op threads for one worker: ``cpu_threads``, else its share of the spare CPUs.
@@ -307,7 +333,7 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
-        f = flag_of
+        f = flag
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(f"{f('tls_cert')} and {f('tls_key')} go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -406,7 +432,7 @@ def _problem(err: Any) -> str:
     name = str(loc[0])
     if err["type"] == "extra_forbidden":
         return f"unknown setting {name!r} (kernelgen serve --help lists them)"
-    where = f"{flag_of(name)} / {env_of(name)}" if name in ServerSettings.model_fields else name
+    where = f"{flag(name)} / {env_of(name)}" if name in ServerSettings.model_fields else name
     value = err.get("input")
     got = "" if err["type"] == "value_error" or isinstance(value, dict) else f", got {value!r}"
     return f"{where}: {message}{got}"

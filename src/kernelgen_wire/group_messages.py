@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kernelgen_wire.kernel_messages import Payload, encode_header
-from kernelgen_wire.protowire import VARINT, WireFormatError, fields, key, length_delimited, varint
+from kernelgen_wire.kernel_messages import Payload, encode_header, read_stream_message
+from kernelgen_wire.protowire import VARINT, key, length_delimited, varint
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 __all__ = ["GroupChunkView", "MemberKernel", "encode_group", "parse_group_chunk"]
@@ -70,18 +70,4 @@ class GroupChunkView:
 
 def parse_group_chunk(raw: bytes | memoryview) -> GroupChunkView:
     """A serialized ``GroupKernelChunk``; malformed input raises ``WireFormatError``."""
-    buf = memoryview(raw).cast("B")
-    header: pb.GroupHeader | None = None
-    member = 0
-    chunk: memoryview | None = None
-    for number, _wire_type, value in fields(buf):
-        if number == 1 and isinstance(value, memoryview):
-            try:
-                header = pb.GroupHeader.FromString(bytes(value))
-            except Exception as exc:  # protobuf's DecodeError, whose module varies by backend
-                raise WireFormatError(f"a group header does not decode: {exc}") from None
-        elif number == 2 and isinstance(value, int):
-            member = value
-        elif number == 3 and isinstance(value, memoryview):
-            chunk = value
-    return GroupChunkView(header, member, chunk)
+    return GroupChunkView(*read_stream_message(raw, pb.GroupHeader, "a group header"))

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.protowire import (
@@ -52,8 +53,11 @@ __all__ = [
     "encode_response",
     "parse_chunk",
     "parse_response",
+    "read_stream_message",
     "report_from_trailers",
 ]
+
+HeaderT = TypeVar("HeaderT", bound=Message)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -327,18 +331,30 @@ def _text(value: memoryview) -> str:
 
 def parse_chunk(raw: bytes | memoryview) -> ChunkView:
     """A serialized ``KernelChunk``, its data viewing ``raw``."""
-    buf = memoryview(raw).cast("B")
-    header: pb.KernelHeader | None = None
-    offset = 0
-    data = memoryview(b"")
-    for number, _wire_type, value in fields(buf):
+    header, offset, data = read_stream_message(raw, pb.KernelHeader, "a stream header")
+    return ChunkView(header, offset, memoryview(b"") if data is None else data)
+
+
+def read_stream_message(
+    raw: bytes | memoryview, header_type: type[HeaderT], what: str
+) -> tuple[HeaderT | None, int, memoryview | None]:
+    """Fields 1, 2 and 3 of a stream's message: its header (``header_type``), a varint, a view of bytes.
+
+    ``KernelChunk`` (header, offset, data) and ``GroupKernelChunk`` (header,
+    member, wrapped chunk) share this layout. Absent fields read as None, 0 and
+    None; a header that does not decode raises ``WireFormatError`` naming ``what``.
+    """
+    header: HeaderT | None = None
+    number_2 = 0
+    data: memoryview | None = None
+    for number, _wire_type, value in fields(memoryview(raw).cast("B")):
         if number == 1 and isinstance(value, memoryview):
             try:
-                header = pb.KernelHeader.FromString(bytes(value))
+                header = header_type.FromString(bytes(value))
             except Exception as exc:  # protobuf's DecodeError, whose module varies by backend
-                raise WireFormatError(f"a stream header does not decode: {exc}") from None
+                raise WireFormatError(f"{what} does not decode: {exc}") from None
         elif number == 2 and isinstance(value, int):
-            offset = value
+            number_2 = value
         elif number == 3 and isinstance(value, memoryview):
             data = value
-    return ChunkView(header, offset, data)
+    return header, number_2, data

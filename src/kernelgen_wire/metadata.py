@@ -7,13 +7,27 @@ a client may retry, or ``too-large``, which it never should); gRPC's own
 (negative: never) to retry. A successful ``GenerateKernel`` call carries its
 serialized ``ServerReport`` in the ``kernelgen-report-bin`` trailer, so that a
 cached kernel's message can be sent as the cache holds it.
+
+An unconditioned request may carry its cache key in the ``kernelgen-cache-key``
+header (``cache_key``): a proxy in front of several replicas routes by a
+consistent hash of it, so each replica caches its own share of the kernels
+(docker/k8s/envoy.yaml). The server ignores it; a conditioned request, which
+no cache holds, carries none and is balanced by load.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
-__all__ = ["REASON_TRAILER", "REPORT_TRAILER", "RETRY_PUSHBACK_TRAILER", "Reason"]
+__all__ = [
+    "CACHE_KEY_HEADER",
+    "REASON_TRAILER",
+    "REPORT_TRAILER",
+    "RETRY_PUSHBACK_TRAILER",
+    "Reason",
+    "cache_key",
+]
 
 #: Trailer of a unary ``GenerateKernel`` call: its serialized ``ServerReport``.
 REPORT_TRAILER = "kernelgen-report-bin"
@@ -21,6 +35,23 @@ REPORT_TRAILER = "kernelgen-report-bin"
 REASON_TRAILER = "kernelgen-reason"
 #: gRPC's retry pushback trailer, in milliseconds; negative forbids a retry.
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+#: Request header of an unconditioned kernel request: its ``cache_key``, for a proxy's affinity.
+CACHE_KEY_HEADER = "kernelgen-cache-key"
+
+
+def cache_key(identity: str, seq_lens: Sequence[int], dtype: str, representation: str) -> str:
+    """The ``kernelgen-cache-key`` value of an unconditioned request: equal exactly when the
+    server's cache key is (the model's weights, the grid, the output dtype and representation).
+
+    ``identity`` is the model's ``content_hash`` (``GetModel``), or ``group:<name>`` for a
+    group's kernels; ``dtype`` a wire dtype name (``"float32"``, ``"float16"``,
+    ``"bfloat16"``); ``representation`` ``"dense"`` or ``"factored"``.
+
+    >>> cache_key("11d907697c99", [15, 15], "float32", "dense")
+    '11d907697c99/15x15/float32/dense'
+    """
+    grid = "x".join(str(int(n)) for n in seq_lens)
+    return f"{identity}/{grid}/{dtype}/{representation}"
 
 
 class Reason(enum.StrEnum):
@@ -35,6 +66,7 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "queue-full"  # RESOURCE_EXHAUSTED, retryable after the pushback
     MEMORY_FULL = "memory-full"  # RESOURCE_EXHAUSTED: responses in flight hold the budget; retryable
     TOO_LARGE = "too-large"  # RESOURCE_EXHAUSTED, never retryable
+    MESSAGE_TOO_LARGE = "message-too-large"  # RESOURCE_EXHAUSTED: over one message's limit; stream it
     DEADLINE_EXCEEDED = "deadline-exceeded"  # DEADLINE_EXCEEDED
     SLOW_READER = "slow-reader"  # DEADLINE_EXCEEDED: a stream's client stopped taking messages
     CANCELLED = "cancelled"  # CANCELLED

@@ -127,7 +127,7 @@ def test_metadata_and_bearer_token() -> None:
     [
         "kernelgen_client._channel",
         "kernelgen_client.tensors",
-        "kernelgen_client.types",
+        "kernelgen_client.results",
         "kernelgen_client._responses",
     ],
 )

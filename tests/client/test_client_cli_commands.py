@@ -109,7 +109,7 @@ async def test_clear_errors_and_exit_codes(
     assert await run(server, "generate", "long-1d", "--seq-lens", "3", "--random-conditioning", "2") == 2
     assert "takes no conditioning" in capsys.readouterr().err
     assert await run(server, "generate", "long-1d", "--seq-lens", "10000000", "--no-stream") == 1
-    assert "over the limit" in capsys.readouterr().err
+    assert "over the server's limit" in capsys.readouterr().err
     # Over the one-message limit only because of --no-stream: the flag to drop is named.
     assert await run(server, "generate", "long-1d", "--seq-lens", "40000", "--no-stream") == 1
     assert capsys.readouterr().err.rstrip().endswith("(drop --no-stream: it is then streamed)")

@@ -13,8 +13,8 @@ import torch
 from kernelgen_client._save import save_kernel
 from kernelgen_client.cli import build_parser, main
 from kernelgen_client.commands import EXIT_CODES
+from kernelgen_client.results import KernelResult, ServerReport
 from kernelgen_client.tensors import decode_numpy
-from kernelgen_client.types import KernelResult, ServerReport
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 

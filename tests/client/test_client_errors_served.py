@@ -131,7 +131,9 @@ async def test_overloaded_is_retried_as_the_server_allows(
 
 async def test_kernel_too_large_is_never_retried(server: Any) -> None:
     async with client_for(server) as client:
-        with pytest.raises(KernelTooLarge, match="over the limit of 16777216 points") as caught:
+        with pytest.raises(
+            KernelTooLarge, match=r"over the server's limit of 16777216 points \(set by --max-grid-points\)"
+        ) as caught:
             await client.generate("long-1d", [10_000_000], stream=False)
         assert caught.value.retry_pushback_ms == -1
         with pytest.raises(KernelTooLarge):

@@ -7,7 +7,7 @@ import pytest
 
 from kernelgen_client._generate import STREAM_THRESHOLD_BYTES, check_seq_lens, predict_bytes, prepare
 from kernelgen_client.errors import InvalidRequest, KernelTooLarge, MalformedResponse, Overloaded
-from kernelgen_client.types import KernelResult, ModelConfig, ModelInfo
+from kernelgen_client.results import KernelResult, ModelConfig, ModelInfo
 from kernelgen_wire.kernel_messages import ResponseView, parse_response
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -66,10 +66,14 @@ def test_transport_choice() -> None:
 
 def test_only_a_one_message_refusal_falls_back_to_streaming() -> None:
     generate = call()
-    unary_limit = KernelTooLarge("the response would be 5 bytes, over the unary limit; use StreamKernel")
-    assert generate.wants_stream(unary_limit)  # type: ignore[attr-defined]
-    assert not generate.wants_stream(KernelTooLarge("a grid of 20000000 points is over the limit"))  # type: ignore[attr-defined]
-    assert not generate.wants_stream(Overloaded("queue full; use StreamKernel"))  # type: ignore[attr-defined]
+    # The reason says so, not the message's words.
+    one_message = KernelTooLarge("the response would be 5 bytes", reason="message-too-large")
+    assert generate.wants_stream(one_message)  # type: ignore[attr-defined]
+    too_large = KernelTooLarge(
+        "the kernel would be 5 bytes; a kernel this large is streamed", reason="too-large"
+    )
+    assert not generate.wants_stream(too_large)  # type: ignore[attr-defined]
+    assert not generate.wants_stream(Overloaded("queue full", reason="queue-full"))  # type: ignore[attr-defined]
 
 
 def test_request_building() -> None:
@@ -93,7 +97,7 @@ def _response(grid: bool) -> ResponseView:
     )
     if grid:
         message.grid.CopyFrom(pb.Tensor(shape=[1, 2, 1], dtype=pb.DTYPE_FLOAT32, data=b"\x00" * 8))
-    report = pb.ServerReport(cache_hit=True, model_hash="h").SerializeToString()
+    report = pb.ServerReport(cache_hit=True, content_hash="h").SerializeToString()
     return parse_response(message.SerializeToString(), [(REPORT_TRAILER, report)])
 
 
@@ -105,7 +109,7 @@ def test_finish_shapes_the_result() -> None:
     result = call(with_report=True).finish((_response(False)), streamed=True)  # type: ignore[attr-defined]
     assert isinstance(result, KernelResult)
     assert result.report.cache_hit
-    assert result.report.model_hash == "h"
+    assert result.report.content_hash == "h"
     assert result.streamed
     assert result.wire_dtype == "float32"
     assert result.nbytes == 8

@@ -8,7 +8,7 @@ import pytest
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Reassembler, read_unary
 from kernelgen_client.errors import MalformedResponse
-from kernelgen_client.types import HealthStatus
+from kernelgen_client.results import HealthStatus
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 

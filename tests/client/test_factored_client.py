@@ -25,7 +25,7 @@ from kernelgen_client import (
     OutputHead,
 )
 from kernelgen_client._generate import prepare
-from kernelgen_client.types import FiLMConfig, ModelConfig, ModelInfo
+from kernelgen_client.results import FiLMConfig, ModelConfig, ModelInfo
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 from support import threaded_server
@@ -164,7 +164,7 @@ async def test_async_factored_equals_dense_and_fetches_the_head_once(server: Any
             assert kernel.factors.shape == (1, 29, 29, 32)
             assert_within(kernel.dense(), dense[i : i + 1])
         held = await client.output_head("hyena-2d")
-        assert held is results[0].head and head_fetches(server) == 1
+        assert held is results[0].output_head and head_fetches(server) == 1
     async with AsyncKernelClient(f"127.0.0.1:{server.port}") as other:
         await other.generate("hyena-2d", [3, 3], representation="factored")
     assert head_fetches(server) == 2  # per client

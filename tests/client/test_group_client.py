@@ -73,7 +73,7 @@ def test_sync_client_fetches_every_kernel_of_a_group(target: str, networks: dict
         for name, result in results.items():
             assert isinstance(result, KernelResult)
             assert result.report.cache_hit and result.streamed
-            assert result.report.model_hash == client.get_model(name).content_hash
+            assert result.report.content_hash == client.get_model(name).content_hash
         tensors = client.generate_group("stack", (3, 3), ROWS[:1], as_torch=True, dtype="bfloat16")
         assert all(t.dtype == torch.bfloat16 and t.shape == (1, 5, 5, 6) for t in tensors.values())
 
@@ -162,7 +162,9 @@ async def test_a_group_over_the_kernel_limit_is_never_retried(repo: Path) -> Non
     limits = {"max_kernel_bytes": 8192, "max_message_bytes": 8192, "stream_chunk_bytes": 1024}
     async with run_server(model_repo=str(repo), **limits) as server:
         async with AsyncKernelClient(f"127.0.0.1:{server.port}", timeout=30) as client:
-            message = "the 3 kernels of group 'stack' would be 8424 bytes together, over the limit of 8192"
+            message = (
+                "the 3 kernels of group 'stack' together would be 8424 bytes, over the server's limit of 8192"
+            )
             with pytest.raises(KernelTooLarge, match=message) as caught:
                 await client.generate_group("stack", (5, 7), ROWS[:1])
             assert caught.value.retry_pushback_ms == -1

@@ -108,7 +108,7 @@ def test_report_grid_and_cache(client: KernelClient, server: Any) -> None:
     assert first.report.batch_size == 1
     assert second.report.cache_hit
     assert second.report.batch_size == 0
-    assert first.report.model_hash == server.repository.ready["long-1d"].content_hash
+    assert first.report.content_hash == server.repository.ready["long-1d"].content_hash
     assert first.wire_dtype == "float32"
     assert first.nbytes == 599 * 256 * 4
     assert first.elapsed_ms > 0

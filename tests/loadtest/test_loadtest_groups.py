@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernelgen_client.cli import main
-from kernelgen_client.types import FiLMConfig, KernelResult, ModelConfig, ModelInfo, ServerReport
+from kernelgen_client.results import FiLMConfig, KernelResult, ModelConfig, ModelInfo, ServerReport
 from kernelgen_loadtest.runner import StepPlan, StepRunner
 from kernelgen_loadtest.workload import (
     ModelMix,
@@ -120,7 +120,7 @@ async def test_a_group_call_is_one_request_of_many_kernels() -> None:
     assert {kept.model for kept in samples.kept} <= {"net/0", "net/1", "net/2"}
     for kept in samples.kept:
         index = int(kept.model.split("/")[1])
-        assert kept.model_hash == f"hash-{index}" and (kept.kernel == index).all()
+        assert kept.content_hash == f"hash-{index}" and (kept.kernel == index).all()
 
 
 async def test_a_served_group_is_driven_and_checked(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kernelgen_client.errors import Unavailable
-from kernelgen_client.types import KernelResult, ServerReport
+from kernelgen_client.results import KernelResult, ServerReport
 from kernelgen_loadtest.correctness import Reservoir
 from kernelgen_loadtest.runner import Progress, StepPlan, StepRunner, schedule
 from kernelgen_loadtest.workload import ModelMix, ModelTarget, ResolvedWorkload, RowRange, Workload
@@ -90,7 +90,7 @@ async def test_closed_loop_keeps_n_in_flight_and_counts_every_send() -> None:
     assert len(s.batch_rows) == s.ok - s.cache_hits and set(s.batch_requests) == {1}
     assert len(s.kept) == 4 and len(s.cpu_util) == 1
     for kept in s.kept:
-        assert kept.kernel.dtype == np.float32 and kept.model_hash == "hash"
+        assert kept.kernel.dtype == np.float32 and kept.content_hash == "hash"
         assert kept.kernel.shape[0] == (1 if kept.conditioning is None else len(kept.conditioning))
 
 

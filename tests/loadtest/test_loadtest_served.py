@@ -97,7 +97,7 @@ async def test_error_budget_and_slo_exit_codes(tmp_path: Path, capsys: pytest.Ca
         (step,) = json.loads(path.read_text())["steps"]
         counts_add_up(step)
         assert step["sent"] == 40 and 0 < step["errors"]["RESOURCE_EXHAUSTED"] < 40
-        assert "over the limit" in step["error_examples"]["RESOURCE_EXHAUSTED"]
+        assert "over the server's limit" in step["error_examples"]["RESOURCE_EXHAUSTED"]
         assert await loadtest(server, *mixed, "--max-error-rate", "0.95") == 0
 
         clean = ["hyena-2d", "--seq-lens", "15,15", "--requests", "20", *QUICK]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernelgen_client.types import FiLMConfig, ModelConfig, ModelInfo
+from kernelgen_client.results import FiLMConfig, ModelConfig, ModelInfo
 from kernelgen_loadtest.workload import (
     ModelMix,
     Request,

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelgen_server import errors
-from kernelgen_server.core.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
+from kernelgen_server.core.batcher import BatchOutcome, BatchOutOfMemory, BatchPolicy, DynamicBatcher
 
 T = TypeVar("T")
 Key = Hashable
@@ -34,8 +34,8 @@ class Req:
     nbytes: int = 10
 
 
-class FakeOOM(RuntimeError):
-    pass
+class FakeOOM(BatchOutOfMemory):
+    """What a batch function raises for a batch the device could not hold."""
 
 
 class Device:
@@ -99,7 +99,7 @@ def make(
     **kwargs: Any,
 ) -> DynamicBatcher[Key, Req, Result]:
     policy = BatchPolicy(max_batch_size, max_queue_delay_s, max_queue_size, max_batch_bytes)
-    return DynamicBatcher(device, policy, rows_of=lambda r: r.rows, bytes_of=lambda r: r.nbytes, **kwargs)
+    return DynamicBatcher(device, policy, **kwargs)
 
 
 async def within(aw: Awaitable[T], seconds: float = 5.0) -> T:
@@ -243,7 +243,7 @@ async def test_queue_full_is_refused_at_once() -> None:
     queued = spawn(batcher, "k", Req(0), Req(1))
     await asyncio.sleep(0)
     assert batcher.pending() == (2, 1)
-    with pytest.raises(errors.QueueFull, match="max_queue_size=2"):
+    with pytest.raises(errors.QueueFull, match=r"limit of 2 \(set by --max-queue-size\)"):
         await batcher.submit("k", Req(2))
     assert device.gate is not None
     device.gate.set()
@@ -343,9 +343,7 @@ async def test_wrong_result_count_fails_the_batch() -> None:
         return []
 
     policy = BatchPolicy(max_batch_size=2, max_queue_delay_s=0.0)
-    batcher: DynamicBatcher[Key, Req, Result] = DynamicBatcher(
-        short, policy, rows_of=lambda r: r.rows, bytes_of=lambda r: r.nbytes
-    )
+    batcher: DynamicBatcher[Key, Req, Result] = DynamicBatcher(short, policy)
     with pytest.raises(RuntimeError, match="0 results for 1 items"):
         await within(batcher.submit("k", Req(0)))
 
@@ -358,7 +356,6 @@ async def test_oom_splits_in_halves_and_retries() -> None:
         device,
         max_batch_size=8,
         max_queue_delay_s=LONG,
-        is_oom=lambda e: isinstance(e, FakeOOM),
         observer=recorder,
     )
     items = [Req(i) for i in range(8)]
@@ -378,7 +375,6 @@ async def test_oom_of_a_single_item_fails_just_it() -> None:
         device,
         max_batch_size=4,
         max_queue_delay_s=LONG,
-        is_oom=lambda e: isinstance(e, FakeOOM),
         observer=recorder,
     )
     results = await within(asyncio.gather(*spawn(batcher, "k", *map(Req, range(4))), return_exceptions=True))
@@ -388,12 +384,14 @@ async def test_oom_of_a_single_item_fails_just_it() -> None:
     assert recorder.splits == [4, 2]
 
 
-async def test_non_oom_error_is_not_split() -> None:
+@pytest.mark.parametrize("error", [ValueError("nope"), RuntimeError("CUDA out of memory")])
+async def test_non_oom_error_is_not_split(error: Exception) -> None:
+    """Only ``BatchOutOfMemory`` splits a batch: the batch function says what an OOM is."""
     device = Device()
-    device.fail = lambda key, items: ValueError("nope")
-    batcher = make(device, max_batch_size=2, max_queue_delay_s=LONG, is_oom=lambda e: False)
+    device.fail = lambda key, items: error
+    batcher = make(device, max_batch_size=2, max_queue_delay_s=LONG)
     results = await within(asyncio.gather(*spawn(batcher, "k", Req(0), Req(1)), return_exceptions=True))
-    assert all(isinstance(r, ValueError) for r in results)
+    assert all(r is error for r in results)
     assert device.ids() == [[0, 1]]
 
 

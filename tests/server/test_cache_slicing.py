@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kernelgen_server.core.cache import ByteLRUCache
+from kernelgen_server.core.payloads import to_payload
 from kernelgen_server.core.service import KernelService
-from kernelgen_server.core.tensors import centre, to_payload
+from kernelgen_server.core.slicing import centre
 from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.kernel_messages import Payload
 from kernelgen_wire.v1 import kernelgen_pb2 as pb

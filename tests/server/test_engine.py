@@ -17,6 +17,8 @@ import torch
 from kernelgen_server.engine.kernel_engine import HostBufferPool, KernelEngine, is_oom
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
 from kernelgen_server.model.siren import SIRENKernelND
+from kernelgen_wire.sizes import tensor_bytes
+from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 COND_DIM = 6
 
@@ -166,8 +168,7 @@ def test_result_layout() -> None:
     assert not out.is_inference()  # callers may use it freely outside inference mode
     assert engine.unconditioned((2, 3)).shape == (1, 3, 5, 7)
     assert engine.conditioned((2, 3), []).shape == (0, 3, 5, 7)
-    assert engine.output_bytes((2, 3), 3, torch.float32) == out.numel() * 4
-    assert engine.output_bytes((2, 3), 3, torch.bfloat16) == out.numel() * 2
+    assert tensor_bytes((3, *engine.spatial_shape((2, 3)), engine.out_dim), pb.DTYPE_FLOAT32) == out.nbytes
 
 
 def test_rows_follow_request_order() -> None:

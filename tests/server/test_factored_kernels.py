@@ -9,6 +9,7 @@ within 1e-5 x max|kernel| in float32.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ from hypothesis import strategies as st
 
 from kernelgen_client.factored import FactoredKernel, OutputHead
 from kernelgen_client.tensors import decode_numpy
-from kernelgen_server.core.service import GeneratedKernel, KernelService
+from kernelgen_server.core.results import GeneratedKernel
+from kernelgen_server.core.service import KernelService
 from kernelgen_server.engine.kernel_engine import KernelEngine
-from kernelgen_server.errors import InvalidRequest, KernelTooLarge
+from kernelgen_server.errors import InvalidRequest, KernelTooLarge, MessageTooLarge
 from kernelgen_server.model.config import ModelConfig
 from kernelgen_server.model.output_head import OutputHead as ServerHead
 from kernelgen_server.repository.store import ModelRepository, write_model
-from kernelgen_server.transport.native_servicer import _head_message
+from kernelgen_server.transport.native_codec import head_message
 from kernelgen_wire.kernel_messages import parse_response
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
@@ -37,7 +39,7 @@ FACTORED = pb.REPRESENTATION_FACTORED
 
 def client_head(head: ServerHead) -> OutputHead:
     """The head as a client holds it: through its wire message."""
-    return OutputHead.from_pb(pb.OutputHead.FromString(_head_message(head).SerializeToString()))
+    return OutputHead.from_pb(pb.OutputHead.FromString(head_message(head).SerializeToString()))
 
 
 def materialised(generated: GeneratedKernel, head: OutputHead) -> np.ndarray:
@@ -117,7 +119,7 @@ async def test_every_embedded_model(embedded_models: Any) -> None:
             lens = [min(9, n) for n in model.module.L_cache]
             for cond in (None, conditioning(model.config, 3, 1)):
                 dense, factored = await both(service, name, lens, cond)
-                head = client_head(model.head)
+                head = client_head(model.output_head)
                 assert_within(materialised(factored, head), dense_of(dense))
                 assert factored.report.representation == FACTORED
                 assert factored.kernel.payload.shape[-1] == model.config.mlp_hidden_dim
@@ -191,7 +193,7 @@ async def test_low_precision_factors_stay_within_their_rounding(embedded_models:
     """bfloat16 / float16 factors: each kernel element within u * sum_i |f_i W_ij| (u = 2^-8, 2^-11)."""
     service = kernel_service(embedded_models)
     model = embedded_models.ready["hyena-2d"]
-    head = client_head(model.head)
+    head = client_head(model.output_head)
     try:
         cond = conditioning(model.config, 2, 3)
         exact = await make(service, "hyena-2d", [9, 9], cond, factored=True)
@@ -218,7 +220,7 @@ async def test_dense_and_factored_requests_share_one_batch(embedded_models: Any)
             *(make(service, "hyena-2d", [7, 7], row, factored=bool(i % 2)) for i, row in enumerate(rows))
         )
         assert {r.report.batch_requests for r in results} == {6}  # one batch for all six
-        head = client_head(embedded_models.ready["hyena-2d"].head)
+        head = client_head(embedded_models.ready["hyena-2d"].output_head)
         for i, result in enumerate(results):
             assert result.kernel.representation == (FACTORED if i % 2 else pb.REPRESENTATION_DENSE)
             alone = await service.generate("hyena-2d", [7, 7], rows[i], pb.DTYPE_FLOAT32, False)
@@ -247,7 +249,7 @@ async def test_factored_kernels_are_cached_apart_and_cost_less(embedded_models: 
 
 async def test_a_factored_miss_is_cut_from_a_larger_cached_one(embedded_models: Any) -> None:
     service = kernel_service(embedded_models)
-    head = client_head(embedded_models.ready["hyena-2d"].head)
+    head = client_head(embedded_models.ready["hyena-2d"].output_head)
 
     def slices() -> float:
         return float(service.metrics.cache_slices._value.get())
@@ -275,7 +277,7 @@ async def test_limits_count_the_factors_bytes(embedded_models: Any) -> None:
             await make(service, "long-1d", [2000], None)
         result = await make(service, "long-1d", [2000], None, factored=True)
         assert result.kernel.payload.nbytes == 3999 * 32 * 4
-        with pytest.raises(KernelTooLarge, match="unary limit"):
+        with pytest.raises(MessageTooLarge, match=r"for one message \(set by --max-message-bytes\)"):
             await make(service, "long-1d", [2000], factored=True, max_bytes=300_000)
     finally:
         await service.close()
@@ -308,12 +310,19 @@ async def test_metrics_count_each_representation(embedded_models: Any) -> None:
 
 def test_the_head_and_its_hash(embedded_models: Any, tmp_path: Path) -> None:
     model = embedded_models.ready["hyena-2d"]
-    head = model.head
+    head = model.output_head
     assert head.weight_t.shape == (32, 384) and head.weight_t.is_contiguous()
     torch.testing.assert_close(head.weight_t, model.module.out_linear.weight.t().float(), rtol=0, atol=0)
     assert len(head.head_hash) == 64
     # The same weights give the same hash; other weights another.
-    again = ModelRepository.load(Path(model.path).parent).ready["hyena-2d"].head
+    again = ModelRepository.load(Path(model.path).parent).ready["hyena-2d"].output_head
     assert again.head_hash == head.head_hash
     other = repository(tmp_path, {"x": config(out_dim=384, mlp_hidden_dim=32, embedding_dim=32)}, seed=5)
-    assert other.ready["x"].head.head_hash != head.head_hash
+    assert other.ready["x"].output_head.head_hash != head.head_hash
+
+
+def test_the_output_head_has_the_message_field_order_on_both_ends() -> None:
+    message = [f.name for f in sorted(pb.OutputHead.DESCRIPTOR.fields, key=lambda f: f.number)]
+    assert message == ["head_hash", "weight_t", "bias"]
+    for head_type in (OutputHead, ServerHead):
+        assert [f.name for f in dataclasses.fields(head_type) if not f.name.startswith("_")] == message

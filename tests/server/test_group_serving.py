@@ -93,7 +93,7 @@ async def test_a_groups_kernels_equal_each_generators_forward(stub: Any, network
     generators = networks["stack"].generators()
     for name, (header, kernel), generator in zip(members, kernels, generators, strict=True):
         assert kernel.shape == (2, 7, 17, 6)
-        assert header.report.model_hash == server.repository.get(name).content_hash
+        assert header.report.content_hash == server.repository.get(name).content_hash
         assert header.representation == pb.REPRESENTATION_DENSE
         want = reference_kernel(generator, (4, 9), torch.from_numpy(rows))
         assert_close(torch.from_numpy(kernel.copy()), want)
@@ -111,7 +111,7 @@ async def test_factored_and_reduced_precision_groups(stub: Any, networks: dict[s
     members, kernels = await fetch(stub, request)
     generators = networks["stack"].generators()
     for name, (header, factors), generator in zip(members, kernels, generators, strict=True):
-        head = stub.server.repository.get(name).head
+        head = stub.server.repository.get(name).output_head
         assert header.representation == pb.REPRESENTATION_FACTORED
         assert header.head_hash == head.head_hash
         assert factors.shape == (3, 9, 9, 8)  # hidden 8, not out_dim 6
@@ -136,7 +136,7 @@ async def test_members_batch_with_each_other_calls_and_with_single_requests(repo
         await service.close()
     for result in groups:
         reports = [kernel.report for kernel in result.kernels]
-        assert [r.model_hash for r in reports] == [
+        assert [r.content_hash for r in reports] == [
             service.repository.get(f"stack/{i}").content_hash for i in range(3)
         ]
         assert [r.batch_requests for r in reports] == [4, 5, 4]  # one bucket per member
@@ -244,11 +244,10 @@ async def test_a_member_that_failed_to_load_names_it(tmp_path: Path, repo: Path)
             code, details, trailers = await status_of(stub, group_request("stack", (3, 3)))
             assert code == grpc.StatusCode.FAILED_PRECONDITION
             assert trailers[REASON_TRAILER] == "model-not-ready"
-            # The reason it failed travels with the refusal: the caller need not ask ListModels.
             assert details.startswith(
                 "group 'stack', member 'stack/2': model 'stack/2' is not ready: it failed to load: "
             )
-            assert "model.safetensors" in details, details
+            assert "model.safetensors" in details  # why it failed, not only that it did
             health = health_pb2_grpc.HealthStub(channel)
             status = await health.Check(health_pb2.HealthCheckRequest(service="stack"))
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -264,7 +263,8 @@ async def test_a_group_over_the_kernel_limit_is_refused_before_any_work(repo: Pa
             assert (code, trailers[REASON_TRAILER]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "too-large")
             assert trailers[RETRY_PUSHBACK_TRAILER] == "-1"
             assert details == (
-                "the 3 kernels of group 'stack' would be 5832 bytes together, over the limit of 4000 bytes"
+                "the 3 kernels of group 'stack' together would be 5832 bytes, over the server's limit of "
+                "4000 bytes (set by --max-kernel-bytes)"
             )
             _, kernels = await fetch(stub, group_request("stack", (3, 3)))  # 3 x 600 bytes: served
             assert len(kernels) == 3

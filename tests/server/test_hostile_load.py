@@ -29,6 +29,7 @@ from kernelgen_server.core.inflight import InflightBudget
 from kernelgen_server.errors import KernelTooLarge, MemoryFull
 from kernelgen_server.model.config import ConfigError, ModelConfig
 from kernelgen_server.repository.store import ModelRepository
+from kernelgen_server.transport.native_codec import stream_messages
 from kernelgen_wire.metadata import REASON_TRAILER
 from kernelgen_wire.rpc import method_path
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -280,7 +281,7 @@ async def test_small_requests_are_answered_while_a_large_kernel_streams(embedded
     rows = np.random.default_rng(0).standard_normal((8, 384)).astype(np.float32)
     try:
         stream = await service.open_stream("long-1d", [60000], None, pb.DTYPE_FLOAT32, False)
-        messages = stream.messages(1 << 20)
+        messages = stream_messages(stream, 1 << 20)
         await anext(messages)  # the header: the first tile is computed
         answered = []
         for row in rows:  # one small request per tile the stream takes
@@ -309,7 +310,7 @@ async def test_a_tiled_stream_holds_two_tiles_and_equals_the_whole_kernel(embedd
         )
         assert stream.reservation is not None
         assert stream.reservation.nbytes == 2 * (1 << 20) + 2 * int(service.settings.stream_chunk_bytes)
-        messages = [pb.KernelChunk.FromString(m) async for m in stream.messages(256 << 10)]
+        messages = [pb.KernelChunk.FromString(m) async for m in stream_messages(stream, 256 << 10)]
         stream.close()
         header = messages[0].header
         payload = bytearray(header.kernel_bytes + header.grid_bytes)

@@ -17,7 +17,10 @@ import torch
 
 from kernelgen_client.cli import main
 from kernelgen_server.repository import store as repository_module
+from kernelgen_server.repository.layers import layer_tensor
 from kernelgen_server.repository.store import ModelRepository
+from kernelgen_server.transport.model_info import model_info
+from kernelgen_wire.layers import layer_hash
 
 from networks import (
     FORMATS,
@@ -99,6 +102,24 @@ def test_every_generator_is_found_configured_and_gives_the_networks_kernels(
             assert_close(got, reference_kernel(generator, seq_lens, CONDITIONING))
     stored = json.loads((repo / "net" / "group.json").read_text())
     assert [m["name"] for m in stored["members"]] == ["0", "1", "2", "3"]
+    # Each member records its layer's hash, which the live network's layer gives too, whatever
+    # the checkpoint's format and prefix.
+    for block, hashes in zip(network.blocks, group.layer_hashes, strict=True):
+        layer = block.filter  # type: ignore[union-attr]
+        live = layer_hash([layer_tensor(key, value) for key, value in layer.state_dict().items()])
+        assert hashes == (live,)
+    listed = {info.name: tuple(info.layer_hashes) for info in model_info(loaded)}
+    assert [listed[member] for member in group.members] == list(group.layer_hashes)
+
+
+def test_a_changed_layer_has_another_hash() -> None:
+    network = mixed_network(seed=3)
+    layer = network.blocks[0].filter  # type: ignore[union-attr]
+    before = layer_hash([layer_tensor(key, value) for key, value in layer.state_dict().items()])
+    with torch.no_grad():
+        layer.kernel.out_linear.bias[0] += 1e-6
+    after = layer_hash([layer_tensor(key, value) for key, value in layer.state_dict().items()])
+    assert after != before
 
 
 async def test_served_kernels_of_an_imported_network_equal_its_forward(tmp_path: Path) -> None:

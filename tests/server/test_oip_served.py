@@ -85,7 +85,7 @@ async def test_infer_equals_the_native_kernel(served: Any, dtype: str) -> None:
     response = await call
     trailers = dict(await call.trailing_metadata() or ())
     report = pb.ServerReport.FromString(trailers["kernelgen-report-bin"])  # as kernelgen.v1's
-    assert report.batch_size >= 3 and report.model_hash
+    assert report.batch_size >= 3 and report.content_hash
     assert response.id == "req-1" and response.model_version == "1"
     assert response.outputs[0].name == "kernel" and response.outputs[0].datatype == dtype
     got = output_array(response)
@@ -154,7 +154,7 @@ async def test_the_hand_written_response_is_what_protobuf_writes(served: Any) ->
         (lambda r: r.raw_input_contents.__setitem__(1, np.full((3, 384), np.nan, np.float32).tobytes()),
          Code.INVALID_ARGUMENT, "NaN or Inf"),
         (lambda r: r.raw_input_contents.__setitem__(0, np.array([200, 200], dtype=np.int64).tobytes()),
-         Code.RESOURCE_EXHAUSTED, "shared-memory region (same host), or use kernelgen.v1's StreamKernel"),
+         Code.RESOURCE_EXHAUSTED, "shared-memory region (same host), or stream it with kernelgen.v1"),
     ],
 )  # fmt: skip
 async def test_every_error_status_and_the_server_stays_well(

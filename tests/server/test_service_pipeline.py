@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import kernelgen_server.core.threads as service_threads
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.repository.store import ModelRepository
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -38,7 +37,7 @@ class Timeline:
         self.encoded: list[float] = []
         self.threads: set[str] = set()
         engine = service._engines["hyena-2d"]
-        conditioned, encode = engine.conditioned, service_threads.encode_kernel
+        conditioned, encode = engine.conditioned, service._encoder
 
         def timed_conditioned(*args: Any, **kwargs: Any) -> torch.Tensor:
             with self.lock:
@@ -53,7 +52,7 @@ class Timeline:
             return encode(payload, *args)
 
         monkeypatch.setattr(engine, "conditioned", timed_conditioned)
-        monkeypatch.setattr(service_threads, "encode_kernel", slow_encode)
+        monkeypatch.setattr(service, "_encoder", slow_encode)
 
 
 def rows(seed: int, n: int = 1) -> np.ndarray:
@@ -123,7 +122,7 @@ async def test_batched_results_match_alone_either_way(
 async def test_an_encoding_error_fails_only_its_own_batch(
     pipelined: KernelService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encode = service_threads.encode_kernel
+    encode = pipelined._encoder
     poisoned = rows(99)
 
     def failing(payload: Any, *args: Any) -> Any:
@@ -134,7 +133,7 @@ async def test_an_encoding_error_fails_only_its_own_batch(
 
     engine = pipelined._engines["hyena-2d"]
     first_values = engine.conditioned(LENS, [torch.from_numpy(poisoned)], torch.float32).numpy().ravel()[:4]
-    monkeypatch.setattr(service_threads, "encode_kernel", failing)
+    monkeypatch.setattr(pipelined, "_encoder", failing)
     outcomes = await asyncio.gather(
         *(
             pipelined.generate("hyena-2d", LENS, c, pb.DTYPE_FLOAT32, False)

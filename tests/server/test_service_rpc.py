@@ -58,7 +58,7 @@ async def test_served_kernels_equal_the_model(server: Any, stub: Any, name: str)
     close(decode(reply.kernel), reference(server, name, lens))
     module = server.repository.ready[name].module
     np.testing.assert_array_equal(decode(reply.grid), module.grid(lens).numpy())
-    assert report.model_hash == server.repository.ready[name].content_hash
+    assert report.content_hash == server.repository.ready[name].content_hash
     if module.cond_dim is not None:
         cond = np.random.default_rng(0).standard_normal((3, module.cond_dim)).astype(np.float32)
         reply, report = await generate(

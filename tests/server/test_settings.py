@@ -140,6 +140,31 @@ def test_metrics_address_defaults_to_loopback_when_secured(tmp_path: Path) -> No
     assert load_settings(chosen).metrics_address() == "10.1.2.3"  # the operator's choice stands
 
 
+@pytest.mark.parametrize(
+    ("soft", "memory", "workers", "expected"),
+    [
+        (1024, 64 << 30, 1, 768),  # the descriptors bound it
+        (1 << 20, 8 << 30, 1, 8192),  # once raised, memory does: one connection per MiB
+        (1 << 20, 8 << 30, 4, 2048),  # ... of a worker's share
+        (-1, 2 << 30, 1, 2048),  # RLIM_INFINITY
+        (200, 64 << 30, 1, 16),  # never fewer than 16
+        (1 << 20, 4 << 20, 1, 16),
+    ],
+)
+def test_default_connection_limit_rule(
+    soft: int, memory: int, workers: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    import kernelgen_server.settings as settings_module
+
+    soft = resource.RLIM_INFINITY if soft == -1 else soft
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, resource.RLIM_INFINITY))
+    monkeypatch.setattr(settings_module, "usable_memory", lambda: memory)
+    assert load_settings({"workers": workers}).connection_limit() == expected
+    assert load_settings({"workers": workers, "max_connections": 5}).connection_limit() == 5
+
+
 def test_memory_and_connection_budgets() -> None:
     import resource
 
@@ -151,7 +176,7 @@ def test_memory_and_connection_budgets() -> None:
     assert 0 < usable_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY:
-        assert defaults.connection_limit() == max(16, soft - 256)
+        assert defaults.connection_limit() == max(16, min(soft - 256, usable_memory() >> 20))
     given = load_settings({"max_inflight_bytes": "1GiB", "max_connections": 7})
     assert (given.inflight_budget(), given.connection_limit()) == (1 << 30, 7)
     with pytest.raises(SettingsError, match="two stream tiles"):
@@ -166,7 +191,7 @@ def test_serve_help_shows_every_default_once_as_the_readme_writes_it(
     import re
 
     from kernelgen_client.cli import main
-    from kernelgen_server.settings import ServerSettings, flag_of
+    from kernelgen_server.settings import ServerSettings, flag
 
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
@@ -175,7 +200,7 @@ def test_serve_help_shows_every_default_once_as_the_readme_writes_it(
     entries = re.split(r" (?=--[a-z-]+(?: [A-Z_]+|, --no-[a-z-]+) )", options)
     described = {entry.split()[0].rstrip(","): entry for entry in entries if entry.startswith("--")}
     for name in ServerSettings.model_fields:
-        entry = described[flag_of(name)]
+        entry = described[flag(name)]
         assert entry.count("(default: ") == 1, entry  # exactly one default, never "(default: unset)" twice
         assert "(default: unset)" not in entry, entry
     assert described["--cache-bytes"].endswith("(default: 1GiB)")

@@ -131,12 +131,15 @@ async def test_resource_exhausted_for_sizes(stub: Any) -> None:
     big = pb.GenerateKernelRequest(model="long-1d", seq_lens=[8192])  # 16.8 MB > 4 MiB unary limit
     err = await expect(stub.GenerateKernel(big), Code.RESOURCE_EXHAUSTED, "16776192 bytes")
     assert "4194304" in (err.details() or "")
-    assert "StreamKernel" in (err.details() or "")
-    assert trailer(err, "kernelgen-reason") == "too-large"
+    assert "set by --max-message-bytes" in (err.details() or "")
+    assert trailer(err, "kernelgen-reason") == "message-too-large"  # the client streams it instead
     assert trailer(err, "grpc-retry-pushback-ms") == "-1"  # never retried
     huge = pb.GenerateKernelRequest(model="volume-3d", seq_lens=[300, 300, 300])
     await expect(
-        _drain(stub.StreamKernel(huge)), Code.RESOURCE_EXHAUSTED, "over the limit of 16777216 points"
+        _drain(stub.StreamKernel(huge)),
+        Code.RESOURCE_EXHAUSTED,
+        "a grid for seq_lens [300, 300, 300] would be 214921799 points, over the server's limit of 16777216 "
+        "points (set by --max-grid-points)",
     )
 
 
@@ -148,7 +151,8 @@ async def test_resource_exhausted_for_kernel_bytes() -> None:
             await expect(
                 _drain(stub.StreamKernel(request)),
                 Code.RESOURCE_EXHAUSTED,
-                "the kernel would be 18430976 bytes, over the limit of 8388608 bytes",
+                "the kernel would be 18430976 bytes, over the server's limit of 8388608 bytes "
+                "(set by --max-kernel-bytes)",
             )
 
 

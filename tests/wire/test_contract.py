@@ -38,7 +38,8 @@ def test_reasons_are_the_documented_strings() -> None:
     assert {r.value for r in metadata.Reason} == {
         "invalid-argument", "group-not-model", "model-not-group",
         "model-not-found", "model-not-ready", "no-film", "queue-full", "memory-full",
-        "too-large", "deadline-exceeded", "slow-reader", "cancelled", "draining", "internal",
+        "too-large", "message-too-large", "deadline-exceeded", "slow-reader", "cancelled", "draining",
+        "internal",
         "shared-memory-off", "region-not-found", "region-exists", "not-supported",
     }  # fmt: skip
     assert metadata.REPORT_TRAILER.endswith("-bin")  # binary metadata: gRPC carries it base64
@@ -73,3 +74,13 @@ def test_values_round_trip_through_the_message(
     assert back["hidden_omega_0"] == model_config.OPTIONAL_DEFAULTS["hidden_omega_0"]
     expected_film = None if film is None else {**model_config.FILM_DEFAULTS, **film}
     assert back["film"] == expected_film
+
+
+def test_one_content_hash_on_the_wire_keeps_its_field_numbers() -> None:
+    # ServerReport's hash of the producing model shares ModelInfo's name; its field
+    # number and type are those it always had, so older peers read the same bytes.
+    report = pb.ServerReport.DESCRIPTOR.fields_by_name["content_hash"]
+    info = pb.ModelInfo.DESCRIPTOR.fields_by_name["content_hash"]
+    assert (report.number, report.type) == (6, report.TYPE_STRING)
+    assert (info.number, info.type) == (5, info.TYPE_STRING)
+    assert pb.ServerReport(content_hash="abc").SerializeToString() == b"\x32\x03abc"

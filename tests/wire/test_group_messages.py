@@ -15,7 +15,7 @@ from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 def member(rows: int, points: int, width: int, seed: int, head_hash: str = "") -> MemberKernel:
     array = np.random.default_rng(seed).standard_normal((rows, points, width), dtype=np.float32)
-    report = pb.ServerReport(batch_size=rows, model_hash=f"hash-{seed}", worker=seed % 3)
+    report = pb.ServerReport(batch_size=rows, content_hash=f"hash-{seed}", worker=seed % 3)
     return MemberKernel(Payload.from_array(array, pb.DTYPE_FLOAT32), report, head_hash)
 
 

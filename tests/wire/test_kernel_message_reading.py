@@ -20,7 +20,7 @@ reports = st.builds(
     cache_hit=st.booleans(),
     batch_size=st.integers(0, 2**32 - 1),
     queue_ms=st.floats(0, 1e6),
-    model_hash=st.text(max_size=8),
+    content_hash=st.text(max_size=8),
 )
 
 
@@ -45,7 +45,7 @@ def test_parse_response_matches_protobuf(
 
 
 def test_the_report_comes_from_the_trailer() -> None:
-    report = pb.ServerReport(cache_hit=True, batch_size=3, model_hash="abc")
+    report = pb.ServerReport(cache_hit=True, batch_size=3, content_hash="abc")
     message = pb.GenerateKernelResponse(kernel=pb.Tensor(shape=[1], data=b"\x00" * 4)).SerializeToString()
     assert parse_response(message).report == pb.ServerReport()  # none sent: an empty report
     assert parse_response(message, [(REPORT_TRAILER, report.SerializeToString())]).report == report

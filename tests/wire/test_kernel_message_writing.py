@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelgen_server.core.tensors import decode_conditioning, decode_output_dtype, to_payload
+from kernelgen_server.core.payloads import output_dtype, to_payload
 from kernelgen_server.errors import InvalidRequest
+from kernelgen_server.transport.native_codec import decode_conditioning
 from kernelgen_wire.kernel_messages import Payload, encode_chunks, encode_kernel, encode_response
 from kernelgen_wire.protowire import varint
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -101,10 +102,10 @@ def test_decode_conditioning() -> None:
 
 
 def test_output_dtypes() -> None:
-    assert decode_output_dtype(pb.DTYPE_UNSPECIFIED) == torch.float32
-    assert decode_output_dtype(pb.DTYPE_BFLOAT16) == torch.bfloat16
+    assert output_dtype(pb.DTYPE_UNSPECIFIED) == torch.float32
+    assert output_dtype(pb.DTYPE_BFLOAT16) == torch.bfloat16
     with pytest.raises(InvalidRequest, match="dtype 9 is not supported"):
-        decode_output_dtype(9)
+        output_dtype(9)
 
 
 @settings(max_examples=40, deadline=None)

@@ -11,9 +11,31 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-__all__ = ["BatchOutcome", "BatchPolicy", "BatcherObserver", "NullBatcherObserver", "PendingCounts"]
+__all__ = [
+    "BatchItem",
+    "BatchOutOfMemory",
+    "BatchOutcome",
+    "BatchPolicy",
+    "BatcherObserver",
+    "NullBatcherObserver",
+    "PendingCounts",
+]
 
 R = TypeVar("R")
+
+
+class BatchItem(Protocol):
+    """What the batcher needs of an item: its rows (batch size counts them) and its output bytes."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class BatchOutOfMemory(MemoryError):
+    """A batch function's way of saying its batch did not fit the device: a smaller one may."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,13 +27,18 @@ from typing import Generic, TypeVar
 from kernelgen_server import errors
 from kernelgen_server.core.batch_policy import (
     BatcherObserver,
+    BatchItem,
     BatchOutcome,
+    BatchOutOfMemory,
     BatchPolicy,
     NullBatcherObserver,
     PendingCounts,
 )
+from kernelgen_server.settings import flag
 
 __all__ = [
+    "BatchItem",
+    "BatchOutOfMemory",
     "BatchOutcome",
     "BatchPolicy",
     "BatcherObserver",
@@ -45,7 +50,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
-I = TypeVar("I")  # noqa: E741  (the item type)
+I = TypeVar("I", bound=BatchItem)  # noqa: E741  (the item type)
 R = TypeVar("R")
 
 
@@ -94,7 +99,12 @@ RunBatch = Callable[[K, list[I]], Awaitable[Sequence[R]]]
 
 
 class DynamicBatcher(Generic[K, I, R]):
-    """Groups ``submit``-ted items by key into batches for ``run_batch``.
+    """Groups ``submit``-ted items by key into batches for ``run_batch``, the one batch function
+    it runs, given at construction.
+
+    An item tells its rows and output bytes (``BatchItem``); ``run_batch`` returns
+    one result per item, in order, and raises ``BatchOutOfMemory`` for a batch the
+    device could not hold, which is then split in halves and retried.
 
     Invariants (between awaits):
     - ``_queued`` == number of QUEUED requests == sum of bucket counts
@@ -112,17 +122,11 @@ class DynamicBatcher(Generic[K, I, R]):
         run_batch: RunBatch[K, I, R],
         policy: BatchPolicy,
         *,
-        rows_of: Callable[[I], int],
-        bytes_of: Callable[[I], int],
-        is_oom: Callable[[BaseException], bool] = lambda e: False,
         clock: Callable[[], float] = time.monotonic,
         observer: BatcherObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._policy = policy
-        self._rows_of = rows_of
-        self._bytes_of = bytes_of
-        self._is_oom = is_oom
         self._clock = clock
         self._observer = observer if observer is not None else NullBatcherObserver()
         self._buckets: dict[K, _Bucket[K, I, R]] = {}
@@ -153,13 +157,14 @@ class DynamicBatcher(Generic[K, I, R]):
         limit = self._policy.max_queue_size
         if self._queued >= limit:
             raise errors.QueueFull(
-                f"the batch queue is full: {self._queued} requests waiting (max_queue_size={limit})"
+                f"the batch queue is full: {self._queued} requests waiting, the server's limit of "
+                f"{limit} (set by {flag('max_queue_size')}); retry shortly"
             )
         now = self._clock()
         if deadline is not None and deadline <= now:
             self._observer.on_dropped(key, "expired")
             raise errors.DeadlineExceeded("the deadline expired before the request was queued")
-        rows, nbytes = self._rows_of(item), self._bytes_of(item)
+        rows, nbytes = item.rows, item.nbytes
         if rows < 1 or nbytes < 0:
             raise ValueError(f"an item needs rows >= 1 and bytes >= 0, got {rows}, {nbytes}")
 
@@ -342,7 +347,7 @@ class DynamicBatcher(Generic[K, I, R]):
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:
-            if len(batch) > 1 and self._is_oom(exc):
+            if len(batch) > 1 and isinstance(exc, BatchOutOfMemory):
                 self._observer.on_oom_split(key, sum(r.rows for r in batch))
                 half = len(batch) // 2
                 await self._run(key, batch[:half], started)

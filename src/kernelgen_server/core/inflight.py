@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kernelgen_server.errors import KernelTooLarge, MemoryFull
+from kernelgen_server.settings import flag
 
 __all__ = ["InflightBudget", "Reservation"]
 
@@ -52,7 +53,7 @@ class InflightBudget:
         if nbytes > self.limit:
             raise KernelTooLarge(
                 f"{what} would hold {nbytes} bytes, over the server's in-flight limit of {self.limit} "
-                "bytes (--max-inflight-bytes)"
+                f"bytes (set by {flag('max_inflight_bytes')})"
             )
         if self.used + nbytes > self.limit:
             raise MemoryFull(

@@ -13,12 +13,10 @@ knows about Prometheus.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kernelgen_server.core.statistics import InferenceStatistics
-from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 
 __all__ = ["Metrics"]
 
@@ -121,6 +119,13 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.unsent_responses = Counter(
+            "kernelgen_unsent_responses",
+            "Responses a handler returned that were never sent: the call had ended first (the client "
+            "cancelled, its deadline passed or its connection closed).",
+            ["method"],
+            registry=r,
+        )
         self.cache_hits = Counter("kernelgen_cache_hits", "Unconditioned-kernel cache hits.", registry=r)
         self.cache_misses = Counter(
             "kernelgen_cache_misses", "Unconditioned-kernel cache misses.", registry=r
@@ -146,17 +151,6 @@ class Metrics:
         )
         #: The same observations per model, for the Open Inference Protocol's ModelStatistics.
         self.statistics = InferenceStatistics()
-
-    def serve(
-        self,
-        port: int,
-        host: str = "0.0.0.0",
-        *,
-        tokens: list[bytes] | None = None,
-        tls: tuple[Path, Path] | None = None,
-    ) -> MetricsEndpoint:
-        """Start the /metrics endpoint in a daemon thread (``metrics_http``)."""
-        return serve_metrics(self.registry, host, port, tokens=tokens, tls=tls)
 
     # --- cache observer -------------------------------------------------------------------------
     def on_hit(self) -> None:

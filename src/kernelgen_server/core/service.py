@@ -1,7 +1,17 @@
-"""The service core: validation, cache, batching and compute, without gRPC.
+"""The service core: ``KernelService`` routes a planned request to the cache or the batcher.
 
-``KernelService`` answers in Python values and raises ``KernelGenError``s;
-the servicer only decodes, calls it, encodes and maps errors to statuses.
+``KernelService`` answers in Python values and raises ``KernelGenError``s; a
+servicer only decodes, calls it, encodes and maps errors to statuses.
+
+A request goes one way down and back:
+
+    plan (``Planner``: every check, every size)
+      -> reserve its bytes (``InflightBudget``)
+      -> unconditioned: the cache (a miss: a cut of a larger cached kernel on the
+         host thread, or the engine on the device thread)
+         conditioned: the batcher -> the batch stage (``BatchRunner.run``:
+         the engine on the device thread, the rows' encoding)
+      -> its ``GeneratedKernel``, built once.
 
 Invariants:
 - all tensor work for the device runs on one device thread (``ServiceThreads``),
@@ -9,11 +19,13 @@ Invariants:
   computes;
 - unconditioned kernels go through the byte-bounded cache, conditioned ones
   through the batcher (the ``submit`` seam); nothing else computes kernels;
+- the core writes messages only through an ``Encoder``: the service's own
+  (kernelgen.v1's by default: what the cache keeps), or one a call brings;
 - a kernel is served dense or factored (``representation``): factored ones
   share the dense ones' batch buckets (same model, grid and dtype) and have
-  cache entries of their own;
-  a miss whose kernel is the centre of a cached larger one (same model and
-  dtype) is cut from it on the host thread instead of computed;
+  cache entries of their own; a miss whose kernel is the centre of a cached
+  larger one (same model and dtype) is cut from it on the host thread instead
+  of computed;
 - every limit is checked before any work is queued, so a refused request
   costs the others nothing;
 - a group's kernels (``generate_group``) are its members' requests, each
@@ -30,193 +42,49 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from kernelgen_server.core.batcher import BatchOutcome, BatchPolicy, DynamicBatcher
+from kernelgen_server.core.batch_policy import BatchOutcome, BatchPolicy
+from kernelgen_server.core.batcher import DynamicBatcher
+from kernelgen_server.core.batches import BatchRunner, BucketKey, ConditionedItem, PendingKernel
 from kernelgen_server.core.cache import ByteLRUCache
 from kernelgen_server.core.inflight import InflightBudget, Reservation
 from kernelgen_server.core.metrics import Metrics
+from kernelgen_server.core.payloads import to_payload
+from kernelgen_server.core.plan import KernelPlan, Planner, check_name
+from kernelgen_server.core.results import Encoder, FlopSummary, GeneratedGroup, GeneratedKernel
+from kernelgen_server.core.slicing import centre, covers
 from kernelgen_server.core.streaming import KernelStream, TiledStream, WholeStream
-from kernelgen_server.core.tensors import (
-    centre,
-    decode_output_dtype,
-    decode_representation,
-    itemsize,
-    to_payload,
-)
 from kernelgen_server.core.threads import ServiceThreads
-from kernelgen_server.engine.kernel_engine import KernelEngine, is_oom
-from kernelgen_server.errors import (
-    ConditioningNotSupported,
-    DeadlineExceeded,
-    InvalidRequest,
-    KernelGenError,
-    KernelTooLarge,
-    ServerDraining,
-    shorten,
-)
+from kernelgen_server.engine.kernel_engine import KernelEngine
+from kernelgen_server.errors import DeadlineExceeded, KernelGenError, ServerDraining
 from kernelgen_server.model.output_head import OutputHead
-from kernelgen_server.repository.store import LoadedModel, ModelGroup, ModelRepository, is_served_name
+from kernelgen_server.repository.store import LoadedModel, ModelGroup, ModelRepository
 from kernelgen_server.settings import ServerSettings
-from kernelgen_wire.kernel_messages import EncodedKernel, Payload, encode_kernel
+from kernelgen_wire.kernel_messages import EncodedKernel, encode_kernel
+from kernelgen_wire.sizes import kernel_spatial, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = [
-    "Encoder",
-    "FlopSummary",
-    "GeneratedGroup",
-    "GeneratedKernel",
-    "KernelPlan",
-    "KernelService",
-    "Submitter",
-    "check_name",
-    "resolve_device",
-]
+__all__ = ["KernelService", "Submitter", "resolve_device"]
 
 log = logging.getLogger("kernelgen.core")
 _REPRESENTATION_NAMES = {False: "dense", True: "factored"}
 
-BucketKey = tuple[str, tuple[int, ...], int]  # (model name, seq_lens, wire dtype)
-CacheKey = tuple[str, tuple[int, ...], int, bool]  # (model content hash, seq_lens, wire dtype, factored)
-
-
-#: Writes one computed kernel (or its factors) as the message its caller sends, from the payload and
-#: the output head's hash (empty: dense); ``encode_kernel`` (kernelgen.v1's response) by default.
-Encoder = Callable[[Payload, str], EncodedKernel]
-
-
-class CondItem(NamedTuple):
-    """One conditioned request in a batch bucket: its ``[B, C]`` rows, output size and representation."""
-
-    conditioning: torch.Tensor
-    nbytes: int
-    factored: bool = False
-    encoder: Encoder | None = None
+#: (model content hash, seq_lens, wire dtype, factored)
+CacheKey = tuple[str, tuple[int, ...], int, bool]
 
 
 class Submitter(Protocol):
-    """The seam conditioned requests go through: one request in, its rows out."""
+    """The seam conditioned requests go through: one request in, its pending message out."""
 
     async def submit(
-        self, key: BucketKey, item: CondItem, *, deadline: float | None = None
-    ) -> BatchOutcome[asyncio.Future[EncodedKernel]]: ...
+        self, key: BucketKey, item: ConditionedItem, *, deadline: float | None = None
+    ) -> BatchOutcome[PendingKernel]: ...
 
     async def close(self, drain: bool = True) -> None: ...
-
-
-@dataclass(frozen=True)
-class GeneratedKernel:
-    """One kernel as the service made it: its encoded message, the grid if asked, the report.
-
-    ``reservation`` holds the response's bytes in the server's in-flight budget until
-    ``release()`` (the servicer calls it when the call ends; dropping the result does too).
-    """
-
-    kernel: EncodedKernel
-    grid: Payload | None
-    report: pb.ServerReport
-    reservation: Reservation | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.kernel.nbytes + (0 if self.grid is None else self.grid.nbytes)
-
-    def release(self) -> None:
-        if self.reservation is not None:
-            self.reservation.release()
-
-    @property
-    def releaser(self) -> Callable[[], None]:
-        """``release`` without the kernel: what a call's done callback may hold.
-
-        A gRPC call's context, and the done callbacks it holds, can outlive the call
-        until the garbage collector frees it; a callback holding this result would keep
-        the response's bytes alive as long, and the process's memory would swing by
-        hundreds of MB between collections.
-        """
-        return self.reservation.release if self.reservation is not None else _nothing
-
-
-def _nothing() -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class GeneratedGroup:
-    """A group's kernels as the service made them, in the group's member order.
-
-    ``reservation`` holds all their bytes in the in-flight budget until ``release()``.
-    """
-
-    group: ModelGroup
-    kernels: tuple[GeneratedKernel, ...]
-    reservation: Reservation | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(kernel.nbytes for kernel in self.kernels)
-
-    def release(self) -> None:
-        if self.reservation is not None:
-            self.reservation.release()
-
-
-@dataclass(frozen=True)
-class KernelPlan:
-    """A validated kernel request: what to compute and how many bytes it will take."""
-
-    model: LoadedModel
-    lens: tuple[int, ...]
-    out_dtype: torch.dtype
-    wire_dtype: int
-    factored: bool
-    #: ``[rows, C]`` float32, or None for the plain kernel.
-    conditioning: np.ndarray | None
-    rows: int
-    points: int
-    width: int
-    kernel_bytes: int
-    grid_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.kernel_bytes + self.grid_bytes
-
-    @property
-    def head_hash(self) -> str:
-        """The output head's hash for a factored kernel, else empty."""
-        return self.model.head.head_hash if self.factored else ""
-
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return (self.rows, *(2 * n - 1 for n in self.lens), self.width)
-
-
-@dataclass(frozen=True)
-class FlopSummary:
-    """What ``FlopCount`` answers: the reference count, the grid's size and the kernel's."""
-
-    flops: int
-    grid_points: int
-    kernel_bytes: int
-    cacheable: bool
-
-
-def check_name(name: str, what: str = "model") -> str:
-    """``name`` if it could name a model (or a group's member, ``GROUP/MEMBER``); else
-    ``InvalidRequest``, the name cut short in the message."""
-    if not name:
-        raise InvalidRequest(f"{what} name is empty")
-    if not is_served_name(name):
-        raise InvalidRequest(
-            f"{shorten(name)} is not a {what} name: letters, digits, '.', '_' or '-', at most 128 "
-            "characters (a group's member: GROUP/MEMBER)"
-        )
-    return name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -230,7 +98,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class KernelService:
-    """Serves the ready models of a repository on one device."""
+    """Serves the ready models of a repository on one device.
+
+    ``encoder`` writes the messages the cache keeps and computed kernels are
+    sent as, unless a call brings its own (kernelgen.v1's ``encode_kernel`` by
+    default).
+    """
 
     def __init__(
         self,
@@ -241,6 +114,7 @@ class KernelService:
         device: torch.device | None = None,
         clock: Callable[[], float] = time.monotonic,
         worker: int = 0,
+        encoder: Encoder = encode_kernel,
     ) -> None:
         self.repository = repository
         #: This process's index among the server's worker processes; every report carries it.
@@ -248,21 +122,24 @@ class KernelService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.device = device or resolve_device(settings.device)
+        self.planner = Planner(repository, settings)
         self._clock = clock
+        self._encoder = encoder
         cuda = self.device.type == "cuda"
-        self._threads = ServiceThreads(
-            self.device,
-            cpu_threads=settings.torch_threads(),
-            pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
-        )
+        self._threads = ServiceThreads(self.device, cpu_threads=settings.torch_threads())
         # Per-row GEMMs keep every row bitwise independent of its batch; on a GPU one launch
         # per row and layer would waste the device, so batched GEMMs are the default there.
         batched = cuda if settings.batched_gemm is None else settings.batched_gemm
-        self._engines = {
-            m.name: KernelEngine(m.module, self.device, batched=batched) for m in repository.ready.values()
-        }
+        ready = repository.ready.values()
+        self._engines = {m.name: KernelEngine(m.module, self.device, batched=batched) for m in ready}
         self._cache: ByteLRUCache[CacheKey, EncodedKernel] = ByteLRUCache(
             int(settings.cache_bytes), observer=self.metrics
+        )
+        self._batches = BatchRunner(
+            self._engines,
+            {m.name: m.output_head.head_hash for m in ready},
+            self._threads,
+            pipelined=cuda if settings.pipeline_batches is None else settings.pipeline_batches,
         )
         policy = BatchPolicy(
             max_batch_size=settings.max_batch_size,
@@ -271,13 +148,7 @@ class KernelService:
             max_batch_bytes=int(settings.max_batch_bytes),
         )
         self.submitter: Submitter = DynamicBatcher(
-            self._run_batch,
-            policy,
-            rows_of=lambda item: int(item.conditioning.shape[0]),
-            bytes_of=lambda item: item.nbytes,
-            is_oom=is_oom,
-            clock=clock,
-            observer=self.metrics,
+            self._batches.run, policy, clock=clock, observer=self.metrics
         )
         self.budget = InflightBudget(settings.inflight_budget(), observe=self.metrics.inflight_bytes.set)
         self.draining = False
@@ -285,41 +156,23 @@ class KernelService:
     # --- lookups ------------------------------------------------------------------------------
     def model(self, name: str) -> LoadedModel:
         """The ready model ``name``; refuses a name that could name no model, an unknown or failed one."""
-        return self.repository.get(check_name(name))
-
-    def seq_lens(self, model: LoadedModel, values: Sequence[int]) -> tuple[int, ...]:
-        data_dim = model.module.data_dim
-        if len(values) != data_dim:
-            raise InvalidRequest(
-                f"model {model.name!r} is {data_dim}-D: seq_lens needs {data_dim} entries, got {len(values)}"
-            )
-        if any(v < 1 for v in values):
-            raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
-        lens = tuple(int(v) for v in values)
-        points = math.prod(2 * n - 1 for n in lens)
-        if points > self.settings.max_grid_points:
-            raise KernelTooLarge(
-                f"a grid of {points} points (seq_lens {list(lens)}) is over the limit of "
-                f"{self.settings.max_grid_points} points"
-            )
-        return lens
-
-    # --- FlopCount / models -------------------------------------------------------------------
-    def flop_count(self, name: str, seq_lens: Sequence[int], inference: bool) -> FlopSummary:
-        model = self.model(name)
-        lens = self.seq_lens(model, seq_lens)
-        points = math.prod(2 * n - 1 for n in lens)
-        module = model.module
-        return FlopSummary(
-            flops=module.flop_count(lens, inference=inference),
-            grid_points=points,
-            kernel_bytes=points * module.out_dim * 4,
-            cacheable=module.film_generator is None,
-        )
+        return self.planner.model(name)
 
     def output_head(self, name: str) -> OutputHead:
         """The output head of a ready model, for materialising its factored kernels."""
-        return self.model(name).head
+        return self.model(name).output_head
+
+    def flop_count(self, name: str, seq_lens: Sequence[int], inference: bool) -> FlopSummary:
+        model = self.model(name)
+        lens = self.planner.seq_lens(model, seq_lens)
+        spatial = kernel_spatial(lens)
+        module = model.module
+        return FlopSummary(
+            flops=module.flop_count(lens, inference=inference),
+            grid_points=math.prod(spatial),
+            kernel_bytes=tensor_bytes((1, *spatial, module.out_dim), pb.DTYPE_FLOAT32),
+            cacheable=module.film_generator is None,
+        )
 
     # --- GenerateKernel -----------------------------------------------------------------------
     def plan(
@@ -331,44 +184,9 @@ class KernelService:
         return_grid: bool,
         representation: int = pb.REPRESENTATION_DENSE,
     ) -> KernelPlan:
-        """Validate a kernel request and size it; every refusal happens here, before any work."""
-        if self.draining:
-            raise ServerDraining("the server is shutting down; retry on another replica")
-        model = self.model(name)
-        lens = self.seq_lens(model, seq_lens)
-        out_dtype = decode_output_dtype(dtype)
-        wire_dtype = int(dtype) or pb.DTYPE_FLOAT32
-        factored = decode_representation(representation)
-        module = model.module
-        rows = 1
-        if conditioning is not None:
-            if module.film_generator is None:
-                raise ConditioningNotSupported(
-                    f"model {name!r} has no FiLM generator and takes no conditioning; omit it"
-                )
-            if conditioning.shape[1] != module.film_generator.cond_dim:
-                raise InvalidRequest(
-                    f"model {name!r} takes conditioning of width {module.film_generator.cond_dim}, "
-                    f"got {conditioning.shape[1]}"
-                )
-            rows = int(conditioning.shape[0])
-            if rows > self.settings.max_conditioning_rows:
-                raise KernelTooLarge(
-                    f"{rows} conditioning rows is over the limit of {self.settings.max_conditioning_rows}"
-                )
-        points = math.prod(2 * n - 1 for n in lens)
-        width = module.mlp_hidden_dim if factored else module.out_dim
-        kernel_bytes = rows * points * width * itemsize(out_dtype)
-        grid_bytes = points * module.data_dim * 4 if return_grid else 0
-        if kernel_bytes > self.settings.max_kernel_bytes:
-            raise KernelTooLarge(
-                f"the {'factors' if factored else 'kernel'} would be {kernel_bytes} bytes, over the limit "
-                f"of {int(self.settings.max_kernel_bytes)} bytes"
-            )
-        return KernelPlan(
-            model, lens, out_dtype, wire_dtype, factored, conditioning, rows, points, width, kernel_bytes,
-            grid_bytes,
-        )  # fmt: skip
+        """Validate a kernel request and size it (``Planner.plan``); refused while draining."""
+        self._check_open()
+        return self.planner.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
 
     async def generate(
         self,
@@ -385,18 +203,15 @@ class KernelService:
     ) -> GeneratedKernel:
         """Compute (or fetch) one kernel, dense or factored, holding its bytes in the in-flight budget.
 
-        ``max_bytes`` bounds the whole response (unary calls). ``dtype`` is the
+        ``max_bytes`` bounds the whole response (one message). ``dtype`` is the
         dtype of what travels: the kernel, or its factors. ``encoder`` writes a
         conditioned kernel's message where the batch encodes it (another
-        protocol's response, one copy in all); a cached kernel is always
-        kernelgen.v1's message.
+        protocol's response, one copy in all); a cached kernel is always the
+        service's own encoder's message.
         """
         plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
-        if max_bytes is not None and plan.total_bytes > max_bytes:
-            raise KernelTooLarge(
-                f"the response would be {plan.total_bytes} bytes, over the unary limit of "
-                f"{max_bytes} bytes; use StreamKernel for large kernels"
-            )
+        if max_bytes is not None:
+            self.planner.check_response(plan, max_bytes)
         return await self.compute(plan, deadline, encoder)
 
     async def compute(
@@ -406,11 +221,10 @@ class KernelService:
         self._check_deadline(deadline)
         reservation = self.budget.reserve(plan.total_bytes)
         try:
-            result = await self._compute(plan, deadline, encoder)
+            generated = await self._generate(plan, deadline, encoder, reservation)
         except BaseException:
             reservation.release()
             raise
-        generated = GeneratedKernel(result.kernel, result.grid, result.report, reservation)
         # A caller that drops the result without releasing it (in-process use) returns the bytes then.
         weakref.finalize(generated, reservation.release)
         return generated
@@ -426,7 +240,7 @@ class KernelService:
         representation: int = pb.REPRESENTATION_DENSE,
         deadline: float | None = None,
     ) -> KernelStream:
-        """A ``StreamKernel`` response: the kernel whole in chunks, or, when large, tile by tile."""
+        """A streamed kernel: computed whole and sent in parts, or, when large, tile by tile."""
         plan = self.plan(name, seq_lens, conditioning, dtype, return_grid, representation)
         if not self.tiled(plan):
             return WholeStream(await self.compute(plan, deadline))
@@ -441,28 +255,12 @@ class KernelService:
             self.metrics.kernels_served.labels(model.name, label).inc()
             self.metrics.payload_bytes.labels(model.name, label).inc(nbytes)
 
-        report = pb.ServerReport(
-            batch_size=plan.rows,
-            batch_requests=1,
-            model_hash=model.content_hash,
-            worker=self.worker,
-            representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
-        )
-        spatial = plan.kernel_shape[1:-1]
         return TiledStream(
+            plan,
             engine=self._engines[model.name],
             threads=self._threads,
-            lens=plan.lens,
-            conditioning=None if plan.conditioning is None else torch.from_numpy(plan.conditioning.copy()),
-            dtype=plan.out_dtype,
-            wire_dtype=plan.wire_dtype,
-            factored=plan.factored,
-            head_hash=plan.head_hash,
-            kernel_shape=plan.kernel_shape,
-            grid_shape=(1, *spatial, model.module.data_dim) if plan.grid_bytes else None,
-            cache_lens=tuple(model.module.L_cache),
             tile_bytes=int(settings.stream_tile_bytes),
-            report=report,
+            report=self._report(plan, batch_size=plan.rows, batch_requests=1),
             reservation=reservation,
             on_done=done,
         )
@@ -478,116 +276,117 @@ class KernelService:
             return False
         return plan.conditioning is not None or plan.kernel_bytes > int(self.settings.cache_bytes) // 4
 
-    async def _compute(
-        self, plan: KernelPlan, deadline: float | None, encoder: Encoder | None = None
+    async def _generate(
+        self,
+        plan: KernelPlan,
+        deadline: float | None,
+        encoder: Encoder | None,
+        reservation: Reservation | None,
     ) -> GeneratedKernel:
+        """One planned kernel from the cache or the batcher, with its grid and report."""
         started = self._clock()
-        model, lens, out_dtype, wire_dtype = plan.model, plan.lens, plan.out_dtype, plan.wire_dtype
-        factored, conditioning, kernel_bytes = plan.factored, plan.conditioning, plan.kernel_bytes
-        if conditioning is None:
-            kernel, report = await self._unconditioned(model, lens, out_dtype, wire_dtype, factored)
+        model = plan.model
+        if plan.conditioning is None:
+            kernel, report = await self._unconditioned(plan)
         else:
-            cond = torch.from_numpy(conditioning.copy())
-            key: BucketKey = (model.name, lens, wire_dtype)
-            item = CondItem(cond, kernel_bytes, factored, encoder)
-            outcome = await self.submitter.submit(key, item, deadline=deadline)
+            item = ConditionedItem(
+                torch.from_numpy(plan.conditioning.copy()),
+                plan.kernel_bytes,
+                plan.factored,
+                encoder or self._encoder,
+            )
+            outcome = await self.submitter.submit(
+                (model.name, plan.lens, plan.wire_dtype), item, deadline=deadline
+            )
             kernel = await outcome.result
-            report = pb.ServerReport(
-                cache_hit=False,
+            report = self._report(
+                plan,
                 batch_size=outcome.batch_rows,
                 batch_requests=outcome.batch_requests,
                 queue_ms=outcome.queue_s * 1000.0,
                 compute_ms=outcome.compute_s * 1000.0,
             )
-        report.model_hash = model.content_hash
-        report.worker = self.worker
-        report.representation = kernel.representation
-        self.metrics.statistics.on_kernel(
-            model.name,
-            rows=plan.rows,
-            conditioned=conditioning is not None,
-            cache_hit=report.cache_hit,
-            queue_s=report.queue_ms / 1000.0,
-            compute_s=report.compute_ms / 1000.0,
-            seconds=self._clock() - started,
-        )
-        self.metrics.kernels_served.labels(model.name, _REPRESENTATION_NAMES[factored]).inc()
-        self.metrics.payload_bytes.labels(model.name, _REPRESENTATION_NAMES[factored]).inc(
-            kernel.payload.nbytes
-        )
+        self._count(plan, report, kernel.payload.nbytes, self._clock() - started)
         grid = None
         if plan.grid_bytes:
             engine = self._engines[model.name]
-            grid = await self._threads.on_device(lambda: to_payload(engine.grid(lens).contiguous()))
-        return GeneratedKernel(kernel, grid, report)
+            grid = await self._threads.on_device(lambda: to_payload(engine.grid(plan.lens).contiguous()))
+        return GeneratedKernel(kernel, grid, report, reservation)
 
-    async def _unconditioned(
-        self,
-        model: LoadedModel,
-        lens: tuple[int, ...],
-        out_dtype: torch.dtype,
-        wire_dtype: int,
-        factored: bool,
-    ) -> tuple[EncodedKernel, pb.ServerReport]:
+    def _report(self, plan: KernelPlan, **fields: Any) -> pb.ServerReport:
+        """A kernel's ``ServerReport``: how it was made, and by which model and worker."""
+        return pb.ServerReport(
+            content_hash=plan.model.content_hash,
+            worker=self.worker,
+            representation=pb.REPRESENTATION_FACTORED if plan.factored else pb.REPRESENTATION_DENSE,
+            **fields,
+        )
+
+    def _count(self, plan: KernelPlan, report: pb.ServerReport, nbytes: int, seconds: float) -> None:
+        name = plan.model.name
+        self.metrics.statistics.on_kernel(
+            name,
+            rows=plan.rows,
+            conditioned=plan.conditioning is not None,
+            cache_hit=report.cache_hit,
+            queue_s=report.queue_ms / 1000.0,
+            compute_s=report.compute_ms / 1000.0,
+            seconds=seconds,
+        )
+        label = _REPRESENTATION_NAMES[plan.factored]
+        self.metrics.kernels_served.labels(name, label).inc()
+        self.metrics.payload_bytes.labels(name, label).inc(nbytes)
+
+    async def _unconditioned(self, plan: KernelPlan) -> tuple[EncodedKernel, pb.ServerReport]:
+        model, lens, wire_dtype, factored = plan.model, plan.lens, plan.wire_dtype, plan.factored
         engine = self._engines[model.name]
-        head_hash = model.head.head_hash if factored else ""
+        head_hash = plan.head_hash
+        encode = self._encoder
         timing: dict[str, float] = {}
 
         def compute() -> EncodedKernel:
             start = time.perf_counter()
-            tensor = engine.unconditioned(lens, out_dtype, factored=factored)
+            tensor = engine.unconditioned(lens, plan.out_dtype, factored=factored)
             timing["compute_s"] = time.perf_counter() - start
-            return encode_kernel(to_payload(tensor), head_hash)
+            return encode(to_payload(tensor), head_hash)
 
         def cut(larger: EncodedKernel) -> EncodedKernel:
             # Grid points are independent, so a factored kernel's centre is the centre's factors.
             start = time.perf_counter()
-            kernel = encode_kernel(centre(larger.payload, engine.spatial_shape(lens)), head_hash)
+            kernel = encode(centre(larger.payload, plan.spatial), head_hash)
             timing["compute_s"] = time.perf_counter() - start
             return kernel
 
-        def covers(key: CacheKey) -> bool:
+        def larger_of_same(key: CacheKey) -> bool:
             digest, other, dtype, other_factored = key
-            return (
-                digest == model.content_hash
-                and dtype == wire_dtype
-                and other_factored == factored
-                and other != lens
-                and all(m >= n for m, n in zip(other, lens, strict=True))
-            )
+            same = (digest, dtype, other_factored) == (model.content_hash, wire_dtype, factored)
+            return same and covers(other, lens)
 
         accepted = self._clock()
 
         async def miss() -> EncodedKernel:
             # No deadline check in here: callers that join this computation have their own.
             timing["queue_s"] = self._clock() - accepted
-            larger = self._cache.smallest_stored(covers) if self.settings.cache_slicing else None
+            larger = self._cache.smallest_stored(larger_of_same) if self.settings.cache_slicing else None
             if larger is not None:
                 self.metrics.cache_slices.inc()
                 return await self._threads.on_host(functools.partial(cut, larger))
             return await self._threads.on_device(compute)
 
         key: CacheKey = (model.content_hash, lens, wire_dtype, factored)
-        payload, hit = await self._cache.get_or_compute(key, miss)
-        if not hit and "compute_s" in timing:
-            self.metrics.compute_time.labels(model.name).observe(timing["compute_s"])
+        kernel, hit = await self._cache.get_or_compute(key, miss)
         # A caller that waited on another's miss did no compute of its own: report it as a hit.
         computed_here = not hit and "compute_s" in timing
-        return payload, pb.ServerReport(
+        if computed_here:
+            self.metrics.compute_time.labels(model.name).observe(timing["compute_s"])
+        return kernel, self._report(
+            plan,
             cache_hit=not computed_here,
             batch_size=1 if computed_here else 0,
             batch_requests=1 if computed_here else 0,
             queue_ms=timing.get("queue_s", 0.0) * 1000.0,
             compute_ms=timing.get("compute_s", 0.0) * 1000.0,
         )
-
-    async def _run_batch(self, key: BucketKey, items: list[CondItem]) -> list[asyncio.Future[EncodedKernel]]:
-        """Compute one batch; returns once the device is free, with a future per request."""
-        name, lens, wire_dtype = key
-        requests = [(item.conditioning, item.factored, item.encoder) for item in items]
-        engine, dtype = self._engines[name], decode_output_dtype(wire_dtype)
-        head_hash = self.repository.ready[name].head.head_hash
-        return await self._threads.run_batch(engine, lens, requests, dtype, head_hash)
 
     # --- GenerateGroup ------------------------------------------------------------------------
     async def generate_group(
@@ -609,21 +408,15 @@ class KernelService:
         entry). The first failure cancels the others and is raised as its own
         error class, its message naming the member.
         """
-        if self.draining:
-            raise ServerDraining("the server is shutting down; retry on another replica")
+        self._check_open()
         group = self.repository.group(check_name(name, "group"))
         plans = []
         for member in group.members:
             try:
-                plans.append(self.plan(member, seq_lens, conditioning, dtype, False, representation))
+                plans.append(self.planner.plan(member, seq_lens, conditioning, dtype, False, representation))
             except KernelGenError as exc:
                 raise _of_member(exc, group, member) from None
-        total = sum(plan.total_bytes for plan in plans)
-        if total > self.settings.max_kernel_bytes:
-            raise KernelTooLarge(
-                f"the {len(plans)} kernels of group {name!r} would be {total} bytes together, over the "
-                f"limit of {int(self.settings.max_kernel_bytes)} bytes"
-            )
+        total = self.planner.check_group(name, plans)
         self._check_deadline(deadline)
         reservation = self.budget.reserve(total, f"the {len(plans)} kernels of group {name!r}")
         try:
@@ -642,7 +435,7 @@ class KernelService:
 
         async def run(plan: KernelPlan) -> GeneratedKernel:
             try:
-                return await self._compute(plan, deadline)
+                return await self._generate(plan, deadline, None, None)  # the group's reservation holds it
             except KernelGenError as exc:
                 raise _of_member(exc, group, plan.model.name) from None
 
@@ -657,6 +450,10 @@ class KernelService:
             for task in tasks:
                 task.cancel()  # a failed member, or a cancelled caller: the others' work is dropped
             await asyncio.gather(*tasks, return_exceptions=True)  # and gone before the call ends
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ServerDraining("the server is shutting down; retry on another replica")
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._clock() >= deadline:
@@ -676,10 +473,11 @@ class KernelService:
                 await self._threads.on_device(warm)
 
     async def close(self, drain: bool = True) -> None:
-        """Finish (or fail) queued batches, then stop the device thread and the host thread."""
+        """Finish (or fail) queued batches and their encodings, then stop both threads."""
         self.draining = True
         await self.submitter.close(drain=drain)
-        await self._threads.close()
+        await self._batches.close()
+        self._threads.close()
 
 
 def _of_member(error: KernelGenError, group: ModelGroup, member: str) -> KernelGenError:

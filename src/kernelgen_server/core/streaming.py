@@ -1,12 +1,18 @@
-"""``StreamKernel``'s messages: a whole kernel in chunks, or a large one computed tile by tile.
+"""A streamed kernel's parts: a whole kernel in parts of its bytes, or a large one computed tile by tile.
+
+A stream is a ``StreamHeader`` (what follows, and the report) and then
+``StreamData`` parts: payload bytes at their offset in the kernel's bytes
+(or its factors'), followed by the grid's. The parts are protocol-free: the
+transport writes them as its messages (kernelgen.v1's ``KernelChunk``s,
+cutting each part into chunks).
 
 A kernel of up to ``stream_tile_bytes`` (and an unconditioned one the cache
-keeps) is computed whole, as for a unary call, and sent as chunks of its
+keeps) is computed whole, as for a unary call, and streamed as views of its
 encoded bytes. A larger one is never held whole: its grid points are
-independent, so it is computed in tiles of about ``stream_tile_bytes``, each
-a bulk slice of device time (``device_queue``: behind any waiting small
-request), while the previous tile is being sent. A tiled stream holds at
-most two tiles and the chunks gRPC has not yet sent, which is what it
+independent, so it is computed in tiles of about ``stream_tile_bytes``, each a
+bulk slice of device time (``device_queue``: behind any waiting small
+request), while the previous tile is being sent. A tiled stream holds at most
+two tiles and the messages the transport has not yet sent, which is what it
 reserves in the in-flight budget for its whole life.
 
 Tiles follow the payload's row-major order: row by row (one per conditioning
@@ -23,29 +29,61 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from kernelgen_server.core.inflight import Reservation
-from kernelgen_server.core.tensors import to_payload
+from kernelgen_server.core.payloads import to_payload
+from kernelgen_server.core.plan import KernelPlan
+from kernelgen_server.core.results import GeneratedKernel
 from kernelgen_server.core.threads import ServiceThreads
 from kernelgen_server.engine.kernel_engine import KernelEngine, tile_coordinates
-from kernelgen_wire.kernel_messages import encode_chunks, encode_data, encode_header
+from kernelgen_wire.sizes import GRID_DTYPE, tensor_bytes
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-if TYPE_CHECKING:
-    from kernelgen_server.core.service import GeneratedKernel
+__all__ = [
+    "KernelStream",
+    "StreamData",
+    "StreamHeader",
+    "StreamPart",
+    "Tile",
+    "TiledStream",
+    "WholeStream",
+    "tiles",
+]
 
-__all__ = ["KernelStream", "Tile", "TiledStream", "WholeStream", "tiles"]
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """What a stream will carry: the kernel's (or factors') shape, dtype and bytes, the grid's, the report."""
+
+    kernel_shape: tuple[int, ...]
+    dtype: int  # a kernelgen.v1.DType value
+    kernel_bytes: int
+    grid_shape: tuple[int, ...]  # () without a grid
+    grid_bytes: int
+    report: pb.ServerReport
+    #: The output head's hash when the payload is factors; empty for a dense kernel.
+    head_hash: str = ""
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """Payload bytes at ``offset`` of the kernel's bytes followed by the grid's."""
+
+    offset: int
+    data: memoryview
+
+
+StreamPart = StreamHeader | StreamData
 
 
 class KernelStream:
-    """The messages of one ``StreamKernel`` call; ``close`` returns its reservation."""
+    """The parts of one streamed kernel; ``close`` returns its reservation."""
 
     reservation: Reservation | None = None
 
-    def messages(self, chunk_bytes: int) -> AsyncIterator[bytes]:
+    def parts(self) -> AsyncIterator[StreamPart]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -54,20 +92,27 @@ class KernelStream:
 
 
 class WholeStream(KernelStream):
-    """A kernel computed whole, sent as chunks of its encoded bytes (views, no copy)."""
+    """A kernel computed whole, streamed as views of its encoded bytes (no copy)."""
 
     def __init__(self, generated: GeneratedKernel) -> None:
         self._generated = generated  # holds its bytes, and their reservation, until close
         self.reservation = generated.reservation
 
-    async def messages(self, chunk_bytes: int) -> AsyncIterator[bytes]:
+    async def parts(self) -> AsyncIterator[StreamPart]:
         generated = self._generated
-        kernel = generated.kernel
-        chunks = encode_chunks(
-            kernel.payload, generated.grid, generated.report, chunk_bytes, head_hash=kernel.head_hash
+        payload, grid = generated.kernel.payload, generated.grid
+        yield StreamHeader(
+            payload.shape,
+            payload.dtype,
+            payload.nbytes,
+            grid.shape if grid is not None else (),
+            grid.nbytes if grid is not None else 0,
+            generated.report,
+            generated.kernel.head_hash,
         )
-        for message in chunks:
-            yield message
+        yield StreamData(0, payload.data)
+        if grid is not None:
+            yield StreamData(payload.nbytes, grid.data)
 
 
 @dataclass(frozen=True)
@@ -94,27 +139,19 @@ class TiledStream(KernelStream):
 
     def __init__(
         self,
+        plan: KernelPlan,
         *,
         engine: KernelEngine,
         threads: ServiceThreads,
-        lens: tuple[int, ...],
-        conditioning: torch.Tensor | None,
-        dtype: torch.dtype,
-        wire_dtype: int,
-        factored: bool,
-        head_hash: str,
-        kernel_shape: tuple[int, ...],
-        grid_shape: tuple[int, ...] | None,
-        cache_lens: tuple[int, ...],
         tile_bytes: int,
         report: pb.ServerReport,
         reservation: Reservation,
         on_done: Callable[[int], None],
     ) -> None:
+        self._plan = plan
         self._engine, self._threads = engine, threads
-        self._lens, self._conditioning, self._dtype, self._factored = lens, conditioning, dtype, factored
-        self._wire_dtype, self._head_hash = wire_dtype, head_hash
-        self._kernel_shape, self._grid_shape, self._cache_lens = kernel_shape, grid_shape, cache_lens
+        cond = plan.conditioning
+        self._conditioning = None if cond is None else torch.from_numpy(cond.copy())
         self._tile_bytes = tile_bytes
         self._report = report
         self._on_done = on_done
@@ -123,57 +160,56 @@ class TiledStream(KernelStream):
 
     def _compute(self, tile: Tile) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
+        plan = self._plan
         cond = None if self._conditioning is None else self._conditioning[tile.row : tile.row + 1]
         values = self._engine.points(
-            self._lens, tile.start, tile.stop, self._dtype, conditioning=cond, factored=self._factored
+            plan.lens, tile.start, tile.stop, plan.out_dtype, conditioning=cond, factored=plan.factored
         )
         return values, time.perf_counter() - started
 
     def _submit(self, tile: Tile) -> asyncio.Future[tuple[torch.Tensor, float]]:
         return self._threads.on_device(functools.partial(self._compute, tile), bulk=True)
 
-    async def messages(self, chunk_bytes: int) -> AsyncIterator[bytes]:
-        rows, *spatial, width = self._kernel_shape
+    async def parts(self) -> AsyncIterator[StreamPart]:
+        plan = self._plan
+        rows, *spatial, width = plan.kernel_shape
         points = math.prod(spatial)
-        itemsize = int(self._dtype.itemsize)
-        kernel_bytes = rows * points * width * itemsize
-        plan = list(tiles(rows, points, width * itemsize, self._tile_bytes))
-        pending: asyncio.Future[tuple[torch.Tensor, float]] | None = self._submit(plan[0])
+        point_bytes = tensor_bytes((width,), plan.wire_dtype)
+        schedule = list(tiles(rows, points, point_bytes, self._tile_bytes))
+        pending: asyncio.Future[tuple[torch.Tensor, float]] | None = self._submit(schedule[0])
         try:
-            for i, tile in enumerate(plan):
+            for i, tile in enumerate(schedule):
                 assert pending is not None
                 values, compute_s = await pending
-                pending = self._submit(plan[i + 1]) if i + 1 < len(plan) else None
+                pending = self._submit(schedule[i + 1]) if i + 1 < len(schedule) else None
                 if i == 0:
                     self._report.queue_ms = (time.monotonic() - self._accepted - compute_s) * 1000.0
                     self._report.compute_ms = compute_s * 1000.0
-                    grid_shape = self._grid_shape or ()
-                    grid_bytes = math.prod(grid_shape) * 4 if grid_shape else 0
-                    yield encode_header(
-                        self._kernel_shape, self._wire_dtype, kernel_bytes, grid_shape, grid_bytes,
-                        self._report, self._head_hash,
-                    )  # fmt: skip
-                for message in _chunks(to_payload(values).data, tile.offset, chunk_bytes):
-                    yield message
-                del values
-            if self._grid_shape is not None:
-                async for message in self._grid(points, kernel_bytes, chunk_bytes):
-                    yield message
-            self._on_done(kernel_bytes)
+                    yield StreamHeader(
+                        plan.kernel_shape,
+                        plan.wire_dtype,
+                        plan.kernel_bytes,
+                        plan.grid_shape or (),
+                        plan.grid_bytes,
+                        self._report,
+                        plan.head_hash,
+                    )
+                yield StreamData(tile.offset, to_payload(values).data)
+                del values  # the transport has written its messages from it
+            if plan.grid_bytes:
+                async for part in self._grid(points):
+                    yield part
+            self._on_done(plan.kernel_bytes)
         finally:
             if pending is not None:
                 pending.cancel()  # skipped unless it already started; the stream is over
 
-    async def _grid(self, points: int, kernel_bytes: int, chunk_bytes: int) -> AsyncIterator[bytes]:
-        point_bytes = 4 * len(self._lens)
+    async def _grid(self, points: int) -> AsyncIterator[StreamData]:
+        plan = self._plan
+        point_bytes = tensor_bytes((len(plan.lens),), GRID_DTYPE)
+        cache_lens = tuple(plan.model.module.L_cache)
         for tile in tiles(1, points, point_bytes, self._tile_bytes):
             coordinates = await self._threads.on_host(
-                functools.partial(tile_coordinates, self._lens, self._cache_lens, tile.start, tile.stop)
+                functools.partial(tile_coordinates, plan.lens, cache_lens, tile.start, tile.stop)
             )
-            for message in _chunks(to_payload(coordinates).data, kernel_bytes + tile.offset, chunk_bytes):
-                yield message
-
-
-def _chunks(data: memoryview, offset: int, chunk_bytes: int) -> Iterator[bytes]:
-    for start in range(0, data.nbytes, chunk_bytes):
-        yield encode_data(offset + start, data[start : start + chunk_bytes])
+            yield StreamData(plan.kernel_bytes + tile.offset, to_payload(coordinates).data)

@@ -51,6 +51,7 @@ from kernelgen_server.engine.memory import ALIGN as _ALIGN
 from kernelgen_server.engine.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
 from kernelgen_server.model.siren import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
+from kernelgen_wire.sizes import kernel_spatial
 
 __all__ = [
     "OUTPUT_DTYPES",
@@ -194,8 +195,8 @@ class KernelEngine:
         rows.append(a[n_film - 1, 1])
         biases.append(a_bias[n_film - 1, 1])
         last_beta = slice(offset, offset + hidden)
-        head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
-        return head, slices, last_beta
+        film_head = _Affine(_f32(torch.cat(rows).t(), self.device), _f32(torch.cat(biases), self.device))
+        return film_head, slices, last_beta
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -206,17 +207,11 @@ class KernelEngine:
             raise InvalidRequest(str(exc)) from None
 
     def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(2 * s - 1 for s in self.normalize_seq_lens(seq_lens))
+        return kernel_spatial(self.normalize_seq_lens(seq_lens))
 
     def width(self, factored: bool) -> int:
         """Last dimension of the output: ``out_dim`` for kernels, ``hidden_dim`` for factors."""
         return self.hidden_dim if factored else self.out_dim
-
-    def output_bytes(
-        self, seq_lens: int | Sequence[int], rows: int, dtype: torch.dtype, *, factored: bool = False
-    ) -> int:
-        """Bytes of a ``[rows, *spatial, width]`` output in ``dtype``."""
-        return rows * math.prod(self.spatial_shape(seq_lens)) * self.width(factored) * int(dtype.itemsize)
 
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
         """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``model.grid``)."""
@@ -448,7 +443,7 @@ def tile_coordinates(seq_lens: Sequence[int], cache_lens: Sequence[int], start: 
     value is bit for bit the whole grid's (``model.axis_coordinates``).
     """
     flat = torch.arange(start, stop, dtype=torch.int64)
-    sizes = [2 * s - 1 for s in seq_lens]
+    sizes = kernel_spatial(seq_lens)
     columns = []
     stride = math.prod(sizes)
     for s, cache, size in zip(seq_lens, cache_lens, sizes, strict=True):

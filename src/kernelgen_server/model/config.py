@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 from pydantic import (
@@ -31,7 +31,7 @@ from pydantic import (
 from kernelgen_server.model.siren import FiLMConfig, SIRENKernelND, normalize_lengths
 from kernelgen_wire.model_config import FILM_DEFAULTS, OPTIONAL_DEFAULTS
 
-__all__ = ["ConfigError", "FiLMSection", "ModelConfig", "describe_errors"]
+__all__ = ["ConfigError", "FiLMSection", "ModelConfig", "describe_errors", "read_json_file"]
 
 
 class ConfigError(ValueError):
@@ -183,15 +183,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ModelConfig:
         """Read and validate a ``config.json``; any failure is a ``ConfigError`` naming the file."""
-        path = Path(path)
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read config: {exc.strerror or exc}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(path, f"invalid config: {describe_errors(exc)}") from None
+        return read_json_file(cls, Path(path), "config")
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike[str] = "<config>") -> ModelConfig:
@@ -200,6 +192,21 @@ class ModelConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(Path(source), f"invalid config: {describe_errors(exc)}") from None
+
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def read_json_file(schema: type[SchemaT], path: Path, what: str) -> SchemaT:
+    """A JSON file validated by ``schema``; any failure is a ``ConfigError`` naming the file and ``what``."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(path, f"invalid {what}: {describe_errors(exc)}") from None
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -3,7 +3,7 @@
 ``SIRENKernelND`` ends in ``out_linear``, which FiLM never modulates, so every
 kernel of a model is ``factors @ W^T + b`` with the model's one ``W``
 (``[out_dim, hidden]``) and ``b``, where the factors are the last, modulated,
-hidden activation. The head is what a client needs, once per model, to turn
+hidden activation. The output head is what a client needs, once per model, to turn
 factored responses into kernels; its hash names it in every factored response.
 """
 
@@ -23,18 +23,21 @@ __all__ = ["OutputHead"]
 
 @dataclass(frozen=True, eq=False)
 class OutputHead:
-    """``W^T`` (``[hidden, out_dim]``) and ``b`` (``[out_dim]`` or None), float32 on CPU, and their hash."""
+    """Its hash, ``W^T`` (``[hidden, out_dim]``) and ``b`` (``[out_dim]`` or None), float32 on CPU.
 
+    The fields are in the order of the client's ``OutputHead`` and of the ``OutputHead`` message.
+    """
+
+    head_hash: str
     weight_t: Tensor
     bias: Tensor | None
-    head_hash: str
 
     @classmethod
     def of(cls, module: SIRENKernelND) -> OutputHead:
         linear = module.out_linear
         weight_t = linear.weight.detach().to("cpu", torch.float32).t().contiguous()
         bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).contiguous()
-        return cls(weight_t, bias, _digest(weight_t, bias))
+        return cls(_digest(weight_t, bias), weight_t, bias)
 
     @property
     def hidden(self) -> int:

@@ -200,6 +200,10 @@ def _whole_config(args: argparse.Namespace) -> Any:
         ) from None
 
 
+def _hashes(layer_hash: str) -> tuple[str, ...]:
+    return (layer_hash,) if layer_hash else ()
+
+
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
     from kernelgen_server.repository.checkpoint import read_training_checkpoint, training_state
@@ -209,6 +213,7 @@ def _import_all(args: argparse.Namespace) -> int:
         generator_prefixes,
         plan_network,
     )
+    from kernelgen_server.repository.layers import source_layer_hash
     from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
     check_model_name(args.name)
@@ -217,7 +222,13 @@ def _import_all(args: argparse.Namespace) -> int:
     generators = find_generators(state, args.checkpoint, args.prefix or "")
     plans = plan_network(generators, base, args.checkpoint, generator_prefixes(state))
     members = [
-        NewMember(plan.member, plan.generator.prefix, plan.config, plan.generator.tensors)
+        NewMember(
+            plan.member,
+            plan.generator.prefix,
+            plan.config,
+            plan.generator.tensors,
+            _hashes(source_layer_hash(state, plan.generator.prefix)),
+        )
         for plan in plans
         if plan.config is not None
     ]

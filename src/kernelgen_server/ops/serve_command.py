@@ -21,12 +21,14 @@ from kernelgen_server.settings import (
     ServerSettings,
     SettingsError,
     env_of,
-    flag_of,
+    flag,
     help_default,
     load_settings,
 )
 
-__all__ = ["register"]
+__all__ = ["raise_open_files_limit", "register"]
+
+log = logging.getLogger("kernelgen.serve")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _EPILOG = (
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         # Switches (and tri-state ones, bool | None: unset picks a default by device) take --x / --no-x.
         if field.annotation in (bool, bool | None):
             parser.add_argument(
-                flag_of(name),
+                flag(name),
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             )
         else:
             parser.add_argument(
-                flag_of(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+                flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
             )
     parser.set_defaults(handler=_run)
 
@@ -69,6 +71,37 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _fail(message: object, code: int) -> int:
     print(f"kernelgen serve: {message}", file=sys.stderr)
     return code
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one, and log both; returns (soft, hard).
+
+    Every client connection is a descriptor: at a soft limit of 1,024 (a common default) a
+    thousand idle sockets lock every new client out. Worker processes inherit the raised limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still stops at the kernel's per-process maximum.
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_open_files_maximum()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+        else:
+            soft = target
+    log.info(
+        "open-files limit: soft %s, hard %s", soft, "unlimited" if hard == resource.RLIM_INFINITY else hard
+    )
+    return soft, hard
+
+
+def _kernel_open_files_maximum() -> int:
+    try:
+        return int(open("/proc/sys/fs/nr_open").read())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from kernelgen_server.transport.ports import ListenError
 
+    raise_open_files_limit()
     if settings.workers > 1:
         # The supervisor loads no torch: each worker process does, and holds the device.
         from kernelgen_server.ops.supervisor import WorkerExit, supervise

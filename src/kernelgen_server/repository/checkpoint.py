@@ -184,11 +184,11 @@ def training_state(raw: Mapping[str, object], path: Path) -> dict[str, object]:
     state = wrapped if isinstance(wrapped, Mapping) else raw
     flat: dict[str, object] = {}
 
-    def walk(mapping: Mapping[Any, object], head: str) -> None:
+    def walk(mapping: Mapping[Any, object], parent: str) -> None:
         for key, value in mapping.items():
             if not isinstance(key, str):
                 continue
-            name = f"{head}{key}"
+            name = f"{parent}{key}"
             if isinstance(value, Mapping):
                 walk(value, name + ".")
             elif name in flat:
@@ -227,13 +227,13 @@ def extract_kernel_state(raw: Mapping[str, object], prefix: str, path: Path) -> 
     """
     wrapped = raw.get("state_dict")
     state = wrapped if isinstance(wrapped, Mapping) else raw
-    head = prefix.strip(".")
-    head = head + "." if head else ""
+    stem = prefix.strip(".")
+    stem = stem + "." if stem else ""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if not isinstance(key, str) or not key.startswith(head):
+        if not isinstance(key, str) or not key.startswith(stem):
             continue
-        name = _modern_name(key[len(head) :], path, key)
+        name = _modern_name(key[len(stem) :], path, key)
         if not isinstance(value, Tensor):
             raise CheckpointError(path, f"key {key!r} holds a {type(value).__name__}, not a tensor", key=key)
         if name in out:

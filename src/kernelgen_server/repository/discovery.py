@@ -125,12 +125,12 @@ def find_generators(state: Mapping[str, object], path: Path, under: str = "") ->
     prefixes = generator_prefixes(state)
     if not prefixes:
         raise CheckpointError(path, _nothing_found(state))
-    head = under.strip(".")
-    chosen = [p for p in prefixes if not head or p == head or p.startswith(head + ".")]
+    wanted = under.strip(".")
+    chosen = [p for p in prefixes if not wanted or p == wanted or p.startswith(wanted + ".")]
     if not chosen:
         found = ", ".join(map(repr, prefixes))
         raise CheckpointError(
-            path, f"no kernel generator under prefix {head!r}; generators found under {found}"
+            path, f"no kernel generator under prefix {wanted!r}; generators found under {found}"
         )
     owned: dict[str, dict[str, object]] = {p: {} for p in chosen}
     longest_first = sorted(prefixes, key=len, reverse=True)

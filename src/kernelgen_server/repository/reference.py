@@ -31,12 +31,12 @@ class RepositoryReference:
         model: str,
         seq_lens: tuple[int, ...],
         conditioning: npt.NDArray[np.float32] | None,
-        model_hash: str,
+        content_hash: str,
     ) -> npt.NDArray[np.float64] | str:
         loaded = self.repository.ready.get(model)
         if loaded is None:
             return f"model {model!r} is not in the local repository {self.source}"
-        if model_hash and loaded.content_hash != model_hash:
+        if content_hash and loaded.content_hash != content_hash:
             return f"model {model!r}: the local weights differ from the server's (hash)"
         cond = None if conditioning is None else torch.from_numpy(conditioning)
         with torch.inference_mode():

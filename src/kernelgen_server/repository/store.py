@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
 from kernelgen_server.errors import GroupNotModel, ModelNotFound, ModelNotGroup, ModelNotReady
-from kernelgen_server.model.config import ConfigError, ModelConfig, describe_errors
+from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
 from kernelgen_server.model.siren import SIRENKernelND
 from kernelgen_server.repository.checkpoint import (
@@ -146,7 +146,7 @@ class LoadedModel:
     parameter_count: int
     weights_format: Literal["safetensors", "pt"]
     #: The last linear layer, for factored kernels.
-    head: OutputHead
+    output_head: OutputHead
 
     @property
     def weights_path(self) -> Path:
@@ -176,7 +176,7 @@ def load_model(model_dir: Path, name: str | None = None) -> LoadedModel:
         content_hash=content_hash(config, tensors),
         parameter_count=sum(p.numel() for p in module.parameters()),
         weights_format="safetensors" if weights.suffix == ".safetensors" else "pt",
-        head=OutputHead.of(module),
+        output_head=OutputHead.of(module),
     )
 
 
@@ -212,12 +212,19 @@ def _write_text(path: Path, text: str) -> None:
 
 
 class GroupMember(BaseModel):
-    """One entry of ``group.json``: the member's folder name and the checkpoint prefix it came from."""
+    """One entry of ``group.json``: the member's folder name, the checkpoint prefix it came from, and
+    the hashes of the layer it came from (``kernelgen_wire.layers``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: str
     source: str = ""
+    layer_hashes: tuple[str, ...] = ()
+
+    @field_validator("layer_hashes", mode="before")
+    @classmethod
+    def _hashes_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("name")
     @classmethod
@@ -253,14 +260,7 @@ class GroupManifest(BaseModel):
     @classmethod
     def from_file(cls, path: Path) -> GroupManifest:
         """Read and validate ``group.json``; any failure is a ``ConfigError`` naming the file."""
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read group: {exc.strerror or exc}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(path, f"invalid group: {describe_errors(exc)}") from None
+        return read_json_file(cls, path, "group")
 
 
 @dataclass(frozen=True)
@@ -273,6 +273,8 @@ class ModelGroup:
     members: tuple[str, ...]
     #: The checkpoint key prefix each member was imported from ('' when unknown).
     sources: tuple[str, ...]
+    #: The layer hashes each member's layer had when it was imported or exported (() when unknown).
+    layer_hashes: tuple[tuple[str, ...], ...] = ()
     #: The checkpoint file the group was imported from (its name only).
     checkpoint: str = ""
 
@@ -304,6 +306,7 @@ def load_group(
         path=group_dir,
         members=tuple(f"{name}/{m.name}" for m in manifest.members),
         sources=tuple(m.source for m in manifest.members),
+        layer_hashes=tuple(m.layer_hashes for m in manifest.members),
         checkpoint=manifest.checkpoint,
     )
     return group, ready, failed
@@ -334,6 +337,8 @@ class NewMember:
     source: str
     config: ModelConfig
     tensors: Mapping[str, Tensor]
+    #: The hashes of the layer it came from (``kernelgen_wire.layers``), when known.
+    layer_hashes: tuple[str, ...] = ()
 
 
 def group_holds(root: Path, name: str, members: Sequence[NewMember]) -> bool:
@@ -348,6 +353,8 @@ def group_holds(root: Path, name: str, members: Sequence[NewMember]) -> bool:
     if failed or group.members != tuple(f"{name}/{m.name}" for m in members):
         return False
     if group.sources != tuple(m.source for m in members):
+        return False
+    if group.layer_hashes != tuple(m.layer_hashes for m in members):
         return False
     return all(
         ready[full].content_hash == content_hash(m.config, m.tensors)
@@ -371,7 +378,10 @@ def write_group(
         what = "group" if (target / GROUP_FILE).exists() else "model" if target.is_dir() else "file"
         raise FileExistsError(f"{target} already holds a {what}; pass --force to replace it")
     manifest = GroupManifest(
-        members=tuple(GroupMember(name=m.name, source=m.source) for m in members), checkpoint=checkpoint
+        members=tuple(
+            GroupMember(name=m.name, source=m.source, layer_hashes=m.layer_hashes) for m in members
+        ),
+        checkpoint=checkpoint,
     )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".importing", dir=root))
@@ -500,7 +510,7 @@ class ModelRepository:
         if group is not None:
             raise GroupNotModel(
                 f"{name!r} is a group of {len(group.members)} models ({_span(group)}), not a model: "
-                "name one of its members, or fetch them all with GenerateGroup"
+                "name one of its members, or ask for the whole group's kernels at once"
             )
         raise ModelNotFound(f"unknown model {name!r}")
 
@@ -514,7 +524,7 @@ class ModelRepository:
         if failed is not None:
             raise ModelNotReady(f"{name!r} is not ready: it failed to load: {failed.reason}")
         if name in self.ready:
-            raise ModelNotGroup(f"{name!r} is a model, not a group: fetch its kernel with GenerateKernel")
+            raise ModelNotGroup(f"{name!r} is a model, not a group: ask for its kernel alone")
         raise ModelNotFound(f"unknown group {name!r}")
 
     def group_of(self, name: str) -> tuple[ModelGroup, int] | None:

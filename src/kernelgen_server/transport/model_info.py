@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from kernelgen_server.model.config import ModelConfig
 from kernelgen_server.repository.store import LoadedModel, ModelRepository
-from kernelgen_wire.model_config import config_message as values_message
+from kernelgen_wire.model_config import config_message
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["config_message", "model_info"]
-
-
-def config_message(config: ModelConfig) -> pb.ModelConfig:
-    return values_message(config.to_json_dict())
+__all__ = ["model_info"]
 
 
 def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
@@ -22,10 +17,10 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
             info = pb.ModelInfo(
                 name=entry.name,
                 ready=True,
-                config=config_message(entry.config),
+                config=config_message(entry.config.to_json_dict()),
                 content_hash=entry.content_hash,
                 parameter_count=entry.parameter_count,
-                head_hash=entry.head.head_hash,
+                head_hash=entry.output_head.head_hash,
             )
         else:
             info = pb.ModelInfo(name=entry.name, ready=False, reason=_cut(entry.reason))
@@ -33,6 +28,8 @@ def model_info(repository: ModelRepository) -> list[pb.ModelInfo]:
         if place is not None:
             group, index = place
             info.group, info.group_index, info.source = group.name, index, group.sources[index]
+            if group.layer_hashes:
+                info.layer_hashes.extend(group.layer_hashes[index])
         infos.append(info)
     return infos
 

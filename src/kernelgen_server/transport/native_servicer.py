@@ -1,9 +1,9 @@
 """``kernelgen.v1.KernelGenerator`` over a ``KernelService``: decode, call the core, encode.
 
-Kernel responses are serialized by ``kernelgen_wire.kernel_messages`` straight
-from tensor memory, so the kernel methods return ``bytes`` and are registered
-with a pass-through response serializer. Errors become statuses in
-``status.rpc_scope`` only.
+Kernel responses are written by ``native_codec`` (around bytes the core's
+encoder wrote straight from tensor memory), so the kernel methods return
+``bytes`` and are registered with a pass-through response serializer. Errors
+become statuses in ``status.rpc_scope`` only.
 """
 
 from __future__ import annotations
@@ -13,17 +13,21 @@ import logging
 from typing import Any
 
 import grpc
-import torch
 from grpc import aio
 
-from kernelgen_server.core.service import KernelService, check_name
-from kernelgen_server.core.tensors import decode_conditioning
+from kernelgen_server.core.plan import check_name
+from kernelgen_server.core.service import KernelService
 from kernelgen_server.errors import KernelTooLarge, SlowReader
-from kernelgen_server.model.output_head import OutputHead
+from kernelgen_server.settings import flag
 from kernelgen_server.transport.model_info import model_info
+from kernelgen_server.transport.native_codec import (
+    decode_conditioning,
+    group_messages,
+    head_message,
+    response_bytes,
+    stream_messages,
+)
 from kernelgen_server.transport.status import deadline_of, decode, rpc_scope
-from kernelgen_wire.group_messages import MemberKernel, encode_group
-from kernelgen_wire.kernel_messages import encode_response
 from kernelgen_wire.metadata import REPORT_TRAILER
 from kernelgen_wire.rpc import SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
@@ -71,7 +75,7 @@ class KernelGeneratorServicer:
         release = result.releaser
         context.add_done_callback(lambda _context: release())
         context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))
-        return encode_response(result.kernel, result.grid)
+        return response_bytes(result)
 
     async def StreamKernel(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
         async with rpc_scope(self.metrics, "StreamKernel", context, self._label) as call:
@@ -84,7 +88,7 @@ class KernelGeneratorServicer:
                 deadline=deadline_of(context),
             )
             try:
-                async for message in stream.messages(self.chunk_bytes):
+                async for message in stream_messages(stream, self.chunk_bytes):
                     await self._write(context, message)
             finally:
                 stream.close()
@@ -123,13 +127,14 @@ class KernelGeneratorServicer:
         async with rpc_scope(self.metrics, "GetOutputHead", context, self._label) as call:
             request = decode(pb.GetOutputHeadRequest, data)
             call.model = request.model
-            head = self.service.output_head(request.model)
-            if head.nbytes > self.max_message_bytes:
+            output_head = self.service.output_head(request.model)
+            if output_head.nbytes > self.max_message_bytes:
                 raise KernelTooLarge(
-                    f"the output head of {request.model!r} is {head.nbytes} bytes, over the unary limit of "
-                    f"{self.max_message_bytes} bytes (--max-message-bytes); use the dense representation"
+                    f"the output head of {request.model!r} is {output_head.nbytes} bytes, over the "
+                    f"server's limit of {self.max_message_bytes} bytes for one message (set by "
+                    f"{flag('max_message_bytes')}); ask for the dense representation"
                 )
-            return _head_message(head)
+            return head_message(output_head)
         raise AssertionError("unreachable: errors leave through context.abort")
 
     async def GenerateGroup(self, data: bytes, context: aio.ServicerContext[Any, Any]) -> None:
@@ -148,12 +153,7 @@ class KernelGeneratorServicer:
                 deadline=deadline_of(context),
             )
             try:
-                kernels = [
-                    MemberKernel(k.kernel.payload, k.report, k.kernel.head_hash) for k in result.kernels
-                ]
-                for message in encode_group(
-                    result.group.name, result.group.members, kernels, self.chunk_bytes
-                ):
+                for message in group_messages(result, self.chunk_bytes):
                     await self._write(context, message)
             finally:
                 result.release()
@@ -184,7 +184,7 @@ class KernelGeneratorServicer:
         except TimeoutError:
             raise SlowReader(
                 f"the client took no message for {self.send_timeout_s:g} s; the stream is stopped "
-                "(--stream-send-timeout-s)"
+                f"(set by {flag('stream_send_timeout_s')})"
             ) from None
         except Exception as exc:
             # A write fails only once the call is over: the client cancelled, its deadline
@@ -217,13 +217,3 @@ class KernelGeneratorServicer:
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def _head_message(head: OutputHead) -> pb.OutputHead:
-    def tensor(t: torch.Tensor) -> pb.Tensor:
-        return pb.Tensor(shape=t.shape, dtype=pb.DTYPE_FLOAT32, data=t.numpy().tobytes())
-
-    message = pb.OutputHead(head_hash=head.head_hash, weight_t=tensor(head.weight_t))
-    if head.bias is not None:
-        message.bias.CopyFrom(tensor(head.bias))
-    return message

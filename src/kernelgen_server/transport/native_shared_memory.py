@@ -17,10 +17,9 @@ from typing import Any, cast
 import grpc
 from grpc import aio
 
-from kernelgen_server.core.kernel_size import payload_bytes
 from kernelgen_server.core.service import KernelService
-from kernelgen_server.core.tensors import decode_conditioning, decode_representation
 from kernelgen_server.errors import InvalidRequest
+from kernelgen_server.transport.native_codec import decode_conditioning
 from kernelgen_server.transport.native_servicer import KernelGeneratorServicer
 from kernelgen_server.transport.shared_memory import SharedMemoryRegistry, check_off
 from kernelgen_server.transport.status import deadline_of, decoded, rpc_scope
@@ -55,24 +54,21 @@ class SharedMemoryGeneratorServicer(KernelGeneratorServicer):
     ) -> pb.GenerateKernelResponse:
         registry = check_off(self.registry)
         target = request.output_region
-        model = self.service.model(request.model)
-        lens = self.service.seq_lens(model, list(request.seq_lens))
         conditioning = decode_conditioning(request.conditioning) if request.HasField("conditioning") else None
-        rows = 1 if conditioning is None else int(conditioning.shape[0])
-        factored = decode_representation(request.representation)
-        needed = payload_bytes(model, lens, rows, request.dtype, factored)
-        region = registry.check(target.region, target.offset, target.byte_size, needed, "the kernel")
-        result = await self.service.generate(
+        plan = self.service.plan(
             request.model,
-            lens,
+            list(request.seq_lens),
             conditioning,
             request.dtype,
             request.return_grid,
-            representation=request.representation,
-            deadline=deadline_of(context),
-            # Only the grid, when asked, travels in the message.
-            max_bytes=needed + self.max_message_bytes,
+            request.representation,
         )
+        region = registry.check(
+            target.region, target.offset, target.byte_size, plan.kernel_bytes, "the kernel"
+        )
+        # Only the grid, when asked, travels in the message.
+        self.service.planner.check_response(plan, self.max_message_bytes, kernel_elsewhere=True)
+        result = await self.service.compute(plan, deadline_of(context))
         payload = result.kernel.payload
         await registry.write(region, target.offset, payload.data)
         context.set_trailing_metadata(((REPORT_TRAILER, result.report.SerializeToString()),))

@@ -34,7 +34,7 @@ from typing import cast
 
 import numpy as np
 
-from kernelgen_server.core.service import Encoder, GeneratedKernel
+from kernelgen_server.core.results import Encoder, GeneratedKernel
 from kernelgen_server.errors import InvalidRequest
 from kernelgen_server.repository.store import LoadedModel
 from kernelgen_server.settings import ServerSettings
@@ -425,7 +425,7 @@ def model_config(model: LoadedModel, settings: ServerSettings, device: str) -> o
     config.response_cache.enable = settings.cache_bytes > 0  # unconditioned kernels are cached
     values = {
         "content_hash": model.content_hash,
-        "head_hash": model.head.head_hash,
+        "head_hash": model.output_head.head_hash,
         "data_dim": str(model.module.data_dim),
         "out_dim": str(model.module.out_dim),
         "mlp_hidden_dim": str(model.module.mlp_hidden_dim),

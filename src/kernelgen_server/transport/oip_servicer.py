@@ -26,20 +26,20 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kernelgen_server.core.kernel_size import payload_bytes
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.core.statistics import Duration, ModelStatistics
-from kernelgen_server.core.tensors import decode_conditioning
 from kernelgen_server.errors import (
     InvalidRequest,
     KernelGenError,
-    KernelTooLarge,
+    MessageTooLarge,
     ModelNotFound,
     NotSupported,
     RegionNotFound,
     shorten,
 )
 from kernelgen_server.repository.store import LoadedModel
+from kernelgen_server.settings import flag
+from kernelgen_server.transport.native_codec import decode_conditioning
 from kernelgen_server.transport.oip_codec import (
     VERSION,
     InferCall,
@@ -285,31 +285,25 @@ class InferenceServicer:
         """
         model = self._model(request.model_name, request.model_version)
         call = decode_infer(request, model)
-        lens = self.service.seq_lens(model, call.seq_lens)
+        self.service.planner.seq_lens(model, call.seq_lens)  # before anything is read from shared memory
         conditioning = await self._conditioning(call, model)
-        needed = payload_bytes(model, lens, call.rows, call.dtype, call.factored)
+        representation = pb.REPRESENTATION_FACTORED if call.factored else pb.REPRESENTATION_DENSE
+        plan = self.service.plan(model.name, call.seq_lens, conditioning, call.dtype, False, representation)
         region = None
         out = call.output_shm
         if out is not None:
             registry = check_off(self.registry)
             what = f"output {call.output_name}"
-            region = registry.check(out.region, out.offset, out.byte_size, needed, what)
-        elif needed > self.max_message_bytes:
-            raise KernelTooLarge(
-                f"output {call.output_name} would be {needed} bytes, over this server's message limit of "
-                f"{self.max_message_bytes} bytes (--max-message-bytes); have it written into a "
-                "shared-memory region (same host), or use kernelgen.v1's StreamKernel"
+            region = registry.check(out.region, out.offset, out.byte_size, plan.kernel_bytes, what)
+        elif plan.kernel_bytes > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"output {call.output_name} would be {plan.kernel_bytes} bytes, over the server's limit of "
+                f"{self.max_message_bytes} bytes for one message (set by {flag('max_message_bytes')}); "
+                "have it written into a shared-memory region (same host), or stream it with kernelgen.v1"
             )
-        result = await self.service.generate(
-            model.name,
-            lens,
-            conditioning,
-            call.dtype,
-            False,
-            representation=pb.REPRESENTATION_FACTORED if call.factored else pb.REPRESENTATION_DENSE,
-            deadline=deadline,
-            # Computed kernels are written as this protocol's response where the batch encodes them.
-            encoder=None if region is not None else infer_encoder(call),
+        # Computed kernels are written as this protocol's response where the batch encodes them.
+        result = await self.service.compute(
+            plan, deadline, None if region is not None else infer_encoder(call)
         )
         if region is not None and out is not None and self.registry is not None:
             await self.registry.write(region, out.offset, result.kernel.payload.data)
@@ -325,12 +319,7 @@ class InferenceServicer:
         if call.conditioning_shape is None:
             return None
         rows, width = call.conditioning_shape
-        cond_dim = model.module.cond_dim
-        if width != cond_dim:
-            raise InvalidRequest(f"model {model.name!r} takes conditioning of width {cond_dim}, got {width}")
-        limit = self.service.settings.max_conditioning_rows
-        if rows > limit:
-            raise KernelTooLarge(f"{rows} conditioning rows is over the limit of {limit}")
+        self.service.planner.conditioning_shape(model, rows, width)
         data = call.conditioning
         ref = call.conditioning_shm
         if ref is not None:

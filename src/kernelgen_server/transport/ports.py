@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from kernelgen_server.settings import flag_of
+from kernelgen_server.settings import flag
 
 __all__ = ["ListenError", "check_free", "listen_error"]
 
@@ -39,7 +39,7 @@ def listen_error(error: OSError, host: str, port: int, *, setting: str, host_set
 
     ``setting`` is the port's setting (``port``, ``metrics_port``), ``host_setting`` the address's.
     """
-    port_flag, host_flag = flag_of(setting), flag_of(host_setting)
+    port_flag, host_flag = flag(setting), flag(host_setting)
     what = "gRPC" if setting == "port" else "/metrics"
     where = f"cannot listen for {what} on {_address(host, port)}"
     if error.errno == errno.EADDRINUSE:

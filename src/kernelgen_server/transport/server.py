@@ -21,14 +21,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from kernelgen_server.core.metrics import Metrics
 from kernelgen_server.core.service import KernelService
 from kernelgen_server.repository.store import CONFIG_FILE, ModelRepository, embedded_repository
-from kernelgen_server.settings import ServerSettings, flag_of
-from kernelgen_server.transport.metrics_http import MetricsEndpoint
+from kernelgen_server.settings import ServerSettings, flag
+from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 from kernelgen_server.transport.native_shared_memory import SharedMemoryGeneratorServicer
 from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
 from kernelgen_server.transport.ports import ListenError, check_free
 from kernelgen_server.transport.readiness import HealthStates
 from kernelgen_server.transport.security import BearerTokenInterceptor, load_tokens, server_credentials
 from kernelgen_server.transport.shared_memory import SharedMemoryRegistry
+from kernelgen_server.transport.unsent import UnsentResponses
 from kernelgen_wire.malloc import tune_malloc
 from kernelgen_wire.oip import grpc_service_pb2 as oip_pb
 from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME
@@ -79,6 +80,7 @@ class Server:
         self._tokens = tokens
         self._metrics: MetricsEndpoint | None = None
         self._stopped = asyncio.Event()
+        self._unsent = UnsentResponses(service.metrics.unsent_responses)
 
     @property
     def repository(self) -> ModelRepository:
@@ -89,12 +91,17 @@ class Server:
         for name in [*self.repository.names(), *self.repository.groups]:
             await self.health.set(name, NOT_SERVING)
         await self.health.set("", NOT_SERVING)
+        self._unsent.install()
         await self.grpc_server.start()
         settings = self.settings
         if settings.metrics_port:
             tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-            self._metrics = self.service.metrics.serve(
-                settings.metrics_port, settings.metrics_address(), tokens=self._tokens, tls=tls
+            self._metrics = serve_metrics(
+                self.service.metrics.registry,
+                settings.metrics_address(),
+                settings.metrics_port,
+                tokens=self._tokens,
+                tls=tls,
             )
             self.metrics_port = self._metrics.port
         if self.settings.warmup:
@@ -132,6 +139,7 @@ class Server:
         await self.service.close(drain=True)
         if self._metrics is not None:
             self._metrics.close()
+        self._unsent.remove()
         if self.shared_memory is not None:
             await self.shared_memory.close()
         self._stopped.set()
@@ -155,14 +163,14 @@ def _load_repository(settings: ServerSettings) -> ModelRepository:
 def _nothing_to_serve(repository: ModelRepository) -> str:
     """Why ``repository`` has no model to serve: what its folder holds, or each model's failure."""
     root = repository.root
-    allow = f"; {flag_of('allow_empty')} starts the server with none"
+    allow = f"; {flag('allow_empty')} starts the server with none"
     if repository.failed:
         reasons = "".join(f"\n  {f.name}: {f.reason}" for f in repository.failed.values())
         return f"no model of {root} loads ({len(repository.failed)} found, each failed){allow}:{reasons}"
     if (root / CONFIG_FILE).is_file():
         return (
             f"{root} is a model folder, not a repository of them: give the folder that holds it "
-            f"({flag_of('model_repo')} {root.parent})"
+            f"({flag('model_repo')} {root.parent})"
         )
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     held = (
@@ -272,7 +280,7 @@ def create_server(
         raise ListenError(
             None,
             f"cannot listen for gRPC on {address}: gRPC could not bind it (taken meanwhile?); "
-            f"check {flag_of('host')} and {flag_of('port')}",
+            f"check {flag('host')} and {flag('port')}",
         )
     return Server(settings, service, grpc_server, health, port, tokens, registry), port
 

@@ -38,13 +38,13 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ServerReport(_message.Message):
-    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "model_hash", "worker", "representation")
+    __slots__ = ("cache_hit", "batch_size", "batch_requests", "queue_ms", "compute_ms", "content_hash", "worker", "representation")
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
     cache_hit: bool
@@ -52,10 +52,10 @@ class ServerReport(_message.Message):
     batch_requests: int
     queue_ms: float
     compute_ms: float
-    model_hash: str
+    content_hash: str
     worker: int
     representation: Representation
-    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., model_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
+    def __init__(self, cache_hit: bool = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., content_hash: _Optional[str] = ..., worker: _Optional[int] = ..., representation: _Optional[_Union[Representation, str]] = ...) -> None: ...
 
 class GenerateKernelRequest(_message.Message):
     __slots__ = ("model", "seq_lens", "conditioning", "dtype", "return_grid", "representation", "output_region")
@@ -186,7 +186,7 @@ class ModelConfig(_message.Message):
     def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source")
+    __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source", "layer_hashes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class ModelInfo(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_HASHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     reason: str
@@ -207,7 +208,8 @@ class ModelInfo(_message.Message):
     group: str
     group_index: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    layer_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., ready: bool = ..., reason: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., content_hash: _Optional[str] = ..., parameter_count: _Optional[int] = ..., head_hash: _Optional[str] = ..., group: _Optional[str] = ..., group_index: _Optional[int] = ..., source: _Optional[str] = ..., layer_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

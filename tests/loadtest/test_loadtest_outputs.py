@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kernelgen_loadtest.report import CSV_COLUMNS, plot, render_table, write_csv, write_json
+from kernelgen_loadtest.outputs import CSV_COLUMNS, plot, render_table, write_csv, write_json
 from kernelgen_loadtest.stats import Gates, Samples, summarise
 
 
@@ -109,7 +109,7 @@ def _latency_lines(fig: Any) -> list[Any]:
 def test_plot_is_readable_with_one_step_or_many(steps: list[dict[str, Any]]) -> None:
     from matplotlib.ticker import LogLocator
 
-    from kernelgen_loadtest.report import figure
+    from kernelgen_loadtest.outputs import figure
 
     fig = figure([("run", steps)], title="sweep")
     latency_ax, rate_ax = fig.axes

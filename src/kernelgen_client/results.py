@@ -146,6 +146,8 @@ class ModelInfo:
     group_index: int = 0
     #: The member's key prefix in the training checkpoint its group was imported from.
     source: str = ""
+    #: Hashes of the layer the member came from (``kernelgen_wire.layers``); empty when unknown.
+    layer_hashes: tuple[str, ...] = ()
 
     @classmethod
     def from_pb(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -160,6 +162,7 @@ class ModelInfo:
             group=message.group,
             group_index=int(message.group_index),
             source=message.source,
+            layer_hashes=tuple(message.layer_hashes),
         )
 
 
@@ -219,8 +222,8 @@ class ServerReport:
     queue_ms: float
     #: Device time of the batch (or the single request).
     compute_ms: float
-    #: Content hash of the model that produced the kernel.
-    model_hash: str
+    #: Content hash of the model that produced the kernel (``ModelInfo.content_hash``).
+    content_hash: str
     #: Index of the server worker process that answered (0 for a one-process server).
     worker: int = 0
     #: ``"dense"`` or ``"factored"``: what the server sent.
@@ -234,7 +237,7 @@ class ServerReport:
             batch_requests=int(message.batch_requests),
             queue_ms=float(message.queue_ms),
             compute_ms=float(message.compute_ms),
-            model_hash=message.model_hash,
+            content_hash=message.content_hash,
             worker=int(message.worker),
             representation="factored" if message.representation == pb.REPRESENTATION_FACTORED else "dense",
         )
