@@ -99,7 +99,8 @@ def pointing(method: str, name: str) -> Iterator[None]:
     """Within it, an ``InvalidRequest`` of client ``method`` saying that ``name`` is a group's where a
     model's is expected (or the reverse) points to the client method that fits; others pass as they are.
 
-    The server's message names no call of any protocol; the client names its own.
+    The server's message names no call of any protocol; the client names its own. The error raised
+    instead has the server's (the original) as its ``__cause__``.
     """
     try:
         yield
@@ -112,7 +113,7 @@ def pointing(method: str, name: str) -> Iterator[None]:
             code=error.code,
             reason=error.reason,
             retry_pushback_ms=error.retry_pushback_ms,
-        ) from error.__cause__
+        ) from error
 
 
 class Deadline:

@@ -182,22 +182,20 @@ def handle_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 
 def _invalid(args: argparse.Namespace, error: InvalidRequest) -> str:
-    """An invalid request's line, naming the ``kernelgen`` command that fits a name of the other kind."""
+    """An invalid request's line: the server's words, and the ``kernelgen`` command that fits a name
+    of the other kind (a group's where a model's is expected, or the reverse)."""
+    # The client's own hint names a Python method; the CLI names its command instead.
+    said = error.__cause__ if isinstance(error.__cause__, InvalidRequest) else error
     if error.reason == Reason.GROUP_NOT_MODEL:
         name = args.model
-        instead = (
-            f"kernelgen generate-group {name} --seq-lens ... fetches all of its kernels, or "
+        fetch = (
+            f"kernelgen generate-group {name} --seq-lens ... fetches them all, "
             if args.command == "generate"
             else ""
         )
-        return (
-            f"{name!r} is a group of models, not a model: {instead}name one of its members (kernelgen models)"
-        )
+        return f"{said.message}; {fetch}kernelgen models lists its members"
     if error.reason == Reason.MODEL_NOT_GROUP:
-        name = args.group
-        return (
-            f"{name!r} is a model, not a group: kernelgen generate {name} --seq-lens ... fetches its kernel"
-        )
+        return f"{said.message}; kernelgen generate {args.group} --seq-lens ... fetches its kernel"
     return f"invalid request: {error.message}"
 
 

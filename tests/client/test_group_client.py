@@ -260,20 +260,27 @@ def test_kernelgen_generate_group(target: str, tmp_path: Path, capsys: pytest.Ca
         (
             ["generate", "stack", "--seq-lens", "3,3"],
             2,
-            "kernelgen generate: 'stack' is a group of models, not a model: kernelgen generate-group stack "
-            "--seq-lens ... fetches all of its kernels, or name one of its members (kernelgen models)",
+            "kernelgen generate: 'stack' is a group of 3 models (stack/0 .. stack/2), not a model: name one "
+            "of its members, or ask for the whole group's kernels at once; kernelgen generate-group stack "
+            "--seq-lens ... fetches them all, kernelgen models lists its members",
         ),
         (
             ["flops", "stack", "--seq-lens", "3,3"],
             2,
-            "kernelgen flops: 'stack' is a group of models, not a model: name one of its members "
-            "(kernelgen models)",
+            "kernelgen flops: 'stack' is a group of 3 models (stack/0 .. stack/2), not a model: name one of "
+            "its members, or ask for the whole group's kernels at once; kernelgen models lists its members",
         ),
         (
             ["generate-group", "stack/1", "--seq-lens", "3,3"],
             2,
-            "kernelgen generate-group: 'stack/1' is a model, not a group: kernelgen generate stack/1 "
-            "--seq-lens ... fetches its kernel",
+            "kernelgen generate-group: 'stack/1' is a model, not a group: ask for its kernel alone; "
+            "kernelgen generate stack/1 --seq-lens ... fetches its kernel",
+        ),
+        (
+            ["generate-group", "stack/1", "--seq-lens", "3,3", "--representation", "auto"],
+            2,
+            "kernelgen generate-group: 'stack/1' is a model, not a group; "
+            "kernelgen generate stack/1 --seq-lens ... fetches its kernel",
         ),
         (
             ["generate-group", "nothing", "--seq-lens", "3"],
@@ -286,13 +293,15 @@ def test_kernelgen_generate_group(target: str, tmp_path: Path, capsys: pytest.Ca
             "kernelgen generate-group: --out must end in .safetensors, got 'k.npy' (one tensor per member)",
         ),
     ],
-    ids=["generate-a-group", "flops-a-group", "group-a-model", "unknown-group", "npy"],
+    ids=["generate-a-group", "flops-a-group", "group-a-model", "group-a-model-auto", "unknown-group", "npy"],
 )
 def test_kernelgen_names_the_command_that_fits(
     target: str, argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main([*argv, "--target", target]) == code
-    assert capsys.readouterr().err.splitlines()[0].startswith(message)
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(message)
+    assert "generate(" not in err and "generate_group(" not in err  # the client's methods are not the CLI's
 
 
 def test_kernelgen_generate_says_why_a_model_failed_to_load(
