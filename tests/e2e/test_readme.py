@@ -247,3 +247,31 @@ def test_every_readme_block_runs_as_written(tmp_path: Path) -> None:
             else:
                 assert plan.why
         workspace.stop()
+
+
+# --- one vocabulary: seq_lens (what is asked) and the kernel's shape (2*s-1 points per axis) ----------
+def test_the_factored_sizes_are_those_of_the_code_beside_them() -> None:
+    from kernelgen_server.model.config import ModelConfig
+    from kernelgen_server.repository.store import embedded_repository
+    from kernelgen_wire.sizes import kernel_spatial
+
+    (block,) = [b for b in code_blocks(README.read_text()) if b.section == "Dense or factored kernels"]
+    assert 'client.generate("hyena-2d", [29, 29], rows, representation="factored")' in block.text
+    config = ModelConfig.from_file(embedded_repository() / "hyena-2d" / "config.json")
+    points = 1
+    for n in kernel_spatial([29, 29]):
+        points *= n
+    hidden, dense = points * config.mlp_hidden_dim * 4, points * config.out_dim * 4  # float32, one row
+    prose = " ".join(README.read_text().split())
+    assert (
+        f"at seq_lens 29,29, a 57x57 kernel, {hidden / 1e3:.0f} kB instead of {dense / 1e6:.2f} MB" in prose
+    )
+
+
+def test_no_text_calls_a_kernel_shape_a_grid_of_seq_lens() -> None:
+    # "29x29" is a kernel's shape (seq_lens 15,15); seq_lens are written 15,15.
+    texts = [README, ROOT / "docs" / "architecture.md", *sorted((ROOT / "benchmarks").rglob("*.py"))]
+    texts += sorted((ROOT / "benchmarks" / "results").glob("*.md"))
+    pattern = re.compile(r"\b\d+x\d+(?:x\d+)? grid\b|seq_lens \[?\d+x\d+|hyena-2d \d+x\d+")
+    found = [f"{p.relative_to(ROOT)}: {m[0]}" for p in texts for m in pattern.finditer(p.read_text())]
+    assert found == []
