@@ -3,7 +3,7 @@
     python benchmarks/bench_batching.py [--seconds 2] [--rounds 3] [--concurrency 1,8,32,64]
                                         [--device auto]
 
-The embedded 2D FiLM model (hyena-2d: 29x29 grid, out_dim 384, one conditioning
+The embedded 2D FiLM model (hyena-2d: seq_lens 15,15, a 29x29 kernel, out_dim 384, one conditioning
 row per request), closed loop at each concurrency, batching on vs off, float32
 and float16 output; the in-process engine at the same batch sizes; and a bare
 gRPC echo of the same response size at the same concurrency (the transport
@@ -456,7 +456,7 @@ def report(result: dict[str, Any]) -> str:
         f"Server device: {result['device']}. {result['rounds']} interleaved rounds of "
         f"{result['seconds_per_step']} s per step; client ({result['client_processes']} process(es)) "
         "and server on the same machine.",
-        "Workload: hyena-2d, seq_lens 15x15 (29x29 grid, out_dim 384, 1.29 MB float32), one FiLM row per "
+        "Workload: hyena-2d, seq_lens 15,15 (a 29x29 kernel, out_dim 384, 1.29 MB float32), one FiLM row per "
         "request, closed loop. `per_s` is the median round's rate (`per_s_range` the slowest and fastest); "
         "latencies pool all rounds. Times are means per request; compute is the whole batch's device time. "
         "`server_cpu_ms` and `client_cpu_ms` are the CPU time each process spent per call, all threads; "

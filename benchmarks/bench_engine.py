@@ -1,7 +1,7 @@
 """In-process kernel rate: reference ``SIRENKernelND.forward`` vs ``KernelEngine``.
 
 The embedded-style 2D FiLM model (out_dim 384, hidden 32, 3 layers, embedding 32,
-L_cache 15, cond_dim 384, film_hidden_dim 64) at seq_lens 15x15 (a 29x29 grid),
+L_cache 15, cond_dim 384, film_hidden_dim 64) at seq_lens 15,15 (a 29x29 kernel),
 one conditioning row per request, float32. For each batch size the reference
 answers the requests one forward each, holding the kernels until the batch is
 answered ("reference"), or freeing each at once, its best case ("ref.drop");

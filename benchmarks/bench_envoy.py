@@ -8,7 +8,7 @@ Two parts, in one run on this machine, every process on it:
 1. **Overhead.** One ``kernelgen serve`` replica, called directly and through Envoy (the front
    ``scripts/render_envoy.py`` renders, for that one replica), by ``kernelgen loadtest`` closed
    loops at concurrency 1, 8 and 32, the two paths interleaved within each round. Workloads:
-   *cached*, unconditioned hyena-2d 15x15 (1.29 MB, a cache hit: the keyed route, ring hash) and
+   *cached*, unconditioned hyena-2d seq_lens 15,15 (1.29 MB, a cache hit: the keyed route, ring hash) and
    *conditioned*, one FiLM row on the same grid (batched: the least-request route). Per step:
    p50/p99 latency and kernels/s from the load tester; CPU seconds per kernel of the server and
    of Envoy, from /proc over the whole load-test run divided by the calls the server answered in
@@ -377,7 +377,7 @@ def report(result: dict[str, Any]) -> str:
         "## Overhead: one replica, direct and through Envoy",
         f"`kernelgen loadtest` closed loops, {result['rounds']} interleaved round(s) of "
         f"{result['seconds_per_step']:g} s per step after {result['warmup_s']:g} s of warm-up; medians "
-        "over the rounds. *cached*: unconditioned hyena-2d 15x15 (1.29 MB, cache hits, Envoy's "
+        "over the rounds. *cached*: unconditioned hyena-2d seq_lens 15,15 (1.29 MB, cache hits, Envoy's "
         "ring-hash route); *conditioned*: one FiLM row, same grid (Envoy's least-request route). CPU per "
         "kernel: the process's CPU over the whole load-test run (from /proc) divided by the calls the "
         "server answered in it.",

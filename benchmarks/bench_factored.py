@@ -10,7 +10,7 @@ materialised in the client (``FactoredKernel.dense()``: one GEMM with the
 model's output head, fetched once), so both rates count kernels the caller
 holds as dense float32 arrays, and the client's CPU includes that GEMM.
 
-Workloads: hyena-2d conditioned, one FiLM row per request, a 29x29 grid
+Workloads: hyena-2d conditioned, one FiLM row per request, seq_lens 15,15 (a 29x29 kernel)
 (1.29 MB dense), closed loop at concurrency 1, 8, 32, 64; long-1d [40000]
 (82 MB dense, a cached kernel, always streamed) at concurrency 1 and 4.
 Each step reports kernels/s, p50/p99, bytes on the wire per kernel (the
@@ -260,7 +260,7 @@ def report(result: dict[str, Any]) -> str:
         f"interleaved round(s) of {result['seconds']:g} s per step ({result['warmup']:g} s warm-up). "
         "Both representations are delivered to the caller as dense float32 arrays: the client "
         "materialises factored ones (one GEMM with the output head), and its CPU includes it.",
-        "## hyena-2d, one FiLM row per request, 29x29 grid, out_dim 384, hidden 32",
+        "## hyena-2d, one FiLM row per request, seq_lens 15,15 (a 29x29 kernel), out_dim 384, hidden 32",
         table(hyena),
         "## long-1d [40000], 79,999 points, out_dim 256, hidden 32, streamed (a cached kernel)",
         table(result["workloads"]["long-1d"]),

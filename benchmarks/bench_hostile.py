@@ -4,7 +4,7 @@
     python benchmarks/bench_hostile.py --quick    # 1 round of 3 s
 
 One client process sends small conditioned requests (hyena-2d, one FiLM row,
-a 15x15 grid) in a closed loop of one; another keeps N large streams open
+seq_lens 15,15) in a closed loop of one; another keeps N large streams open
 (long-1d [100000], 205 MB each, read to the end and asked again). Each server
 configuration is measured idle (small requests alone) and under the streams:
 
@@ -233,7 +233,8 @@ def report(result: dict[str, Any]) -> str:
         f"{m['date']}, {m['platform']}, {m['cpus']} CPUs. {args['rounds']} round(s) of "
         f"{args['seconds']:g} s; {args['streams']} streams of long-1d {LARGE_SEQ_LENS} (205 MB each, "
         "read to the end and asked again) "
-        "against small conditioned requests (hyena-2d, 15x15 grid, one at a time). `tiled`: the defaults; "
+        "against small conditioned requests (hyena-2d, seq_lens 15,15, one at a time). "
+        "`tiled`: the defaults; "
         "`whole`: `--stream-tile-bytes 2GiB` (each large kernel one device job, as before tiling).\n\n"
         + markdown_table(rows)
         + f"\n\nTarget: p99 under streams within 10x of idle (tiled): {tiled['p99_ratio']:.1f}x, "

@@ -13,7 +13,7 @@ through three clients:
 - ``shm``: ``AsyncKernelClient(shared_memory=True)``: the server writes each
   kernel into a region the client owns, and the client gets a view of it.
 
-Workload: hyena-2d, one FiLM row per request, a 29x29 grid (1.29 MB float32
+Workload: hyena-2d, one FiLM row per request, seq_lens 15,15 (a 29x29 kernel: 1.29 MB float32
 kernel), concurrency 1, 8, 32, 64. Ratios (oip / native, shm / native) are
 taken per round, the median reported with its range; rounds rotate which
 client goes first.
@@ -327,7 +327,7 @@ def report(result: dict[str, Any]) -> str:
         f"{result['load_average_after'][0]:.2f} after. {result['rounds']} interleaved round(s) of "
         f"{result['seconds']:g} s per step ({result['warmup']:g} s warm-up), one client process for all "
         "three clients, one `kernelgen serve --shared-memory`.",
-        "## hyena-2d, one FiLM row per request, 29x29 grid (1.29 MB float32)",
+        "## hyena-2d, one FiLM row per request, seq_lens 15,15 (a 29x29 kernel, 1.29 MB float32)",
         table,
         "## long-1d [40000]: 82 MB, a cached kernel, one call at a time",
         long_table,

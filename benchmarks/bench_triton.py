@@ -14,7 +14,7 @@ One model repository (the embedded one unless ``--model-repo``) is served twice 
   dimension; output ``kernel`` FP32 [*spatial, out_dim].
 
 Workload: one FiLM row per request, float32 output; by default hyena-2d at seq_lens 15,15, a
-29x29 grid of out_dim 384 (1.29 MB per kernel). Before measuring, one response of each server
+29x29 kernel of out_dim 384 (1.29 MB per kernel). Before measuring, one response of each server
 is compared with the reference model run in this process.
 
 The load generator is the same for all: ``harness.closed_loop`` (N coroutines, warm-up, fixed
@@ -761,7 +761,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         help="model repository (default: the embedded one)",
     )
     parser.add_argument("--model", default="hyena-2d", help="a FiLM model of the repository")
-    parser.add_argument("--seq-lens", default="15,15", help="seq_lens of every request (15,15: a 29x29 grid)")
+    parser.add_argument(
+        "--seq-lens", default="15,15", help="seq_lens of every request (15,15: a 29x29 kernel)"
+    )
     parser.add_argument("--no-triton", action="store_true", help="measure kernelgen only")
     parser.add_argument("--venv", default=str(VENV_DIR), help="the Triton environment's folder")
     parser.add_argument("--triton-python", default=DEBIAN_PYTHON, help="the Python it is made from")

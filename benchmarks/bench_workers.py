@@ -4,7 +4,7 @@
                                        [--rounds 3] [--device auto] [--client-processes 2]
                                        [--connections 8]
 
-The batching benchmark's workload (hyena-2d, 29x29 grid, one FiLM row per
+The batching benchmark's workload (hyena-2d at seq_lens 15,15, a 29x29 kernel, one FiLM row per
 request, float32, batching on) against a server of 1, 2, ... worker processes
 sharing one port, and the bare gRPC echo of the same response size (one
 process) as the transport reference. All servers stay up and the steps
@@ -113,7 +113,7 @@ def report(result: dict[str, Any]) -> str:
         f"Server device: {result['device']}. {result['rounds']} interleaved rounds of "
         f"{result['seconds_per_step']} s per step; client ({result['client_processes']} process(es), "
         f"{result['connections_per_process']} connections each) and server on the same machine.",
-        "Workload: hyena-2d, seq_lens 15x15 (1.29 MB float32), one FiLM row per request, batching on, "
+        "Workload: hyena-2d, seq_lens 15,15 (1.29 MB float32), one FiLM row per request, batching on, "
         "closed loop. `workers` is `kernelgen serve --workers N`; `worker_share` the share of calls each "
         "worker answered (Linux spreads connections over them). `server_cpu_ms` and `server_cores` count "
         "the supervisor and its workers together. Other columns as in batching.md.",

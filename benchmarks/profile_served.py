@@ -4,7 +4,7 @@
     python benchmarks/profile_served.py --representation factored
 
 Runs ``kernelgen serve`` (CPU, its defaults) under ``kernelgen loadtest``
-(hyena-2d, one FiLM row per request, a 29x29 grid) and samples the server
+(hyena-2d, one FiLM row per request, seq_lens 15,15: a 29x29 kernel) and samples the server
 with py-spy (``pip install py-spy``), every thread, Python frames only and
 without pausing the server (``--nonblocking``): native frames need it paused at
 each sample, which slowed it about 3x and skewed every share. A thread whose
@@ -165,7 +165,8 @@ def report(result: dict[str, object]) -> str:
     return (
         f"# Where a served {result['representation']} kernel's server CPU goes\n\n"
         f"{m['date']}, {m['platform']}, {m['cpus']} CPUs. `kernelgen serve` (CPU, defaults) under "
-        f"`kernelgen loadtest` at concurrency {result['concurrency']} (hyena-2d, one FiLM row, 29x29 grid, "
+        f"`kernelgen loadtest` at concurrency {result['concurrency']} "
+        "(hyena-2d, one FiLM row, seq_lens 15,15, "
         f"{result['representation']}); py-spy sampled every thread's Python frames, not pausing it, for "
         f"{result['seconds']:.0f} s: {result['kernels_per_s']:.0f} kernels/s, p99 {result['p99_ms']:.0f} ms, "
         f"server CPU {result['server_cpu_ms_per_kernel']:.2f} ms per kernel.\n\n"

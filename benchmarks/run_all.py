@@ -19,7 +19,7 @@ Runs on this machine, one after another:
 9. ``bench_envoy.py``: the latency and CPU Envoy adds in front of a replica, and the cache hit
    rates of three replicas behind Envoy's hash on the cache key, behind round robin, and of one;
 10. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
-   15,15 = a 29x29 grid, out_dim 384, one conditioning row per request, float32)
+   15,15: a 29x29 kernel, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
    ceiling of the client process and the transport under the same load).
@@ -252,8 +252,8 @@ def page(
         f"{args.seconds:g} --warmup {args.warmup:g}` against `kernelgen serve` with batching on "
         "(`--max-batch-size 64 --max-queue-delay-ms 0`), batching off (`--max-batch-size 1`), and "
         "`benchmarks/echo_kernelgen.py` (speaks kernelgen, computes nothing: the ceiling of one client "
-        "process and the transport). 29x29 grid, out_dim 384, 1.29 MB per kernel, one conditioning row "
-        "per request, closed loop.",
+        "process and the transport). seq_lens 15,15 (a 29x29 kernel), out_dim 384, 1.29 MB per kernel, "
+        "one conditioning row per request, closed loop.",
         "![latency and throughput against concurrency](loadtest_sweep.png)",
         sweep_table(runs),
         '"client-bound": the load tester itself was the limit at that step (a client process near one '
@@ -292,7 +292,7 @@ def oip_section(oip: dict[str, Any] | None) -> str:
     ]
     long = oip["long"]
     return (
-        f"`bench_oip.py`, {oip['machine']['date']}, hyena-2d 29x29, one FiLM row per request.\n\n"
+        f"`bench_oip.py`, {oip['machine']['date']}, hyena-2d seq_lens 15,15, one FiLM row per request.\n\n"
         + markdown_table(rows)
         + f"\n\nThe 82 MB long-1d kernel through shared memory: {long['shm_over_memcpy']:.2f}x a plain "
         f"copy of its bytes. Details: [oip.md](oip.md)."
@@ -424,7 +424,7 @@ def main() -> None:
         runs = {name: d for name in SERVERS if (d := load(f"loadtest_{name}.json"))}
     if runs:
         series = [(SERVERS[name][0], document["steps"]) for name, document in runs.items()]
-        title = "hyena-2d 29x29, one FiLM row, float32, closed loop"
+        title = "hyena-2d seq_lens 15,15, one FiLM row, float32, closed loop"
         plot(series, RESULTS / "loadtest_sweep.png", title=title)
     info["load_average_after"] = round(os.getloadavg()[0], 2)
     text = page(info, runs, args, time.monotonic() - started)

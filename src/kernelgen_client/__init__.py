@@ -56,7 +56,18 @@ if TYPE_CHECKING:
     from kernelgen_client.factored import FactoredKernel, OutputHead
     from kernelgen_client.shared_memory import SharedMemoryPolicy
 
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    """The distribution's version from its package metadata (pyproject.toml's, once installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kernelgen")
+    except PackageNotFoundError:  # a source tree without package metadata
+        return "0+unknown"
+
+
+__version__ = _installed_version()
 
 __all__ = [
     "DEFAULT_TARGET",

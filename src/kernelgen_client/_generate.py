@@ -26,9 +26,10 @@ kernel as a ``generate`` call of that member would.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,6 +58,7 @@ __all__ = [
     "GroupCall",
     "SeqLens",
     "check_seq_lens",
+    "pointing",
     "predict_bytes",
     "prepare",
     "prepare_group",
@@ -74,6 +76,44 @@ Pairs = tuple[tuple[str, str], ...]
 #: Responses predicted above this many bytes are streamed. Below the server's
 #: default unary limit (4 MiB) with room for the envelope and a raised grid.
 STREAM_THRESHOLD_BYTES = 3_670_016  # 3.5 MiB
+
+
+#: The largest length the wire carries (``int64``).
+_MAX_LENGTH = (1 << 63) - 1
+
+#: The client call to make instead, when a name is of the other kind: (method, reason) -> hint.
+_OTHER_CALL: dict[tuple[str, str], str] = {
+    ("generate", Reason.GROUP_NOT_MODEL): "generate_group({name!r}, seq_lens, conditioning) fetches "
+    "all of its kernels in one call; get_group({name!r}) lists its members",
+    ("get_model", Reason.GROUP_NOT_MODEL): "get_group({name!r}) describes it and its members",
+    (
+        "generate_group",
+        Reason.MODEL_NOT_GROUP,
+    ): "generate({name!r}, seq_lens, conditioning) fetches its kernel",
+    ("get_group", Reason.MODEL_NOT_GROUP): "get_model({name!r}) describes it",
+}
+
+
+@contextlib.contextmanager
+def pointing(method: str, name: str) -> Iterator[None]:
+    """Within it, an ``InvalidRequest`` of client ``method`` saying that ``name`` is a group's where a
+    model's is expected (or the reverse) points to the client method that fits; others pass as they are.
+
+    The server's message names no call of any protocol; the client names its own. The error raised
+    instead has the server's (the original) as its ``__cause__``.
+    """
+    try:
+        yield
+    except InvalidRequest as error:
+        hint = _OTHER_CALL.get((method, error.reason or ""))
+        if hint is None:
+            raise
+        raise type(error)(
+            f"{error.message}; {hint.format(name=name)}",
+            code=error.code,
+            reason=error.reason,
+            retry_pushback_ms=error.retry_pushback_ms,
+        ) from error
 
 
 class Deadline:
@@ -98,9 +138,12 @@ def check_seq_lens(seq_lens: SeqLens) -> tuple[int, ...]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidRequest(f"seq_lens must be integers, got {value!r}")
-        if value < 1:
+        length = int(value)
+        if length < 1:
             raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
-        lens.append(int(value))
+        if length > _MAX_LENGTH:
+            raise InvalidRequest(f"seq_lens must each fit in int64 (below 2**63), got {length}")
+        lens.append(length)
     if not lens:
         raise InvalidRequest("seq_lens is empty; give one length per spatial axis")
     return tuple(lens)

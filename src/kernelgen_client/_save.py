@@ -4,6 +4,9 @@
 bits); ``.npy`` has no bfloat16, so a bfloat16 kernel is saved as the float32
 numpy array the client decoded it to.
 
+A group's kernels go into one ``.safetensors`` file, one tensor per member
+named by its model (``vision-net/0``, ...).
+
 A factored kernel is saved as its dense kernel (float32), unless ``factors``
 is asked: then ``.safetensors`` holds ``factors`` (as they travelled),
 ``head.weight_t`` and ``head.bias`` (the output head's ``weight_t`` and
@@ -22,7 +25,7 @@ import numpy as np
 from kernelgen_client.factored import FactoredKernel
 from kernelgen_client.results import KernelResult
 
-__all__ = ["SUFFIXES", "save_kernel"]
+__all__ = ["SUFFIXES", "save_group", "save_kernel"]
 
 SUFFIXES = (".npy", ".safetensors")
 _Entry = tuple[str, tuple[int, ...], bytes | memoryview]  # (safetensors dtype, shape, raw bytes)
@@ -61,11 +64,8 @@ def save_kernel(
         np.save(path, result.kernel if factored is None else factored.dense(), allow_pickle=False)
     elif suffix == ".safetensors":
         tensors: dict[str, _Entry]
-        if factored is None:
-            tensors = {"kernel": (_SAFETENSORS_DTYPES[result.wire_dtype], result.shape, result.raw)}
-        elif not factors:
-            dense = np.ascontiguousarray(factored.dense(), dtype="<f4")
-            tensors = {"kernel": ("F32", tuple(dense.shape), dense.data.cast("B"))}
+        if factored is None or not factors:
+            tensors = {"kernel": _dense_entry(result)}
         else:
             output_head = factored.output_head
             factors_shape = tuple(int(n) for n in factored.factors.shape)
@@ -82,3 +82,18 @@ def save_kernel(
         _safetensors(path, tensors, meta)
     else:
         raise ValueError(f"--out must end in {' or '.join(SUFFIXES)}, got {path.name!r}")
+
+
+def _dense_entry(result: KernelResult[Any]) -> _Entry:
+    """A result's dense kernel as it travelled, or (factored) materialised as float32."""
+    if isinstance(result.kernel, FactoredKernel):
+        dense = np.ascontiguousarray(result.kernel.dense(), dtype="<f4")
+        return ("F32", tuple(dense.shape), dense.data.cast("B"))
+    return (_SAFETENSORS_DTYPES[result.wire_dtype], result.shape, result.raw)
+
+
+def save_group(path: Path, results: dict[str, KernelResult[Any]], meta: dict[str, str]) -> None:
+    """Save a group's kernels into one ``.safetensors`` file, each under its member's model name."""
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"a group's kernels are saved into a .safetensors file, got {path.name!r}")
+    _safetensors(path, {name: _dense_entry(result) for name, result in results.items()}, meta)

@@ -15,12 +15,21 @@ import numpy.typing as npt
 
 from kernelgen_client._base import ClientConfig, ModelCache
 from kernelgen_client._channel import MetadataLike, RetryPolicy, TargetLike, TLSConfig, merge_metadata
-from kernelgen_client._generate import Deadline, GenerateCall, SeqLens, check_seq_lens, prepare, prepare_group
+from kernelgen_client._generate import (
+    Deadline,
+    GenerateCall,
+    SeqLens,
+    check_seq_lens,
+    pointing,
+    prepare,
+    prepare_group,
+)
 from kernelgen_client._health import decode_response, encode_request
 from kernelgen_client._responses import Assembled, Assembler, GroupReassembler, Reassembler, read_unary
 from kernelgen_client._transport import SyncChannels, SyncOnce
 from kernelgen_client.errors import (
     ConnectionFailed,
+    InvalidRequest,
     KernelServiceError,
     MalformedResponse,
     ModelNotFound,
@@ -33,6 +42,7 @@ from kernelgen_client.results import FlopReport, GroupInfo, HealthStatus, Kernel
 from kernelgen_client.shared_memory import MappedRegion, RegionPool, SharedMemoryPolicy, coerce_policy
 from kernelgen_client.tensors import ConditioningLike, DTypeLike
 from kernelgen_wire.kernel_messages import ResponseView
+from kernelgen_wire.metadata import Reason
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 if TYPE_CHECKING:
@@ -213,9 +223,11 @@ class KernelClient:
         for group in GroupInfo.collect(infos):
             if group.name == name:
                 return group
-        failed = next((info for info in infos if info.name == name and not info.ready), None)
-        if failed is not None:
-            raise ModelNotReady(f"{name!r} is not ready: {failed.reason}")
+        model = next((info for info in infos if info.name == name), None)
+        if model is not None and not model.ready:
+            raise ModelNotReady(f"{name!r} is not ready: {model.reason}")
+        if model is not None:
+            raise InvalidRequest(f"{name!r} is a model, not a group", reason=Reason.MODEL_NOT_GROUP)
         raise ModelNotFound(f"unknown group {name!r}")
 
     def _info(self, model: str, deadline: Deadline, metadata: MetadataLike | None) -> ModelInfo:
@@ -245,15 +257,20 @@ class KernelClient:
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> GroupInfo:
         """One group and its members in order; ``ModelNotFound`` when the server has none of that name."""
-        return self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
+        with pointing("get_group", name):
+            return self._group(name, Deadline(self._config.call_timeout(timeout)), metadata)
 
     def get_model(
         self, name: str, *, timeout: float | None = None, metadata: MetadataLike | None = None
     ) -> ModelInfo:
         """One model; ``ModelNotFound`` when the server has none of that name."""
-        reply = self._call(
-            "GetModel", pb.GetModelRequest(model=name), Deadline(self._config.call_timeout(timeout)), metadata
-        )
+        with pointing("get_model", name):
+            reply = self._call(
+                "GetModel",
+                pb.GetModelRequest(model=name),
+                Deadline(self._config.call_timeout(timeout)),
+                metadata,
+            )
         info = ModelInfo.from_pb(reply)
         self._models.put(info)
         return info
@@ -513,17 +530,19 @@ class KernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        info = self._info(call.model, deadline, metadata) if call.needs_info else None
-        call.choose_representation(info, head_held=info is not None and info.head_hash in self._output_heads)
-        routed = merge_metadata(metadata, call.affinity(info))
-        replays = self._config.retries.replays
-        while True:
-            try:
-                return self._generate(call, info, deadline, routed)
-            except KernelServiceError as exc:
-                if not (replays and exc.interrupted):
-                    raise
-                replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
+        with pointing("generate", model):
+            info = self._info(call.model, deadline, metadata) if call.needs_info else None
+            head_held = info is not None and info.head_hash in self._output_heads
+            call.choose_representation(info, head_held=head_held)
+            routed = merge_metadata(metadata, call.affinity(info))
+            replays = self._config.retries.replays
+            while True:
+                try:
+                    return self._generate(call, info, deadline, routed)
+                except KernelServiceError as exc:
+                    if not (replays and exc.interrupted):
+                        raise
+                    replays -= 1  # cut mid-response, past gRPC's retry: sent again from the start
 
     def _generate(
         self, call: GenerateCall, info: ModelInfo | None, deadline: Deadline, metadata: MetadataLike | None
@@ -788,19 +807,20 @@ class KernelClient:
             representation=representation,
         )
         deadline = Deadline(self._config.call_timeout(timeout))
-        if call.representation == "auto":
-            found = self._group(group, deadline, metadata)
-            call.choose_representation(found.members, lambda head_hash: head_hash in self._output_heads)
-        metadata = merge_metadata(metadata, call.affinity())
-        replays = self._config.retries.replays
-        while True:
-            try:
-                name, members, views = self._group_stream(call.request, deadline, metadata)
-                break
-            except KernelServiceError as exc:
-                if not (replays and exc.interrupted):
-                    raise
-                replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
+        with pointing("generate_group", group):
+            if call.representation == "auto":
+                found = self._group(group, deadline, metadata)
+                call.choose_representation(found.members, lambda head_hash: head_hash in self._output_heads)
+            metadata = merge_metadata(metadata, call.affinity())
+            replays = self._config.retries.replays
+            while True:
+                try:
+                    name, members, views = self._group_stream(call.request, deadline, metadata)
+                    break
+                except KernelServiceError as exc:
+                    if not (replays and exc.interrupted):
+                        raise
+                    replays -= 1  # cut mid-stream, past gRPC's retry: sent again from the start
         output_heads: dict[str, OutputHead] = {}
         for member, view in zip(members, views, strict=True):
             if view.factored:

@@ -46,7 +46,9 @@ class FlopReport:
         flops: the reference model's ``flop_count(seq_lens, inference)``, exactly.
         grid_points: ``prod(2 * s - 1 for s in seq_lens)``.
         kernel_bytes: bytes of one float32 kernel sample (``grid_points * out_dim * 4``).
-        cacheable: the model has no FiLM generator, so the server caches its kernels.
+        film: the model has a FiLM generator: its conditioned kernels are computed per request.
+            Every model's unconditioned kernel is cached by the server, with FiLM or without;
+            ``flops`` with ``inference=True`` counts 0 for a model without FiLM.
 
     Example::
 
@@ -57,7 +59,7 @@ class FlopReport:
     flops: int
     grid_points: int
     kernel_bytes: int
-    cacheable: bool
+    film: bool
 
     @classmethod
     def from_pb(cls, message: pb.FlopCountResponse) -> FlopReport:
@@ -65,7 +67,7 @@ class FlopReport:
             flops=int(message.flops),
             grid_points=int(message.grid_points),
             kernel_bytes=int(message.kernel_bytes),
-            cacheable=bool(message.cacheable),
+            film=not message.cacheable,  # the wire's name: every kernel of the model is cacheable
         )
 
 

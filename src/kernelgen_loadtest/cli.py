@@ -86,7 +86,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )  # fmt: skip
     w.add_argument("--workload", type=Path, help="YAML or JSON workload file (models, seq_lens, rows, ...)")
     w.add_argument(
-        "--seq-lens", action="append", metavar="S", help="grid, e.g. 29,29; repeat for a uniform mix"
+        "--seq-lens",
+        action="append",
+        metavar="S,S",
+        help=f"{commands.SEQ_LENS_HELP}; repeat for a uniform mix (default: each model's L_cache)",
     )
     w.add_argument("--rows", help="conditioning rows per request: N or A-B (1)")
     w.add_argument(

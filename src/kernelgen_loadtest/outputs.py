@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CSV_COLUMNS", "csv_row", "missing_plotting", "plot", "render_table", "write_csv", "write_json"]
+__all__ = [
+    "CSV_COLUMNS", "csv_row", "figure", "missing_plotting", "plot", "render_table", "write_csv", "write_json"
+]  # fmt: skip
 
 Step = Mapping[str, Any]
 
@@ -200,8 +202,38 @@ def missing_plotting() -> str | None:
     return None
 
 
-def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = "") -> None:
-    """Latency percentiles and throughput against concurrency or rate, one line per series."""
+#: Each percentile's line style, marker and value label's offset (points): told apart by the marker
+#: too, so one step's dots are readable, and labelled on different sides, so equal values stay legible.
+_PERCENTILES = {"p50": ("-", "o", (7, -7)), "p90": ("--", "s", (-7, 0)), "p99": (":", "^", (7, 7))}
+#: Below this many steps each point is labelled with its value.
+_LABELLED_STEPS = 4
+
+
+def _nice(value: float, up: bool) -> float:
+    """The nearest of ..., 1, 2, 5, 10, 20, ... at or below (``up``: at or above) ``value`` > 0."""
+    exponent = math.floor(math.log10(value))
+    candidates = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1) for m in (1.0, 2.0, 5.0)]
+    if up:
+        return min(c for c in candidates if c >= value * (1 - 1e-9))
+    return max(c for c in candidates if c <= value * (1 + 1e-9))
+
+
+def _label_points(
+    ax: Any, x: Sequence[float], y: Sequence[float], color: str, offset: tuple[int, int] = (7, 0)
+) -> None:
+    """Each finite point's value beside it, ``offset`` points away (left of it if ``offset[0] < 0``)."""
+    for xi, yi in zip(x, y, strict=True):
+        if math.isfinite(yi):
+            ax.annotate(
+                f"{yi:.3g}", (xi, yi), xytext=offset, textcoords="offset points", va="center",
+                ha="left" if offset[0] >= 0 else "right", fontsize="small", color=color,
+                bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            )  # fmt: skip
+
+
+def figure(series: Sequence[tuple[str, Sequence[Step]]], title: str = "") -> Any:
+    """The plot's matplotlib ``Figure``: latency percentiles (log scale, its bounds on labelled ticks)
+    and throughput against concurrency or rate, one colour per series, one marker per percentile."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -209,39 +241,63 @@ def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = 
     closed = all(s["mode"] == "closed" for s in steps)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     latency_ax, rate_ax = fig.subplots(1, 2)
+    latencies: list[float] = []
+    few = len({_num(s["level"]) for s in steps}) < _LABELLED_STEPS
     for n, (label, run) in enumerate(series):
         color = f"C{n}"
         x = [_num(s["level"]) for s in run]
         # One run: three percentiles; several: p50 and p99 keep the figure readable.
-        quantiles = (
-            (("p50", "-"), ("p90", "--"), ("p99", ":")) if len(series) == 1 else (("p50", "-"), ("p99", ":"))
-        )
-        for q, style in quantiles:
+        quantiles = ("p50", "p90", "p99") if len(series) == 1 else ("p50", "p99")
+        for q in quantiles:
+            style, marker, offset = _PERCENTILES[q]
             y = [_num(s["latency_ms"][q]) for s in run]
-            latency_ax.plot(x, y, style, marker="o", color=color, label=f"{label} {q}")
-        rate_ax.plot(
-            x, [_num(s["requests_per_s"]) for s in run], "-", marker="o", color=color, label=f"{label} req/s"
-        )
+            latencies += [v for v in y if math.isfinite(v) and v > 0]
+            latency_ax.plot(x, y, style, marker=marker, markersize=7, color=color, label=f"{label} {q}")
+            if few:
+                _label_points(latency_ax, x, y, color, offset)
+        rates = [_num(s["requests_per_s"]) for s in run]
+        rate_ax.plot(x, rates, "-", marker="o", markersize=7, color=color, label=f"{label} requests/s")
+        if few:
+            _label_points(rate_ax, x, rates, color)
         if any(_num(s["kernels_per_s"]) > 1.01 * _num(s["requests_per_s"]) for s in run):
             y = [_num(s["kernels_per_s"]) for s in run]
-            rate_ax.plot(x, y, "--", marker="s", color=color, label=f"{label} kernels/s")
+            rate_ax.plot(x, y, "--", marker="s", markersize=7, color=color, label=f"{label} kernels/s")
+            if few:
+                _label_points(rate_ax, x, y, color, (-7, 0))
     levels = sorted({_num(s["level"]) for s in steps})
     for ax in (latency_ax, rate_ax):
         ax.set_xlabel("concurrency (requests in flight)" if closed else "target rate (requests/s)")
         if levels and levels[0] > 0 and levels[-1] / levels[0] >= 4:
             ax.set_xscale("log", base=2 if closed else 10)
         ax.set_xticks(levels, [f"{v:g}" for v in levels])
+        if few:  # room beside the first and last points for their value labels
+            ax.margins(x=0.12)
+        if len(levels) == 1:  # one step: its point in the middle, room for its value labels
+            ax.set_xlim(levels[0] - max(abs(levels[0]) / 2, 1.0), levels[0] + max(abs(levels[0]) / 2, 1.0))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    latency_ax.set_ylabel("latency (ms)")
+    latency_ax.set_ylabel("latency (ms, log scale)")
     latency_ax.set_yscale("log")
-    latency_ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    subs: tuple[float, ...] = (1.0, 2.0, 5.0)
+    if latencies:
+        # Both ends on a labelled 1-2-5 tick beyond every value (none sits on an edge or below the
+        # lowest label); a range within one decade gets labels at 3 and 7 too.
+        low, high = _nice(min(latencies) * 0.9, up=False), _nice(max(latencies) * 1.1, up=True)
+        latency_ax.set_ylim(low, high)
+        if high / low <= 10:
+            subs = (1.0, 2.0, 3.0, 5.0, 7.0)
+    latency_ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     latency_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
     latency_ax.yaxis.set_minor_formatter(NullFormatter())
     latency_ax.set_title("latency percentiles")
     rate_ax.set_ylabel("throughput (per second)")
-    rate_ax.set_ylim(bottom=0)
+    rate_ax.set_ylim(0, rate_ax.get_ylim()[1] * 1.1)  # from 0, with room above the highest label
     rate_ax.set_title("throughput")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(series: Sequence[tuple[str, Sequence[Step]]], path: Path, title: str = "") -> None:
+    """Write ``figure(series, title)`` as a PNG to ``path``."""
+    figure(series, title).savefig(path, dpi=110)

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kernelgen_client import __version__, commands
@@ -223,10 +224,16 @@ class Session:
 def _describe(resolved: ResolvedWorkload) -> str:
     w = resolved.workload
     models = "; ".join(
-        f"{t.name} {' '.join('x'.join(map(str, s)) for s in t.seq_lens)}"
+        f"{t.name} {' or '.join(seq_lens_and_shape(s) for s in t.seq_lens)}"
         + (f" (group of {len(t.members)})" if t.members else "")
         + ("" if t.cond_dim is not None else " (no FiLM)")
         for t in resolved.targets
     )
     conditioned = f"rows {w.rows}, {1 - w.unconditioned:.0%} conditioned"
     return f"{models}; {conditioned}; {w.dtype}; seed {w.seed}"
+
+
+def seq_lens_and_shape(seq_lens: Sequence[int]) -> str:
+    """``seq_lens 15,15 (kernel 29x29)``: what was asked, and the kernel's shape it gives."""
+    shape = "x".join(str(2 * s - 1) for s in seq_lens)
+    return f"seq_lens {','.join(map(str, seq_lens))} (kernel {shape})"

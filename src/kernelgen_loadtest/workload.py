@@ -9,7 +9,7 @@ given on the command line win over the file::
       - name: volume-3d
         seq_lens: [[4, 8, 8]]
       - name: vision-net         # a group: one GenerateGroup call fetches all its members' kernels
-    seq_lens: [[15, 15], "29x29"] # a uniform mix; each model takes those of its data_dim
+    seq_lens: [[15, 15], "8,8"]  # a uniform mix; each model takes those of its data_dim
     rows: 1-4                    # conditioning rows per request: N, "A-B" or [A, B]
     unconditioned: 0.1           # share of requests sent without conditioning (cache traffic)
     dtype: float32               # float32 | float16 | bfloat16
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernelgen_client.commands import seq_lens_from_text
 from kernelgen_client.results import GroupInfo, ModelInfo
 
 if TYPE_CHECKING:
@@ -69,20 +70,19 @@ class WorkloadError(ValueError):
 
 # --- parsing of single settings ----------------------------------------------------------------------
 def parse_seq_lens(value: object) -> tuple[int, ...]:
-    """``"29,29"``, ``"29x29"``, ``29`` or ``[29, 29]`` as a tuple of ints >= 1."""
-    parts: list[object]
+    """``"15,15"``, ``15`` or ``[15, 15]`` as a tuple of ints >= 1 (never ``"29x29"``: a kernel shape)."""
     if isinstance(value, str):
-        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
-    elif isinstance(value, Sequence):
-        parts = list(value)
-    else:
-        parts = [value]
+        try:
+            return seq_lens_from_text(value)
+        except ValueError as exc:
+            raise WorkloadError(str(exc)) from None
+    parts: list[object] = list(value) if isinstance(value, Sequence) else [value]
     try:
         lens = tuple(_int(p) for p in parts)
     except (TypeError, ValueError):
-        raise WorkloadError(f"seq_lens must be integers like 29,29, got {value!r}") from None
+        raise WorkloadError(f"seq_lens must be integers like [15, 15], got {value!r}") from None
     if not lens or min(lens) < 1:
-        raise WorkloadError(f"seq_lens must be integers >= 1 like 29,29, got {value!r}")
+        raise WorkloadError(f"seq_lens must be integers >= 1 like [15, 15], got {value!r}")
     return lens
 
 
@@ -327,8 +327,14 @@ class ResolvedWorkload:
     targets: tuple[ModelTarget, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The workload as given, each model's ``seq_lens`` being those it is sent (its own, or its
+        axes' share of the top-level list, or its ``L_cache``), and ``resolved``: each target's share."""
+        given = self.workload.to_dict()
+        sent = {t.name: [list(s) for s in t.seq_lens] for t in self.targets}
+        for model in given["models"]:
+            model["seq_lens"] = sent.get(model["name"], model["seq_lens"])
         return {
-            **self.workload.to_dict(),
+            **given,
             "resolved": [
                 {
                     "name": t.name,
@@ -373,7 +379,7 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
             options = (cache if len(cache) == dims else cache[:1] * dims,)
         bad = [s for s in options if len(s) != dims]
         if bad or not options:
-            given = ", ".join("x".join(map(str, s)) for s in (bad or workload.seq_lens))
+            given = "; ".join(",".join(map(str, s)) for s in (bad or workload.seq_lens))
             raise WorkloadError(
                 f"model {mix.name!r} has {dims} axes: give seq_lens with {dims} values"
                 f" (got {given or 'none'})"
@@ -382,7 +388,7 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
     unused = [s for s in workload.seq_lens if s not in used]
     if unused:
         raise WorkloadError(
-            f"seq_lens {', '.join('x'.join(map(str, s)) for s in unused)} fit none of the models' axes"
+            f"seq_lens {'; '.join(','.join(map(str, s)) for s in unused)} fit none of the models' axes"
         )
     return ResolvedWorkload(workload, tuple(targets))
 

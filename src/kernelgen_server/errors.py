@@ -16,12 +16,14 @@ __all__ = [
     "Cancelled",
     "ConditioningNotSupported",
     "DeadlineExceeded",
+    "GroupNotModel",
     "InvalidRequest",
     "KernelGenError",
     "KernelTooLarge",
     "MemoryFull",
     "MessageTooLarge",
     "ModelNotFound",
+    "ModelNotGroup",
     "ModelNotReady",
     "NotSupported",
     "Overloaded",
@@ -60,6 +62,18 @@ class KernelGenError(Exception):
 class InvalidRequest(KernelGenError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = Reason.INVALID_ARGUMENT
+
+
+class GroupNotModel(InvalidRequest):
+    """A group's name where a model's is expected; the caller can ask for the group's kernels together."""
+
+    reason = Reason.GROUP_NOT_MODEL
+
+
+class ModelNotGroup(InvalidRequest):
+    """A model's name where a group's is expected."""
+
+    reason = Reason.MODEL_NOT_GROUP
 
 
 class ModelNotFound(KernelGenError):

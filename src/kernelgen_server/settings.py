@@ -19,7 +19,15 @@ from pydantic import ByteSize, Field, ValidationError, field_validator, model_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["ServerSettings", "SettingsError", "flag", "load_settings"]
+__all__ = [
+    "ServerSettings",
+    "SettingsError",
+    "env_of",
+    "flag",
+    "help_default",
+    "load_settings",
+    "shown_bytes",
+]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -36,6 +44,37 @@ _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kern
 
 class SettingsError(ValueError):
     """Invalid settings; the message lists every problem, one per line."""
+
+
+def flag(field: str) -> str:
+    """The ``kernelgen serve`` flag that sets ``field`` (``max_grid_points``: ``--max-grid-points``).
+
+    Messages about a limit or a setting name it, so that whoever meets the limit can tell the operator
+    what to change (the caller may not be the operator).
+    """
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"{field!r} is no setting")
+    return "--" + field.replace("_", "-")
+
+
+def env_of(field: str) -> str:
+    """The environment variable that sets ``field``: ``KERNELGEN_MAX_BATCH_SIZE``."""
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"{field!r} is no setting")
+    return f"KERNELGEN_{field.upper()}"
+
+
+def shown_bytes(value: int) -> str:
+    """A byte count as the flags take it: ``1GiB``, ``4MiB``, ``1000`` (exact, never rounded)."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if value and value % scale == 0:
+            return f"{value // scale}{unit}"
+    return str(value)
+
+
+def _default_text(text: str) -> dict[str, Any]:
+    """A field's ``json_schema_extra``: what its unset default means, for ``--help``."""
+    return {"default_text": text}
 
 
 def usable_memory() -> int:
@@ -57,14 +96,17 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KERNELGEN_", extra="forbid", frozen=True)
 
     # --- where and what ---------------------------------------------------------------------
-    model_repo: Path | None = Field(None, description="model repository folder (default: embedded models)")
+    model_repo: Path | None = Field(
+        None, description="model repository folder", json_schema_extra=_default_text("the embedded models")
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0 disables)")
     metrics_host: str | None = Field(
         None,
-        description="address of /metrics (default: 127.0.0.1 when TLS or bearer tokens are on, else --host); "
-        "with tokens /metrics wants one of them too, with TLS it is served over HTTPS",
+        description="address of /metrics; with tokens /metrics wants one of them too, with TLS it is "
+        "served over HTTPS",
+        json_schema_extra=_default_text("127.0.0.1 when TLS or bearer tokens are on, else --host"),
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     workers: int = Field(
@@ -77,24 +119,35 @@ class ServerSettings(BaseSettings):
     cpu_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads per worker for CPU compute (default: the CPUs left after one per "
-        "worker for gRPC, shared among the workers)",
+        description="torch threads per worker for CPU compute",
+        json_schema_extra=_default_text("the CPUs left after one per worker for gRPC, shared by the workers"),
     )
     batched_gemm: bool | None = Field(
         None,
         description="one batched GEMM per layer instead of one per row: fewer launches, rows equal to "
-        "float32 rounding instead of bitwise (default: on for CUDA, off for CPU)",
+        "float32 rounding instead of bitwise",
+        json_schema_extra=_default_text("on for CUDA, off for CPU"),
     )
     pipeline_batches: bool | None = Field(
         None,
         description="encode a batch's responses on a host thread while the device runs the next batch "
-        "(default: on for CUDA, off for CPU, where the encoding is cheaper than the thread hop)",
+        "(on a CPU the encoding is cheaper than the thread hop)",
+        json_schema_extra=_default_text("on for CUDA, off for CPU"),
     )
     tune_malloc: bool = Field(True, description="keep freed response buffers for reuse (glibc only)")
     strict: bool = Field(False, description="refuse to start when any model fails to load")
+    allow_empty: bool = Field(
+        False,
+        description="start even when no model of the repository loads (otherwise the server refuses to "
+        "start and says what it found and why each model failed)",
+    )
     warmup: bool = Field(True, description="run each model once before reporting SERVING")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    config: Path | None = Field(None, description="settings file (JSON, TOML or YAML)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level: DEBUG, INFO, WARNING or ERROR"
+    )
+    config: Path | None = Field(
+        None, description="settings file (JSON, TOML or YAML)", json_schema_extra=_default_text("none")
+    )
 
     # --- limits -----------------------------------------------------------------------------
     cache_bytes: ByteSize = Field(ByteSize(GiB), description="unconditioned-kernel cache budget in bytes")
@@ -104,20 +157,29 @@ class ServerSettings(BaseSettings):
         "model and dtype (its grid's centre is the smaller grid, bit for bit)",
     )
     max_grid_points: int = Field(
-        1 << 24, ge=1, description="largest grid (prod of 2*s-1) one request may ask"
+        1 << 24,
+        ge=1,
+        description="most kernel points one request may ask: the product of 2*s-1 over its seq_lens",
     )
     max_kernel_bytes: ByteSize = Field(ByteSize(2 * GiB), description="largest kernel response in bytes")
     max_message_bytes: ByteSize = Field(
-        ByteSize(4 * MiB), description="largest unary response; larger kernels need StreamKernel"
+        ByteSize(4 * MiB), description="largest unary response; larger kernels are streamed"
     )
     max_conditioning_rows: int = Field(1024, ge=1, description="most conditioning rows in one request")
     stream_chunk_bytes: ByteSize = Field(ByteSize(MiB), description="payload bytes per StreamKernel message")
-    max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls in progress before refusing more")
+    max_concurrent_rpcs: int | None = Field(
+        None,
+        ge=1,
+        description="calls in progress before refusing more",
+        json_schema_extra=_default_text("no limit"),
+    )
     max_inflight_bytes: ByteSize | None = Field(
         None,
         description="response bytes one server process may hold at once (computed, encoded, or waiting to be "
-        "sent); a call over it gets RESOURCE_EXHAUSTED with pushback (default: a quarter of the memory the "
-        "server may use, shared by its --workers)",
+        "sent); a call over it gets RESOURCE_EXHAUSTED with pushback",
+        json_schema_extra=_default_text(
+            "a quarter of the memory the server may use, shared by its --workers"
+        ),
     )
     stream_tile_bytes: ByteSize = Field(
         ByteSize(4 * MiB),
@@ -131,9 +193,11 @@ class ServerSettings(BaseSettings):
     max_connections: int | None = Field(
         None,
         ge=1,
-        description="client connections at once, per worker; more are refused (default: one per MiB "
-        "of the memory a worker may use, at most the open-files limit less 256 for the server's own "
-        "files)",
+        description="client connections at once, per worker; more are refused",
+        json_schema_extra=_default_text(
+            "one per MiB of the memory a worker may use, at most the open-files limit less 256 for the "
+            "server's own files"
+        ),
     )
     max_connection_idle_s: float = Field(
         300.0, gt=0, description="a connection with no call in progress for this long is closed"
@@ -145,26 +209,42 @@ class ServerSettings(BaseSettings):
     # busy, so batches grow with load and a lone request never waits (measured: a 2 ms delay
     # halved throughput at concurrency 1 and gained nothing at 32 on CPU).
     max_queue_delay_ms: float = Field(
-        0.0, ge=0, le=1000, description="longest wait for a batch to fill once the device is free"
+        0.0,
+        ge=0,
+        le=1000,
+        description="longest wait for a batch to fill once the device is free, in ms, at most 100 (0: a "
+        "batch takes whatever queued while the device was busy)",
     )
     max_queue_size: int = Field(1024, ge=1, description="requests waiting before RESOURCE_EXHAUSTED")
     max_batch_bytes: ByteSize = Field(ByteSize(512 * MiB), description="output bytes of one batch")
 
     # --- lifecycle and security -------------------------------------------------------------
     grace_s: float = Field(10.0, ge=0, le=3600, description="time to finish in-flight calls on SIGTERM")
-    tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS with --tls-key")
-    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
-    tls_client_ca: Path | None = Field(
-        None, description="PEM CA bundle; clients must present a cert it signed"
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain; enables TLS with --tls-key",
+        json_schema_extra=_default_text("none: no TLS"),
     )
-    auth_token_file: Path | None = Field(None, description="file of accepted bearer tokens, one per line")
+    tls_key: Path | None = Field(
+        None, description="PEM private key of --tls-cert", json_schema_extra=_default_text("none")
+    )
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; clients must present a cert it signed",
+        json_schema_extra=_default_text("none: no client certificates"),
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="file of accepted bearer tokens, one per line",
+        json_schema_extra=_default_text("none: no tokens"),
+    )
 
     # --- same-host shared memory (both protocols) --------------------------------------------
     shared_memory: bool = Field(
         False,
         description="let clients on this host register POSIX shared-memory regions that kernels are "
         "written into and conditioning is read from (Open Inference Protocol system shared memory, "
-        "kernelgen.v1 output regions); off by default",
+        "kernelgen.v1 output regions)",
     )
     shared_memory_max_regions: int = Field(
         256, ge=1, le=65536, description="most shared-memory regions registered at once"
@@ -173,6 +253,13 @@ class ServerSettings(BaseSettings):
     def url(self, port: int) -> str:
         """Where clients reach this server once bound to ``port``: ``grpc[s]://host:port``."""
         return f"{'grpcs' if self.tls_cert else 'grpc'}://{self.host}:{port}"
+
+    def metrics_url(self, port: int) -> str:
+        """Where Prometheus scrapes once /metrics is bound to ``port``: ``http[s]://host:port/metrics``."""
+        host = self.metrics_address()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{port}/metrics"
 
     @property
     def secured(self) -> bool:
@@ -237,30 +324,43 @@ class ServerSettings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "model_repo")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.exists():
+            raise ValueError(f"{path} does not exist")
+        return path
+
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
+        f = flag
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
+            raise ValueError(f"{f('tls_cert')} and {f('tls_key')} go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "model_repo"):
-            path = getattr(self, name)
-            if path is not None and not path.exists():
-                raise ValueError(f"{name}: {path} does not exist")
+            raise ValueError(f"{f('tls_client_ca')} (mutual TLS) needs {f('tls_cert')} and {f('tls_key')}")
         if self.stream_chunk_bytes < 1024 or self.stream_chunk_bytes > self.max_message_bytes:
-            raise ValueError("stream_chunk_bytes must be between 1 KiB and max_message_bytes")
+            raise ValueError(
+                f"{f('stream_chunk_bytes')} must be between 1KiB and {f('max_message_bytes')} "
+                f"({shown_bytes(self.max_message_bytes)}), got {shown_bytes(self.stream_chunk_bytes)}"
+            )
         # A queue delay must stay well below typical client deadlines (100 ms and up).
         if self.max_queue_delay_ms > 100:
             raise ValueError(
-                f"max_queue_delay_ms={self.max_queue_delay_ms} is above 100 ms, longer than typical "
+                f"{f('max_queue_delay_ms')} {self.max_queue_delay_ms:g} is above 100 ms, longer than typical "
                 "deadlines; requests would expire while waiting for a batch"
             )
         if self.max_kernel_bytes < self.max_message_bytes:
-            raise ValueError("max_kernel_bytes must be at least max_message_bytes")
+            raise ValueError(
+                f"{f('max_kernel_bytes')} ({shown_bytes(self.max_kernel_bytes)}) must be at least "
+                f"{f('max_message_bytes')} ({shown_bytes(self.max_message_bytes)})"
+            )
         if self.stream_tile_bytes < self.stream_chunk_bytes:
-            raise ValueError("stream_tile_bytes must be at least stream_chunk_bytes")
+            raise ValueError(f"{f('stream_tile_bytes')} must be at least {f('stream_chunk_bytes')}")
         if self.max_inflight_bytes is not None and self.max_inflight_bytes < 2 * self.stream_tile_bytes:
-            raise ValueError("max_inflight_bytes must hold at least two stream tiles (2 x stream_tile_bytes)")
+            raise ValueError(
+                f"{f('max_inflight_bytes')} must hold at least two stream tiles "
+                f"(2 x {f('stream_tile_bytes')} = {shown_bytes(2 * self.stream_tile_bytes)})"
+            )
         return self
 
     @classmethod
@@ -305,17 +405,6 @@ class _FileSource(PydanticBaseSettingsSource):
         return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def flag(field: str) -> str:
-    """The ``kernelgen serve`` flag that sets ``field`` (``max_grid_points``: ``--max-grid-points``).
-
-    Messages about a limit name it, so that whoever meets the limit can tell the operator what to
-    change (the caller may not be the operator).
-    """
-    if field not in ServerSettings.model_fields:
-        raise KeyError(f"{field!r} is no setting")
-    return "--" + field.replace("_", "-")
-
-
 def load_settings(cli: dict[str, Any] | None = None) -> ServerSettings:
     """Validate settings from flags (only those given), environment and config file.
 
@@ -327,10 +416,39 @@ def load_settings(cli: dict[str, Any] | None = None) -> ServerSettings:
     try:
         return ServerSettings(**cli)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"{where}: {err['msg']}")
+        lines = [_problem(err) for err in exc.errors()]
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     finally:
         _config_file.reset(token)
+
+
+def _problem(err: Any) -> str:
+    """One validation error as the operator can act on it: named by flag and environment variable."""
+    loc = err["loc"]
+    context = err.get("ctx") or {}
+    message = str(context["error"]) if err["type"] == "value_error" and "error" in context else err["msg"]
+    if not loc:
+        return message
+    name = str(loc[0])
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} (kernelgen serve --help lists them)"
+    where = f"{flag(name)} / {env_of(name)}" if name in ServerSettings.model_fields else name
+    value = err.get("input")
+    got = "" if err["type"] == "value_error" or isinstance(value, dict) else f", got {value!r}"
+    return f"{where}: {message}{got}"
+
+
+def help_default(name: str) -> str:
+    """What ``--help`` shows as the default of setting ``name``: ``1GiB``, ``on``, ``the embedded models``."""
+    field = ServerSettings.model_fields[name]
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("default_text"), str):
+        return str(extra["default_text"])
+    value = field.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, ByteSize):
+        return shown_bytes(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "unset" if value is None else str(value)

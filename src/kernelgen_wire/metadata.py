@@ -58,6 +58,8 @@ class Reason(enum.StrEnum):
     """Every value of the ``kernelgen-reason`` trailer, with the status it refines."""
 
     INVALID_ARGUMENT = "invalid-argument"  # INVALID_ARGUMENT
+    GROUP_NOT_MODEL = "group-not-model"  # INVALID_ARGUMENT: a group's name where a model's is expected
+    MODEL_NOT_GROUP = "model-not-group"  # INVALID_ARGUMENT: a model's name where a group's is expected
     MODEL_NOT_FOUND = "model-not-found"  # NOT_FOUND
     MODEL_NOT_READY = "model-not-ready"  # FAILED_PRECONDITION: the model failed to load
     NO_FILM = "no-film"  # FAILED_PRECONDITION: conditioning for a model without FiLM

@@ -22,7 +22,10 @@ import pytest
 import kernelgen_client.cli as cli
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_COMMANDS = ["generate", "flops", "models", "health", "loadtest", "serve", "init", "import", "inspect"]
+ALL_COMMANDS = [
+    "generate", "generate-group", "flops", "models", "health",
+    "loadtest", "serve", "init", "import", "inspect",
+]  # fmt: skip
 
 #: Run ``kernelgen ARGS`` where the server extra's packages cannot be imported.
 CLIENT_ONLY = textwrap.dedent(
@@ -77,6 +80,11 @@ def test_a_client_only_install_names_the_extra_for_server_commands() -> None:
     assert help_done.returncode == 0, help_done.stderr
     assert listed(help_done.stdout) == ALL_COMMANDS
     assert " ".join(help_done.stdout.split()).count("(needs kernelgen[server])") == 4
+    # Both installs describe each server command alike: the stand-in says what the command says.
+    full, client_only = (" ".join(done.stdout.split()) for done in (kernelgen("--help"), help_done))
+    for name, (extra, help_text) in cli.EXTRA_COMMANDS.items():
+        assert f" {name} {help_text} " in full, name
+        assert f" {name} {help_text} (needs kernelgen[{extra}])" in client_only, name
     done = kernelgen("serve", "--port", "0", client_only=True)
     assert done.returncode == 2
     expected = "kernelgen serve: this command needs the server extra: pip install 'kernelgen[server]'"

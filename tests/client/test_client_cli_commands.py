@@ -67,6 +67,15 @@ async def test_flops_models_health(server: Any, capsys: pytest.CaptureFixture[st
     assert report["kernel_bytes"] == 57 * 57 * 384 * 4
     assert await run(server, "flops", "long-1d", "--seq-lens", "100", "--inference") == 0
     assert "0 FLOPs (inference)" in capsys.readouterr().out
+    # seq_lens and the kernel's shape are told apart; FiLM is named for what it is.
+    assert await run(server, "flops", "hyena-2d", "--seq-lens", "15,15") == 0
+    flops = server.repository.ready["hyena-2d"].module.flop_count([15, 15])
+    assert capsys.readouterr().out.strip() == (
+        f"hyena-2d seq_lens 15,15: {flops} FLOPs, kernel 29x29 (841 points), {29 * 29 * 384 * 4} kernel "
+        "bytes (float32), FiLM yes"
+    )
+    assert await run(server, "flops", "long-1d", "--seq-lens", "100", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["film"] is False
     assert await run(server, "models") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON"]
@@ -88,7 +97,9 @@ async def test_health_is_not_serving_while_draining(capsys: pytest.CaptureFixtur
         assert capsys.readouterr().out.strip() == "NOT_SERVING"
 
 
-async def test_clear_errors_and_exit_codes(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_clear_errors_and_exit_codes(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert await run(server, "generate", "nope", "--seq-lens", "3") == 4
     err = capsys.readouterr().err
     assert "kernelgen generate: unknown model 'nope'" in err
@@ -99,6 +110,24 @@ async def test_clear_errors_and_exit_codes(server: Any, capsys: pytest.CaptureFi
     assert "takes no conditioning" in capsys.readouterr().err
     assert await run(server, "generate", "long-1d", "--seq-lens", "10000000", "--no-stream") == 1
     assert "over the server's limit" in capsys.readouterr().err
+    # Over the one-message limit only because of --no-stream: the flag to drop is named.
+    assert await run(server, "generate", "long-1d", "--seq-lens", "40000", "--no-stream") == 1
+    assert capsys.readouterr().err.rstrip().endswith("(drop --no-stream: it is then streamed)")
+    # A file that is not .npy: what is expected, never numpy's word on pickles.
+    not_npy = tmp_path / "rows.csv"
+    not_npy.write_text("1,2,3\n")
+    argv = ["generate", "hyena-2d", "--seq-lens", "3,3", "--conditioning", str(not_npy)]
+    assert await run(server, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"kernelgen generate: --conditioning {not_npy}: not a .npy array; expected a .npy file holding one "
+        "[rows, cond_dim] float32 array (numpy.save)"
+    )
+    assert "pickle" not in err
+    archive = tmp_path / "rows.npz"
+    np.savez(archive, rows=np.ones((1, 384), np.float32))
+    assert await run(server, "generate", "hyena-2d", "--seq-lens", "3,3", "--conditioning", str(archive)) == 2
+    assert f"--conditioning {archive}: an .npz archive; expected a .npy file" in capsys.readouterr().err
 
 
 async def test_generate_factored_writes_the_dense_kernel_or_asked_factors(
@@ -116,7 +145,10 @@ async def test_generate_factored_writes_the_dense_kernel_or_asked_factors(
     assert np.abs(from_factors - dense).max() <= 1e-5 * np.abs(dense).max()
     argv = [*base, "--representation", "factored", "--out", str(factors_out), "--save-factors"]
     assert await run(server, *argv) == 0
-    assert "factored kernel [2, 17, 17, 384]" in capsys.readouterr().out
+    # What travelled is said as such: the factors' shape, and the dense kernel's they give.
+    assert "factored kernel: factors [2, 17, 17, 32] float32 (dense kernel [2, 17, 17, 384])" in (
+        capsys.readouterr().out
+    )
     from safetensors import safe_open
 
     with safe_open(str(factors_out), "np") as saved:

@@ -36,8 +36,8 @@ def test_every_client_command_takes_a_target_and_the_environment_default(
     ):
         args = parser.parse_args([*argv, "--target", "10.0.0.1:7000"])
         assert args.target == "10.0.0.1:7000"
-    args = parser.parse_args(["generate", "m", "--seq-lens", "29x29", "--random-conditioning", "4"])
-    assert args.seq_lens == [29, 29]
+    args = parser.parse_args(["generate", "m", "--seq-lens", "15, 15", "--random-conditioning", "4"])
+    assert args.seq_lens == [15, 15]
     assert args.random_conditioning == 4
     assert args.target is None  # resolved when run: KERNELGEN_TARGET, else 127.0.0.1:50051
 
@@ -140,3 +140,72 @@ def test_npy_output(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must end in"):
         save_kernel(tmp_path / "k.bin", result, {})
     json.dumps(result.report.__dict__)  # the --json summary relies on plain values
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "29x29",
+            "argument --seq-lens: seq_lens are comma-separated lengths, got '29x29': 29x29 is a kernel's "
+            "shape; for a 29x29 kernel give 15,15 (2*s-1 points per axis)",
+        ),
+        ("28x28", "argument --seq-lens: seq_lens are comma-separated lengths like 15,15, got '28x28'"),
+        ("-3,29", "argument --seq-lens: seq_lens are integers >= 1 like 15,15, got '-3,29'"),
+        ("15,", "argument --seq-lens: seq_lens are integers like 15,15, got '15,'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "generate-group", "flops"])
+def test_seq_lens_are_never_a_kernel_shape(
+    command: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "--seq-lens -3,29" (a separate value starting with "-") reaches the same check as "--seq-lens=-3,29".
+    for argv in (["--seq-lens", value], [f"--seq-lens={value}"]):
+        with pytest.raises(SystemExit) as caught:
+            main([command, "m", *argv])
+        assert caught.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"kernelgen {command}: error: {message}"
+
+
+def test_version_is_the_package_metadatas(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kernelgen {version('kernelgen')}"
+
+
+def test_every_client_command_is_described_and_says_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("generate", "generate-group", "flops", "models", "health"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        usage, _, rest = text.partition(" positional arguments: ")
+        assert "options:" in (rest or usage)
+        # A description paragraph between the usage and the argument lists.
+        described = text.split(" positional arguments:")[0].split(" options:")[0]
+        assert described.rstrip().endswith("."), (command, described[-120:])
+        assert "(default: 127.0.0.1:50051)" in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dtype {float32,float16,bfloat16} dtype of the kernel (or factors) on the wire" in text
+    assert "(default: float32)" in text and "(default: dense)" in text and "(default: 60)" in text
+    assert "15,15 gives a 29x29 kernel" in text
+    with pytest.raises(SystemExit):
+        main(["health", "--help"])
+    assert "check one model or group" in " ".join(capsys.readouterr().out.split())
+
+
+def test_client_checks_seq_lens_fit_the_wire() -> None:
+    from kernelgen_client import InvalidRequest, KernelClient
+
+    with KernelClient(f"127.0.0.1:{closed_port()}") as client:
+        with pytest.raises(
+            InvalidRequest,
+            match=r"seq_lens must each fit in int64 \(below 2\*\*63\), got 1180591620717411303424",
+        ):
+            client.generate("long-1d", [2**70])  # refused before anything is sent
+        with pytest.raises(InvalidRequest, match="fit in int64"):
+            client.flop_count("long-1d", [2**63])

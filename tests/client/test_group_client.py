@@ -190,3 +190,124 @@ def test_kernelgen_models_lists_the_groups(target: str, capsys: pytest.CaptureFi
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert (listed["stack/2"]["group"], listed["stack/2"]["group_index"]) == ("stack", 2)
     assert listed["stack/2"]["source"] == "blocks.2.filter.kernel"
+
+
+def test_a_name_of_the_other_kind_points_to_the_client_method_that_fits(target: str) -> None:
+    with KernelClient(target, timeout=60) as client:
+        with pytest.raises(InvalidRequest) as caught:
+            client.generate("stack", [3, 3])
+        assert caught.value.reason == "group-not-model"
+        assert caught.value.message.startswith(
+            "'stack' is a group of 3 models (stack/0 .. stack/2), not a model"
+        )
+        assert caught.value.message.endswith(
+            "; generate_group('stack', seq_lens, conditioning) fetches all of its kernels in one call; "
+            "get_group('stack') lists its members"
+        )
+        with pytest.raises(InvalidRequest) as caught:
+            client.generate_group("stack/0", [3, 3])
+        assert caught.value.reason == "model-not-group"
+        assert caught.value.message.endswith(
+            "; generate('stack/0', seq_lens, conditioning) fetches its kernel"
+        )
+        with pytest.raises(InvalidRequest) as caught:
+            client.generate_group("stack/0", [3, 3], representation="auto")  # looked up by the client
+        assert caught.value.message == (
+            "'stack/0' is a model, not a group; "
+            "generate('stack/0', seq_lens, conditioning) fetches its kernel"
+        )
+        with pytest.raises(InvalidRequest) as caught:
+            client.get_group("wide/1")
+        assert caught.value.message.endswith("; get_model('wide/1') describes it")
+        with pytest.raises(InvalidRequest) as caught:
+            client.get_model("wide")
+        assert caught.value.message.endswith("; get_group('wide') describes it and its members")
+        # A model that failed to load says why, as ListModels does.
+        with pytest.raises(ModelNotReady, match=r"'broken' is not ready: it failed to load: .*group\.json"):
+            client.generate("broken", [3])
+
+
+def test_kernelgen_generate_group(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "stack.safetensors"
+    argv = ["generate-group", "stack", "--seq-lens", "3,3", "--random-conditioning", "2", "--seed", "4"]
+    assert main([*argv, "--out", str(out), "--target", target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("stack: 3 kernels, 3.60 kB (streamed), total ")  # 3 x 2 x 5 x 5 x 6 x 4 B
+    assert lines[0].endswith(f"-> {out}")
+    for i, line in enumerate(lines[1:]):
+        assert line.startswith(
+            f"  stack/{i}: kernel [2, 5, 5, 6] float32, 1.20 kB, cache hit no, batch 2 rows"
+        )
+    from safetensors.numpy import load_file
+
+    saved = load_file(out)
+    rows = np.random.default_rng(4).standard_normal((2, 5), dtype=np.float32)
+    with KernelClient(target, timeout=60) as client:
+        want = client.generate_group("stack", [3, 3], rows)
+    assert list(saved) == list(want) == ["stack/0", "stack/1", "stack/2"]
+    for name, kernel in want.items():
+        np.testing.assert_array_equal(saved[name], kernel)
+    assert main([*argv, "--representation", "factored", "--json", "--target", target]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [m["model"] for m in summary["members"]] == ["stack/0", "stack/1", "stack/2"]
+    assert summary["members"][0]["shape"] == [2, 5, 5, 6]
+    assert summary["members"][0]["factors_shape"] == [2, 5, 5, 8]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (
+            ["generate", "stack", "--seq-lens", "3,3"],
+            2,
+            "kernelgen generate: 'stack' is a group of 3 models (stack/0 .. stack/2), not a model: name one "
+            "of its members, or ask for the whole group's kernels at once; kernelgen generate-group stack "
+            "--seq-lens ... fetches them all, kernelgen models lists its members",
+        ),
+        (
+            ["flops", "stack", "--seq-lens", "3,3"],
+            2,
+            "kernelgen flops: 'stack' is a group of 3 models (stack/0 .. stack/2), not a model: name one of "
+            "its members, or ask for the whole group's kernels at once; kernelgen models lists its members",
+        ),
+        (
+            ["generate-group", "stack/1", "--seq-lens", "3,3"],
+            2,
+            "kernelgen generate-group: 'stack/1' is a model, not a group: ask for its kernel alone; "
+            "kernelgen generate stack/1 --seq-lens ... fetches its kernel",
+        ),
+        (
+            ["generate-group", "stack/1", "--seq-lens", "3,3", "--representation", "auto"],
+            2,
+            "kernelgen generate-group: 'stack/1' is a model, not a group; "
+            "kernelgen generate stack/1 --seq-lens ... fetches its kernel",
+        ),
+        (
+            ["generate-group", "nothing", "--seq-lens", "3"],
+            4,
+            "kernelgen generate-group: unknown group 'nothing'",
+        ),
+        (
+            ["generate-group", "stack", "--seq-lens", "3,3", "--out", "k.npy"],
+            2,
+            "kernelgen generate-group: --out must end in .safetensors, got 'k.npy' (one tensor per member)",
+        ),
+    ],
+    ids=["generate-a-group", "flops-a-group", "group-a-model", "group-a-model-auto", "unknown-group", "npy"],
+)
+def test_kernelgen_names_the_command_that_fits(
+    target: str, argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--target", target]) == code
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(message)
+    assert "generate(" not in err and "generate_group(" not in err  # the client's methods are not the CLI's
+
+
+def test_kernelgen_generate_says_why_a_model_failed_to_load(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "broken", "--seq-lens", "3", "--target", target]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kernelgen generate: model 'broken' is not ready: it failed to load: ")
+    assert "group.json" in err

@@ -163,7 +163,8 @@ def test_metadata_calls(client: KernelClient, server: Any) -> None:
     assert report.flops == module.flop_count([29, 29])
     assert report.grid_points == 57 * 57
     assert report.kernel_bytes == 57 * 57 * 384 * 4
-    assert not report.cacheable
+    assert report.film
+    assert not client.flop_count("long-1d", 100).film
     assert client.flop_count("long-1d", 100, inference=True).flops == 0  # cached at inference
     with pytest.raises(ModelNotFound, match="nope"):
         client.get_model("nope")

@@ -88,4 +88,4 @@ def test_invalid_settings_exit_2_with_a_message() -> None:
     assert "device must be auto, cpu, cuda or cuda:N" in result.stderr
     result = _serve(env={"KERNELGEN_MAX_BATCH_SIZE": "many"})
     assert result.returncode == 2
-    assert "max_batch_size" in result.stderr
+    assert "--max-batch-size / KERNELGEN_MAX_BATCH_SIZE" in result.stderr

@@ -29,7 +29,7 @@ def test_models_positional_or_by_flag_with_weights() -> None:
 def test_flags_win_over_the_workload_file(tmp_path: Path) -> None:
     path = tmp_path / "w.json"
     path.write_text('{"models": ["a", "b"], "rows": "1-4", "dtype": "float16", "seed": 9}')
-    workload = session("--workload", str(path), "--rows", "2", "--seq-lens", "15x15").workload()
+    workload = session("--workload", str(path), "--rows", "2", "--seq-lens", "15,15").workload()
     assert [m.name for m in workload.models] == ["a", "b"]
     assert (workload.rows, workload.dtype, workload.seed) == (RowRange(2, 2), "float16", 9)
     assert workload.seq_lens == ((15, 15),)

@@ -98,3 +98,48 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert width > height > 300
     plot([("rates", open_steps)], tmp_path / "rates.png")
     assert (tmp_path / "rates.png").stat().st_size > 10_000
+
+
+def _latency_lines(fig: Any) -> list[Any]:
+    latency_ax = fig.axes[0]
+    return [line for line in latency_ax.get_lines() if line.get_label().split()[-1] in ("p50", "p90", "p99")]
+
+
+@pytest.mark.parametrize("steps", [STEPS[:1], STEPS], ids=["one step", "three steps"])
+def test_plot_is_readable_with_one_step_or_many(steps: list[dict[str, Any]]) -> None:
+    from matplotlib.ticker import LogLocator
+
+    from kernelgen_loadtest.outputs import figure
+
+    fig = figure([("run", steps)], title="sweep")
+    latency_ax, rate_ax = fig.axes
+    # Each percentile has its own marker, not only its own line style: one step's dots stay apart.
+    lines = _latency_lines(fig)
+    assert sorted(line.get_label() for line in lines) == ["run p50", "run p90", "run p99"]
+    assert len({line.get_marker() for line in lines}) == 3
+    # Both axes say what they measure and in which unit.
+    assert latency_ax.get_ylabel().startswith("latency (ms")
+    assert rate_ax.get_ylabel() == "throughput (per second)"
+    assert latency_ax.get_xlabel() == rate_ax.get_xlabel() == "concurrency (requests in flight)"
+    # The log axis starts and ends on a labelled tick beyond every value: none below the lowest label.
+    values = [y for line in lines for y in line.get_ydata()]
+    low, high = latency_ax.get_ylim()
+    fig.canvas.draw()  # settles the ticks
+    labelled = [
+        t.get_position()[1]
+        for t in latency_ax.get_yticklabels()
+        if t.get_text() and low <= t.get_position()[1] <= high
+    ]
+    assert isinstance(latency_ax.yaxis.get_major_locator(), LogLocator)
+    assert min(labelled) == pytest.approx(low) and low <= min(values)
+    assert max(labelled) == pytest.approx(high) and high >= max(values)
+    assert len(labelled) >= 3
+    # Every step's level is on a labelled tick of the x axis, and one step sits inside the axis.
+    levels = [s["level"] for s in steps]
+    assert [t.get_text() for t in latency_ax.get_xticklabels()] == [f"{v:g}" for v in levels]
+    left, right = latency_ax.get_xlim()
+    assert left < min(levels) and max(levels) < right
+    # Few steps: each point carries its value, so a single dot is read without the axis.
+    texts = {t.get_text() for t in latency_ax.texts}
+    if len(steps) < 4:
+        assert f"{steps[0]['latency_ms']['p50']:.3g}" in texts

@@ -50,6 +50,7 @@ async def test_closed_sweep_writes_json_csv_and_png(
     assert document["workload"]["resolved"] == [
         {"name": "hyena-2d", "share": 1.0, "seq_lens": [[15, 15]], "cond_dim": 384}
     ]
+    assert document["workload"]["models"][0]["seq_lens"] == document["workload"]["seq_lens"] == [[15, 15]]
     steps = document["steps"]
     assert [s["level"] for s in steps] == [1, 3]
     for s in steps:
@@ -132,7 +133,7 @@ async def test_workers_and_a_mixed_workload_file(server: Any, tmp_path: Path) ->
         "  - name: volume-3d\n"
         "    seq_lens: [[3, 4, 2]]\n"
         "  - long-1d\n"
-        "seq_lens: [15x15, [64]]\n"
+        'seq_lens: ["15,15", [64]]\n'
         "rows: 1-3\n"
         "dtype: bfloat16\n"
     )

@@ -47,7 +47,7 @@ INFOS = {
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("29,29", (29, 29)), ("29x29", (29, 29)), (" 4, 8 ,8 ", (4, 8, 8)), (7, (7,)), ([3, "5"], (3, 5))],
+    [("29,29", (29, 29)), (" 4, 8 ,8 ", (4, 8, 8)), (7, (7,)), ([3, "5"], (3, 5))],
 )
 def test_seq_lens_parse(text: object, expected: tuple[int, ...]) -> None:
     assert parse_seq_lens(text) == expected
@@ -57,6 +57,12 @@ def test_seq_lens_parse(text: object, expected: tuple[int, ...]) -> None:
 def test_seq_lens_refused(text: object) -> None:
     with pytest.raises(WorkloadError, match="seq_lens"):
         parse_seq_lens(text)
+
+
+def test_a_kernel_shape_is_not_read_as_seq_lens() -> None:
+    # 15,15 gives a 29x29 kernel: "29x29" names a shape, so it is refused with the seq_lens it means.
+    with pytest.raises(WorkloadError, match="29x29 is a kernel's shape; for a 29x29 kernel give 15,15"):
+        parse_seq_lens("29x29")
 
 
 def test_rows_and_models_parse() -> None:
@@ -99,13 +105,13 @@ def test_from_mapping_refuses_unknown_keys_and_names_the_source() -> None:
 def test_files_json_and_yaml(tmp_path: Path) -> None:
     data = {
         "models": [{"name": "two", "weight": 3}, "three"],
-        "seq_lens": ["15x15"],
+        "seq_lens": ["15,15"],
         "rows": "1-2",
         "seed": 5,
     }
     (tmp_path / "w.json").write_text(json.dumps(data))
     (tmp_path / "w.yaml").write_text(
-        "models:\n  - name: two\n    weight: 3\n  - three\nseq_lens: [15x15]\nrows: 1-2\nseed: 5\n"
+        "models:\n  - name: two\n    weight: 3\n  - three\nseq_lens: ['15,15']\nrows: 1-2\nseed: 5\n"
     )
     from_json = Workload.from_mapping(load_file(tmp_path / "w.json"))
     assert from_json == Workload.from_mapping(load_file(tmp_path / "w.yaml"))
@@ -137,6 +143,29 @@ def test_resolve_gives_each_model_the_grids_of_its_axes() -> None:
     # No seq_lens anywhere: each model's L_cache, broadcast over its axes.
     defaults = resolve(Workload(models=(ModelMix("two"), ModelMix("three"))), INFOS)
     assert [t.seq_lens for t in defaults.targets] == [((15, 15),), ((4, 8, 8),)]
+
+
+def test_the_json_names_the_seq_lens_each_model_is_sent() -> None:
+    # Top-level seq_lens, a model's own, and none at all (L_cache): each model's entry says which it got.
+    shared = resolve(
+        Workload(models=(ModelMix("two"), ModelMix("three", seq_lens=((2, 3, 4),))), seq_lens=((15, 15),)),
+        INFOS,
+    )
+    document = shared.to_dict()
+    assert document["seq_lens"] == [[15, 15]]
+    assert [(m["name"], m["seq_lens"]) for m in document["models"]] == [
+        ("two", [[15, 15]]),
+        ("three", [[2, 3, 4]]),
+    ]
+    defaults = resolve(Workload(models=(ModelMix("three"),)), INFOS).to_dict()
+    assert defaults["models"][0]["seq_lens"] == [[4, 8, 8]] and defaults["seq_lens"] == []
+
+
+def test_the_description_tells_seq_lens_from_the_kernel_shape() -> None:
+    from kernelgen_loadtest.session import seq_lens_and_shape
+
+    assert seq_lens_and_shape((15, 15)) == "seq_lens 15,15 (kernel 29x29)"
+    assert seq_lens_and_shape((64,)) == "seq_lens 64 (kernel 127)"
 
 
 def test_resolve_refuses_what_cannot_run() -> None:

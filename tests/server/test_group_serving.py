@@ -201,7 +201,7 @@ async def status_of(stub: Any, request: Any) -> tuple[grpc.StatusCode, str, dict
         (
             ("stack/0", (3, 3)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "invalid-argument",
+            "model-not-group",
             "'stack/0' is a model, not a group",
         ),
         (("", (3,)), grpc.StatusCode.INVALID_ARGUMENT, "invalid-argument", "group name is empty"),
@@ -304,6 +304,7 @@ async def test_models_list_their_group_and_the_group_is_healthy(stub: Any) -> No
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetModel(pb.GetModelRequest(model="stack"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(caught.value.trailing_metadata() or ())[REASON_TRAILER] == "group-not-model"
     details = caught.value.details() or ""
     assert "'stack' is a group of 3 models (stack/0 .. stack/2), not a model" in details
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stub.server.port}") as channel:

@@ -176,6 +176,35 @@ def test_import_with_a_wrong_prefix(
     assert "kernels found under 'net.kernel'" in one_error_line(capsys, "import")
 
 
+def test_import_of_one_generator_with_a_base_config_names_the_command_that_takes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "train.pt"
+    torch.save({f"net.kernel.{k}": v for k, v in CONFIG.build(seed=0).state_dict().items()}, ckpt)
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"omega_0": CONFIG_DICT["omega_0"], "L_cache": CONFIG_DICT["L_cache"]}))
+    args = ["import", str(ckpt), "--prefix", "net.kernel", "--config", str(base), "--name", "m"]
+    assert main([*args, "--repo", str(tmp_path / "repo")]) == 2
+    line = one_error_line(capsys, "import")
+    assert "missing key 'out_dim'" in line
+    assert line.endswith(
+        "base.json is a base config, which only --all completes from the weights' shapes: pass --all "
+        "--prefix net.kernel to import the generator under that prefix with the rest inferred (as the "
+        "group 'm', model m/0; --dry-run shows the config), or give --config a whole config.json"
+    )
+    # The command it names does import it.
+    assert main([*args, "--repo", str(tmp_path / "repo"), "--all"]) == 0
+    assert (tmp_path / "repo" / "m" / "0" / "model.safetensors").exists()
+
+
+def test_import_help_lists_every_checkpoint_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["import", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ".pt/.ckpt/.pth read with weights_only=True" in text
+    assert "training checkpoint: .pt, .ckpt, .pth, .safetensors" in text
+
+
 # -- inspect --------------------------------------------------------------------
 
 

@@ -69,7 +69,9 @@ def test_lookups_tell_groups_and_models_apart(tmp_path: Path) -> None:
         repo.get("net")
     with pytest.raises(InvalidRequest, match="'alone' is a model, not a group") as as_group:
         repo.group("alone")
-    # Protocol-neutral: the caller may be kernelgen's client, its CLI or another protocol's client.
+    # Each its own reason, from which the client names its own call; the message is protocol-neutral:
+    # the caller may be kernelgen's client, its CLI or another protocol's client.
+    assert (as_model.value.reason, as_group.value.reason) == ("group-not-model", "model-not-group")
     for caught in (as_model, as_group):
         assert "Generate" not in caught.value.message
     with pytest.raises(ModelNotFound, match="unknown group 'other'"):

@@ -52,16 +52,32 @@ def test_config_file_formats(tmp_path: Path, suffix: str) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"port": "70000"}, "port: Input should be less than or equal to 65535"),
+        (
+            {"port": "70000"},
+            "--port / KERNELGEN_PORT: Input should be less than or equal to 65535, got '70000'",
+        ),
+        ({"port": "http"}, "--port / KERNELGEN_PORT: Input should be a valid integer"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
-        ({"max_batch_size": "0"}, "max_batch_size: Input should be greater than or equal to 1"),
+        (
+            {"max_batch_size": "0"},
+            "--max-batch-size / KERNELGEN_MAX_BATCH_SIZE: Input should be greater than",
+        ),
         ({"max_queue_delay_ms": "500"}, r"Input should be less than or equal to 1000|above 100 ms"),
         ({"max_queue_delay_ms": "250"}, "above 100 ms"),
-        ({"cache_bytes": "lots"}, "cache_bytes"),
+        ({"cache_bytes": "lots"}, "--cache-bytes / KERNELGEN_CACHE_BYTES: .*got 'lots'"),
         ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"}, "does not exist"),
-        ({"model_repo": "/nonexistent/models"}, "model_repo: /nonexistent/models does not exist"),
-        ({"no_such_setting": "1"}, "no_such_setting: Extra inputs are not permitted"),
-        ({"max_message_bytes": "1MiB", "max_kernel_bytes": "512KiB"}, "max_kernel_bytes must be at least"),
+        (
+            {"model_repo": "/nonexistent/models"},
+            "--model-repo / KERNELGEN_MODEL_REPO: /nonexistent/models does not exist",
+        ),
+        (
+            {"no_such_setting": "1"},
+            "unknown setting 'no_such_setting' \\(kernelgen serve --help lists them\\)",
+        ),
+        (
+            {"max_message_bytes": "1MiB", "max_kernel_bytes": "512KiB"},
+            "--max-kernel-bytes \\(512KiB\\) must be at least --max-message-bytes \\(1MiB\\)",
+        ),
     ],
 )
 def test_invalid_settings_have_clear_messages(values: dict[str, str], message: str) -> None:
@@ -72,7 +88,7 @@ def test_invalid_settings_have_clear_messages(values: dict[str, str], message: s
 def test_tls_needs_cert_and_key(tmp_path: Path) -> None:
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
-    with pytest.raises(SettingsError, match="tls_cert and tls_key go together"):
+    with pytest.raises(SettingsError, match="--tls-cert and --tls-key go together"):
         load_settings({"tls_cert": str(cert)})
 
 
@@ -165,5 +181,34 @@ def test_memory_and_connection_budgets() -> None:
     assert (given.inflight_budget(), given.connection_limit()) == (1 << 30, 7)
     with pytest.raises(SettingsError, match="two stream tiles"):
         load_settings({"max_inflight_bytes": "4MiB", "stream_tile_bytes": "4MiB"})
-    with pytest.raises(SettingsError, match="stream_tile_bytes must be at least stream_chunk_bytes"):
+    with pytest.raises(SettingsError, match="--stream-tile-bytes must be at least --stream-chunk-bytes"):
         load_settings({"stream_tile_bytes": "64KiB"})
+
+
+def test_serve_help_shows_every_default_once_as_the_readme_writes_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+
+    from kernelgen_client.cli import main
+    from kernelgen_server.settings import ServerSettings, flag
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = text.split(" options: ", 1)[1]
+    entries = re.split(r" (?=--[a-z-]+(?: [A-Z_]+|, --no-[a-z-]+) )", options)
+    described = {entry.split()[0].rstrip(","): entry for entry in entries if entry.startswith("--")}
+    for name in ServerSettings.model_fields:
+        entry = described[flag(name)]
+        assert entry.count("(default: ") == 1, entry  # exactly one default, never "(default: unset)" twice
+        assert "(default: unset)" not in entry, entry
+    assert described["--cache-bytes"].endswith("(default: 1GiB)")
+    assert described["--max-batch-bytes"].endswith("(default: 512MiB)")
+    assert described["--model-repo"].endswith("(default: the embedded models)")
+    for switch, default in (("--strict", "off"), ("--warmup", "on"), ("--tune-malloc", "on")):
+        assert described[switch].endswith(f"(default: {default})"), described[switch]
+    assert described["--cache-slicing"].endswith("(default: on)")
+    assert described["--allow-empty"].endswith("(default: off)")
+    assert "at most 100" in described["--max-queue-delay-ms"]
+    assert "exit codes: 0 drained after SIGTERM or SIGINT" in text

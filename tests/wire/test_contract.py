@@ -36,7 +36,8 @@ def test_every_wire_dtype_has_a_name_size_and_layout() -> None:
 
 def test_reasons_are_the_documented_strings() -> None:
     assert {r.value for r in metadata.Reason} == {
-        "invalid-argument", "model-not-found", "model-not-ready", "no-film", "queue-full", "memory-full",
+        "invalid-argument", "group-not-model", "model-not-group",
+        "model-not-found", "model-not-ready", "no-film", "queue-full", "memory-full",
         "too-large", "message-too-large", "deadline-exceeded", "slow-reader", "cancelled", "draining",
         "internal",
         "shared-memory-off", "region-not-found", "region-exists", "not-supported",

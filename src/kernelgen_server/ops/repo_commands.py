@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "--config), or every one of them (--all) as a group NAME/0, NAME/1, ... in prefix order, "
             "each config inferred from the tensor shapes; --config BASE then gives what the weights "
             "cannot tell (omega_0, L_cache, hidden_omega_0), with per-generator 'overrides' keyed by "
-            "prefix. Checkpoints: .pt/.ckpt read with weights_only=True, .safetensors, sharded "
+            "prefix. Checkpoints: .pt/.ckpt/.pth read with weights_only=True, .safetensors, sharded "
             "safetensors (their *.safetensors.index.json, or the folder holding it). The state may be "
             "wrapped under 'state_dict'; legacy kernel_network.{2i} names become hidden_linears.{i}."
         ),
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "checkpoint",
         type=Path,
         metavar="CKPT",
-        help="training checkpoint: .pt, .ckpt, .safetensors, a shard index, or a folder holding one",
+        help="training checkpoint: .pt, .ckpt, .pth, .safetensors, a shard index, or a folder holding one",
     )
     p.add_argument(
         "--prefix",
@@ -158,7 +158,6 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run goes with --all")
     if args.prefix is None or args.config is None:
         raise ValueError("--prefix and --config are required to import one generator (or pass --all)")
-    from kernelgen_server.model.config import ModelConfig
     from kernelgen_server.repository.checkpoint import (
         CheckpointError,
         extract_kernel_state,
@@ -168,7 +167,7 @@ def _import(args: argparse.Namespace) -> int:
     from kernelgen_server.repository.store import check_model_name, load_model, write_model
 
     check_model_name(args.name)
-    config = ModelConfig.from_file(args.config)
+    config = _whole_config(args)
     tensors = extract_kernel_state(read_checkpoint(args.checkpoint), args.prefix, args.checkpoint)
     try:
         load_module(config, tensors, args.checkpoint)
@@ -177,6 +176,28 @@ def _import(args: argparse.Namespace) -> int:
         raise CheckpointError(exc.path, f"under prefix {args.prefix!r}: {exc.detail}", exc.key) from None
     model_dir = write_model(args.repo, args.name, config, tensors, force=args.force)
     return _report_written("imported", load_model(model_dir))
+
+
+def _whole_config(args: argparse.Namespace) -> Any:
+    """``--config`` as a model's whole config.json; a base that only ``--all`` can complete (from the
+    weights' shapes) is refused with the command that imports it."""
+    from kernelgen_server.model.config import ConfigError, ModelConfig
+    from kernelgen_server.repository.discovery import ImportBase
+
+    try:
+        return ModelConfig.from_file(args.config)
+    except ConfigError as exc:
+        try:
+            ImportBase.from_file(args.config)
+        except ConfigError:
+            raise exc from None
+        prefix = args.prefix or "''"
+        raise ValueError(
+            f"{exc}. {args.config.name} is a base config, which only --all completes from the weights' "
+            f"shapes: pass --all --prefix {prefix} to import the generator under that prefix "
+            f"with the rest inferred (as the group {args.name!r}, model {args.name}/0; --dry-run shows the "
+            "config), or give --config a whole config.json"
+        ) from None
 
 
 def _hashes(layer_hash: str) -> tuple[str, ...]:

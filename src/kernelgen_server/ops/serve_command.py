@@ -3,6 +3,10 @@
 Every ``ServerSettings`` field is a flag (``--max-batch-size``) and an
 environment variable (``KERNELGEN_MAX_BATCH_SIZE``); flags win. This module
 imports no torch: the ``kernelgen`` parser is built from it on every call.
+
+Exit codes: 0 drained after SIGTERM or SIGINT; 1 no model to serve, a model
+failed under ``--strict``, or the server failed; 2 invalid settings, or an
+address it cannot listen on.
 """
 
 from __future__ import annotations
@@ -13,11 +17,24 @@ import logging
 import sys
 from typing import Any
 
-from kernelgen_server.settings import ServerSettings, SettingsError, load_settings
+from kernelgen_server.settings import (
+    ServerSettings,
+    SettingsError,
+    env_of,
+    flag,
+    help_default,
+    load_settings,
+)
 
 __all__ = ["raise_open_files_limit", "register"]
 
 log = logging.getLogger("kernelgen.serve")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_EPILOG = (
+    "exit codes: 0 drained after SIGTERM or SIGINT, 1 no model to serve (or one failed under --strict), "
+    "2 invalid settings or an address it cannot listen on"
+)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -29,31 +46,31 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "can also be set as KERNELGEN_<FLAG> in the environment or in a --config file; "
             "flags take precedence over the environment, which takes precedence over the file."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_EPILOG,
     )
     for name, field in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = f"KERNELGEN_{name.upper()}"
-        help_text = f"{field.description or name.replace('_', ' ')} [{env}]"
-        # Tri-state switches (bool | None: unset picks a default by device) take the flag form too.
+        help_text = (
+            f"{field.description or name.replace('_', ' ')} [{env_of(name)}] (default: {help_default(name)})"
+        )
+        # Switches (and tri-state ones, bool | None: unset picks a default by device) take --x / --no-x.
         if field.annotation in (bool, bool | None):
             parser.add_argument(
-                flag,
+                flag(name),
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
         else:
-            default = field.default if field.default is not None else "unset"
             parser.add_argument(
-                flag,
-                dest=name,
-                default=argparse.SUPPRESS,
-                metavar=name.upper(),
-                help=f"{help_text} (default: {default})",
+                flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
             )
     parser.set_defaults(handler=_run)
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"kernelgen serve: {message}", file=sys.stderr)
+    return code
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -92,29 +109,31 @@ def _run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(values)
     except SettingsError as exc:
-        print(f"kernelgen serve: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, EXIT_USAGE)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from kernelgen_server.transport.ports import ListenError
+
     raise_open_files_limit()
     if settings.workers > 1:
         # The supervisor loads no torch: each worker process does, and holds the device.
-        from kernelgen_server.ops.supervisor import supervise
+        from kernelgen_server.ops.supervisor import WorkerExit, supervise
 
         try:
             return asyncio.run(supervise(settings))
+        except ListenError as exc:
+            return _fail(exc, EXIT_USAGE)
+        except WorkerExit as exc:
+            return _fail(exc, exc.exit_code)
         except (OSError, RuntimeError) as exc:
-            print(f"kernelgen serve: {exc}", file=sys.stderr)
-            return 1
+            return _fail(exc, EXIT_FAILED)
     from kernelgen_server.transport.server import ModelsFailedError, serve  # torch loads here
 
     try:
         return asyncio.run(serve(settings))
-    except ModelsFailedError as exc:
-        print(f"kernelgen serve: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError) as exc:
-        print(f"kernelgen serve: {exc}", file=sys.stderr)
-        return 1
+    except ListenError as exc:
+        return _fail(exc, EXIT_USAGE)
+    except (ModelsFailedError, OSError, RuntimeError) as exc:
+        return _fail(exc, EXIT_FAILED)

@@ -25,8 +25,9 @@ reserved port stays held until the supervisor exits, so a restarted worker
 always gets it back.
 
 A worker is ``python -m kernelgen_server.ops.supervisor``: it reads its index and its settings
-as one JSON line on stdin, writes ``READY <index>`` to stdout once SERVING,
-and drains when its stdin, which the supervisor holds open, reaches
+as one JSON line on stdin, writes ``READY <index>`` to stdout once SERVING (or, when it cannot
+start, ``FAILED <index> <exit code> <message as JSON>``, which the supervisor reports once
+and exits with), and drains when its stdin, which the supervisor holds open, reaches
 end-of-file.
 """
 
@@ -48,18 +49,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernelgen_server.settings import ServerSettings
+from kernelgen_server.transport.ports import listen_error
 
 __all__ = ["Supervisor", "WorkerExit", "reserve_port", "supervise"]
 
 log = logging.getLogger("kernelgen.supervisor")
 
 READY = "READY"
+FAILED = "FAILED"
 #: Seconds a draining worker gets beyond ``grace_s`` before it is killed.
 _STOP_MARGIN_S = 15.0
 
 
 class WorkerExit(RuntimeError):
-    """A worker exited before it was SERVING, or exited too often to keep restarting."""
+    """A worker exited before it was SERVING, or exited too often to keep restarting.
+
+    ``exit_code`` is what ``kernelgen serve`` exits with: the worker's own for a start-up
+    failure it explained (no model, a bad model under ``--strict``), else 1.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -82,7 +93,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise OSError(f"could not bind {host}:{port}: {exc.strerror}") from exc
+                raise listen_error(exc, host, port, setting="port", host_setting="host") from None
     sock = socket.socket(family, kind, proto)
     try:
         # SO_REUSEPORT only: the workers (same user, SO_REUSEPORT) may join it, while any
@@ -91,7 +102,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise OSError(f"could not bind {host}:{port}: {exc.strerror}") from exc
+        raise listen_error(exc, host, port, setting="port", host_setting="host") from None
     return sock
 
 
@@ -128,6 +139,8 @@ class Supervisor:
     ) -> None:
         self.settings = settings
         self.port = settings.port
+        #: The port of the workers' summed /metrics once served (None: off, or not yet).
+        self.metrics_port: int | None = None
         self.restarts = 0
         self._command = command
         self._restart_limit = restart_limit
@@ -227,10 +240,15 @@ class Supervisor:
             if not line:
                 code = await process.wait()
                 raise WorkerExit(f"worker {worker.index} exited with code {code} before serving")
-            if line.decode(errors="replace").split() == [READY, str(worker.index)]:
+            text = line.decode(errors="replace")
+            if text.split() == [READY, str(worker.index)]:
                 worker.serving = True
                 break
-            sys.stdout.write(line.decode(errors="replace"))  # a worker's own output, passed on
+            if text.startswith(f"{FAILED} {worker.index} "):
+                _, _, status, message = text.split(" ", 3)
+                await process.wait()
+                raise WorkerExit(json.loads(message), exit_code=int(status))
+            sys.stdout.write(text)  # a worker's own output, passed on
         # Keep reading: a worker that prints must never block on a full pipe.
         forward = asyncio.ensure_future(_forward(process.stdout))
         self._forwarders.add(forward)
@@ -341,6 +359,7 @@ class Supervisor:
         endpoint = serve_metrics(
             registry, settings.metrics_address(), settings.metrics_port, tokens=tokens, tls=tls
         )
+        self.metrics_port = endpoint.port
         try:
             yield
         finally:
@@ -354,10 +373,14 @@ async def supervise(settings: ServerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    supervisor = Supervisor(settings)
+
     def ready(port: int) -> None:
         print(f"kernelgen: listening on {settings.url(port)} ({settings.workers} workers)", flush=True)
+        if supervisor.metrics_port:
+            log.info("metrics of every worker on %s", settings.metrics_url(supervisor.metrics_port))
 
-    return await Supervisor(settings).run(stop, on_ready=ready)
+    return await supervisor.run(stop, on_ready=ready)
 
 
 class _SupervisorCollector:
@@ -425,7 +448,8 @@ def main() -> int:
     try:
         return asyncio.run(_worker_main(handshake))
     except (ModelsFailedError, OSError, RuntimeError) as exc:
-        print(f"kernelgen worker {handshake['index']}: {exc}", file=sys.stderr)
+        # Said once, by the supervisor, which stops the other workers: not N times on stderr.
+        print(f"{FAILED} {handshake['index']} 1 {json.dumps(str(exc))}", flush=True)
         return 1
 
 

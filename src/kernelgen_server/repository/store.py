@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
-from kernelgen_server.errors import InvalidRequest, ModelNotFound, ModelNotReady
+from kernelgen_server.errors import GroupNotModel, ModelNotFound, ModelNotGroup, ModelNotReady
 from kernelgen_server.model.config import ModelConfig, read_json_file
 from kernelgen_server.model.output_head import OutputHead
 from kernelgen_server.model.served import ServedModel
@@ -524,7 +524,8 @@ class ModelRepository:
             yield self.ready.get(name) or self.failed[name]
 
     def get(self, name: str) -> LoadedModel:
-        """The loaded model ``name``; ``ModelNotFound`` if unknown, ``ModelNotReady`` if it failed."""
+        """The loaded model ``name``; ``ModelNotFound`` if unknown, ``ModelNotReady`` (with the reason)
+        if it failed, ``GroupNotModel`` if ``name`` is a group."""
         model = self.ready.get(name)
         if model is not None:
             return model
@@ -533,7 +534,7 @@ class ModelRepository:
             raise ModelNotReady(f"model {name!r} is not ready: it failed to load: {failed.reason}")
         group = self.groups.get(name)
         if group is not None:
-            raise InvalidRequest(
+            raise GroupNotModel(
                 f"{name!r} is a group of {len(group.members)} models ({_span(group)}), not a model: "
                 "name one of its members, or ask for the whole group's kernels at once"
             )
@@ -541,7 +542,7 @@ class ModelRepository:
 
     def group(self, name: str) -> ModelGroup:
         """The group ``name``; ``ModelNotFound`` if unknown, ``ModelNotReady`` if its group file failed,
-        ``InvalidRequest`` if ``name`` is a model."""
+        ``ModelNotGroup`` if ``name`` is a model."""
         group = self.groups.get(name)
         if group is not None:
             return group
@@ -549,7 +550,7 @@ class ModelRepository:
         if failed is not None:
             raise ModelNotReady(f"{name!r} is not ready: it failed to load: {failed.reason}")
         if name in self.ready:
-            raise InvalidRequest(f"{name!r} is a model, not a group: ask for its kernel alone")
+            raise ModelNotGroup(f"{name!r} is a model, not a group: ask for its kernel alone")
         raise ModelNotFound(f"unknown group {name!r}")
 
     def group_of(self, name: str) -> tuple[ModelGroup, int] | None:

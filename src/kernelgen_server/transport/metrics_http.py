@@ -20,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from kernelgen_server.transport.ports import listen_error
 from kernelgen_server.transport.security import bearer_matches
 
 __all__ = ["MetricsEndpoint", "serve_metrics"]
@@ -68,11 +69,17 @@ def serve_metrics(
     tokens: list[bytes] | None = None,
     tls: tuple[Path, Path] | None = None,
 ) -> MetricsEndpoint:
-    """Serve ``registry`` on ``host:port`` (0 picks a free port) in a daemon thread."""
+    """Serve ``registry`` on ``host:port`` (0 picks a free port) in a daemon thread.
+
+    Raises ``ListenError``, naming ``--metrics-port``, when the address cannot be bound.
+    """
     app: WSGIApp = make_wsgi_app(registry)
     if tokens:
         app = _with_tokens(app, tokens)
-    server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise listen_error(exc, host, port, setting="metrics_port", host_setting="metrics_host") from None
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -20,11 +20,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kernelgen_server.core.metrics import Metrics
 from kernelgen_server.core.service import KernelService
-from kernelgen_server.repository.store import ModelRepository, embedded_repository
-from kernelgen_server.settings import ServerSettings
+from kernelgen_server.repository.store import CONFIG_FILE, ModelRepository, embedded_repository
+from kernelgen_server.settings import ServerSettings, flag
 from kernelgen_server.transport.metrics_http import MetricsEndpoint, serve_metrics
 from kernelgen_server.transport.native_shared_memory import SharedMemoryGeneratorServicer
 from kernelgen_server.transport.oip_servicer import OIP_SERVICE_NAME, InferenceServicer, reflection_pool
+from kernelgen_server.transport.ports import ListenError, check_free
 from kernelgen_server.transport.readiness import HealthStates
 from kernelgen_server.transport.security import BearerTokenInterceptor, load_tokens, server_credentials
 from kernelgen_server.transport.shared_memory import SharedMemoryRegistry
@@ -34,7 +35,7 @@ from kernelgen_wire.oip import grpc_service_pb2 as oip_pb
 from kernelgen_wire.rpc import HEALTH_SERVICE_NAME, SERVICE_NAME
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["ModelsFailedError", "Server", "create_server", "serve"]
+__all__ = ["ListenError", "ModelsFailedError", "NoModelError", "Server", "create_server", "serve"]
 
 log = logging.getLogger("kernelgen.server")
 
@@ -49,6 +50,10 @@ _STREAMS_PER_CONNECTION = 1024
 
 class ModelsFailedError(RuntimeError):
     """``--strict`` and at least one model failed to load."""
+
+
+class NoModelError(ModelsFailedError):
+    """No model of the repository loaded, and ``--allow-empty`` was not given."""
 
 
 class Server:
@@ -117,7 +122,7 @@ class Server:
             self.settings.host,
             self.port,
             self.service.device,
-            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+            f", metrics on {self.settings.metrics_url(self.metrics_port)}" if self.metrics_port else "",
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -150,7 +155,49 @@ def _load_repository(settings: ServerSettings) -> ModelRepository:
     if repository.failed and settings.strict:
         reasons = "; ".join(f"{f.name}: {f.reason}" for f in repository.failed.values())
         raise ModelsFailedError(f"--strict: {len(repository.failed)} model(s) failed to load: {reasons}")
+    if not repository.ready and not settings.allow_empty:
+        raise NoModelError(_nothing_to_serve(repository))
     return repository
+
+
+def _nothing_to_serve(repository: ModelRepository) -> str:
+    """Why ``repository`` has no model to serve: what its folder holds, or each model's failure."""
+    root = repository.root
+    allow = f"; {flag('allow_empty')} starts the server with none"
+    if repository.failed:
+        reasons = "".join(f"\n  {f.name}: {f.reason}" for f in repository.failed.values())
+        return f"no model of {root} loads ({len(repository.failed)} found, each failed){allow}:{reasons}"
+    if (root / CONFIG_FILE).is_file():
+        return (
+            f"{root} is a model folder, not a repository of them: give the folder that holds it "
+            f"({flag('model_repo')} {root.parent})"
+        )
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    held = (
+        f"it holds only {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}"
+        if found
+        else "it is empty"
+    )
+    return (
+        f"no model in {root}: {held} (a model is a folder holding {CONFIG_FILE} and model.safetensors; "
+        f"kernelgen init or kernelgen import writes one; folders starting with . or _ are skipped){allow}"
+    )
+
+
+def _check_ports(settings: ServerSettings, reuse_port: bool) -> None:
+    """Fail before any model loads when the gRPC or /metrics port cannot be had (``ListenError``).
+
+    A worker sharing its supervisor's port (``reuse_port``) is not checked: the supervisor holds it.
+    """
+    if not reuse_port:
+        check_free(settings.host, settings.port, setting="port", host_setting="host")
+    if settings.metrics_port:
+        check_free(
+            settings.metrics_address(),
+            settings.metrics_port,
+            setting="metrics_port",
+            host_setting="metrics_host",
+        )
 
 
 def _receive_limit(repository: ModelRepository, settings: ServerSettings) -> int:
@@ -173,6 +220,7 @@ def create_server(
     share the port with its sibling workers (SO_REUSEPORT); a server on its own refuses
     to share. Must be called with an event loop running (grpc.aio binds to it).
     """
+    _check_ports(settings, reuse_port)
     repository = repository or _load_repository(settings)
     service = KernelService(repository, settings, metrics=metrics, worker=worker)
     interceptors: list[aio.ServerInterceptor] = []
@@ -220,13 +268,20 @@ def create_server(
         ),
     )
     address = f"{settings.host}:{settings.port}"
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        port = grpc_server.add_secure_port(address, creds)
-    else:
-        port = grpc_server.add_insecure_port(address)
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            port = grpc_server.add_secure_port(address, creds)
+        else:
+            port = grpc_server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind": taken since _check_ports, or not an address here
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise ListenError(
+            None,
+            f"cannot listen for gRPC on {address}: gRPC could not bind it (taken meanwhile?); "
+            f"check {flag('host')} and {flag('port')}",
+        )
     return Server(settings, service, grpc_server, health, port, tokens, registry), port
 
 
@@ -249,7 +304,11 @@ async def serve(
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)  # a half-started gRPC server must not be left to the garbage collector
+        raise
     if on_ready is None:
         print(f"kernelgen: listening on {settings.url(port)}", flush=True)
     else:
