@@ -138,4 +138,4 @@ def test_a_masked_kernel_is_the_unmasked_kernel_times_the_mask_the_client_comput
             with torch.no_grad():
                 theirs = model.mask.mask(model.grid(lens))[0] if model.mask is not None else None
             assert theirs is not None
-            np.testing.assert_allclose(ours, theirs.numpy(), rtol=4e-6, atol=1e-30, err_msg=case.id)
+            np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=case.id)  # m <= 1
