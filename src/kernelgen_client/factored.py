@@ -14,7 +14,9 @@ of the last GEMM, done here instead of on the server (a few units of float32
 rounding of ``sum_i |factors_i * weight_t[i, j]|``; tests hold it within
 ``1e-5 x max|kernel|``). bfloat16 and float16 factors round each factor once
 (relative ``2**-8`` and ``2**-11``), so each kernel element is off by at most
-that much of ``sum_i |factors_i * weight_t[i, j]|``.
+that much of ``sum_i |factors_i * weight_t[i, j]|``. A mask (at most 1) adds
+a few float32 roundings of its value: the client computes it in float64 from
+the head's parameters, the server in float32 as the reference does.
 """
 
 from __future__ import annotations
