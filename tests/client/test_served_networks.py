@@ -131,3 +131,15 @@ async def test_the_cache_cuts_masked_and_causal_kernels_exactly(repository: Path
             assert_close(cut, oracle.layer_kernel_on_grid(conv, around["below"]), name)
     finally:
         await service.close()
+
+
+def test_the_flops_command_shows_a_causal_kernel_s_shape(
+    client: KernelClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kernelgen_client.cli import main
+
+    target = client.target
+    assert main(["flops", "learnable-direct-causal", "--seq-lens", "5", "--target", target]) == 0
+    assert "kernel 5 (5 points)" in capsys.readouterr().out
+    assert main(["flops", "siren-gauss-2d", "--seq-lens", "3,4", "--target", target]) == 0
+    assert "kernel 5x7 (35 points)" in capsys.readouterr().out

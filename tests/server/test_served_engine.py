@@ -139,3 +139,30 @@ def test_a_masked_kernel_is_the_unmasked_kernel_times_the_mask_the_client_comput
                 theirs = model.mask.mask(model.grid(lens))[0] if model.mask is not None else None
             assert theirs is not None
             np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=case.id)  # m <= 1
+
+
+# -- CUDA (deployment hosts) ----------------------------------------------------------------
+#: One case of each generator class, masked, causal and not, with FiLM where the class takes it.
+CUDA_CASES = [
+    oracle.Case(kernel, mask, kernel != "RandomFourierKernelND", geometry)
+    for kernel in oracle.GENERATORS
+    for mask, geometry in (("gaussian-softplus", "1d-causal"), ("exponential", "2d"))
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+def test_cuda_serves_what_cpu_serves(case: oracle.Case) -> None:
+    trained = oracle.trained(case)
+    model = served(trained)
+    cpu, cuda = KernelEngine(model), KernelEngine(model, "cuda")
+    rows = [] if trained.conditioning is None else [trained.conditioning]
+    for lens in oracle.seq_lens_around_cache(trained.conv).values():
+        assert_close(cuda.unconditioned(lens), cpu.unconditioned(lens), f"{lens} plain")
+        factors = cuda.unconditioned(lens, factored=True)
+        assert_close(factors, cpu.unconditioned(lens, factored=True), f"{lens} plain factors")
+        if rows:
+            got = cuda.conditioned(lens, rows)
+            assert got.device.type == "cpu" and got.is_pinned()
+            assert_close(got, cpu.conditioned(lens, rows), f"{lens} conditioned")
+            assert_close(got, oracle.layer_kernel_on_grid(trained.conv, lens, rows[0]), f"{lens} package")
