@@ -131,10 +131,10 @@ def measure(forward: Callable[[], object], seconds: float) -> tuple[int, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tune_malloc()
-    info = machine()
-    info["load_average_before"] = round(os.getloadavg()[0], 2)
     if args.device == "cpu":
         torch.set_num_threads(1)  # the server keeps the other core
+    info = machine()
+    info["load_average_before"] = round(os.getloadavg()[0], 2)
     network = trained(Network(args.depth, args.channels, args.length), args.length, args.channels)
     device = torch.device(args.device)
     network.to(device)  # served kernels arrive there too (factored ones materialised there)
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         repo = imported(network, Path(tmp))
         with (
-            kernelgen_server("--model-repo", str(repo), "--device", "cpu") as server,
+            kernelgen_server("--model-repo", str(repo), "--device", args.device) as server,
             KernelClient(server.target, timeout=120) as client,
         ):
             for round_index in range(args.rounds):
