@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 28 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 27 minutes)
     python benchmarks/run_all.py --quick    # a smoke run (about 5 minutes)
 
 Runs on this machine, one after another:
