@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tune_malloc()
     if args.device == "cpu":
         torch.set_num_threads(1)  # the server keeps the other core
+    info = machine()
+    info["load_average_before"] = round(os.getloadavg()[0], 2)
     network = trained(Network(args.depth, args.channels, args.length), args.length, args.channels)
     device = torch.device(args.device)
     network.to(device)  # served kernels arrive there too (factored ones materialised there)
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         repo = imported(network, Path(tmp))
         with (
-            kernelgen_server("--model-repo", str(repo), "--device", "cpu") as server,
+            kernelgen_server("--model-repo", str(repo), "--device", args.device) as server,
             KernelClient(server.target, timeout=120) as client,
         ):
             for round_index in range(args.rounds):
@@ -177,18 +180,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with serve_kernels(network, client, "net") as served:
                     step("served unconditioned", lambda: network(x), served)
                 step("local unconditioned", lambda: network(x), None)
+    info["load_average_after"] = round(os.getloadavg()[0], 2)
     return {
-        "machine": machine(),
+        "machine": info,
         "settings": {
-            k: getattr(args, k) for k in ("depth", "channels", "length", "batch", "seconds", "rounds")
+            k: getattr(args, k)
+            for k in ("depth", "channels", "length", "batch", "device", "seconds", "warmup", "rounds")
         },
         "steps": steps,
+        "ratios": {
+            f"{name} / {base_of(name)}": ratios(steps, name) for name in steps if name != base_of(name)
+        },
     }
 
 
+def base_of(step: str) -> str:
+    """The local step a step is compared with: the same network, with or without conditioning."""
+    return "local unconditioned" if "unconditioned" in step else "local"
+
+
+def ratios(steps: dict[str, list[dict[str, float]]], name: str) -> dict[str, float]:
+    """A step's forwards/s over its local step's, per round (the two measured seconds apart): the
+    median and the range."""
+    base = steps[base_of(name)]
+    per_round = [row["forwards_per_s"] / base[i]["forwards_per_s"] for i, row in enumerate(steps[name])]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+
 def report(result: dict[str, Any]) -> str:
-    steps = result["steps"]
-    settings = result["settings"]
+    steps, settings, m = result["steps"], result["settings"], result["machine"]
 
     def median(name: str, key: str) -> float:
         return statistics.median(row[key] for row in steps[name])
@@ -197,27 +217,35 @@ def report(result: dict[str, Any]) -> str:
         return form.format(scale * median(name, key)) if key in steps[name][0] else "-"
 
     rows = []
-    for name, measured in steps.items():
-        base = "local unconditioned" if "unconditioned" in name else "local"
-        ratios = [row["forwards_per_s"] / steps[base][i]["forwards_per_s"] for i, row in enumerate(measured)]
+    for name in steps:
+        r = ratios(steps, name)
         rows.append(
             {
                 "step": name,
                 "forwards/s": f"{median(name, 'forwards_per_s'):.1f}",
-                "/ local": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                "/ local": f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})",
                 "calls/forward": served(name, "calls_per_forward", "{:.2f}"),
                 "MB/forward": served(name, "bytes_per_forward", "{:.2f}", 1e-6),
                 "fetching": served(name, "fetch_share", "{:.0f}%", 100),
             }
         )  # fmt: skip
-    kernel_mb = settings["batch"] * (2 * settings["length"] - 1) * settings["channels"] * 4 / 1e6
+    length, channels, batch = settings["length"], settings["channels"], settings["batch"]
+    kernel_mb = batch * (2 * length - 1) * channels * 4 / 1e6
+    device = m["cuda"] if settings["device"] != "cpu" and m.get("cuda") else settings["device"]
     return (
-        f"# A network's forward, local and served\n\n{settings['depth']} CKConvND layers, "
-        f"{settings['channels']} channels on {settings['device']}, length {settings['length']} "
-        f"(seq_lens {settings['length']}: "
-        f"{2 * settings['length'] - 1}-point kernels), a batch of {settings['batch']} with one FiLM row "
-        f"each ({kernel_mb:.1f} MB of dense float32 kernels per layer and forward); "
-        f"{result['machine'].get('cpus', '?')} CPUs.\n\n{markdown_table(rows)}\n"
+        f"# A network's forward, local and served\n\n{m['date']}, {m['platform']}, {m['cpus']} CPUs, "
+        f"torch {m['torch']} ({m['torch_threads']} thread(s) in the benchmark's process), network and "
+        f"server on {device}; load average {m.get('load_average_before', '?')} before, "
+        f"{m.get('load_average_after', '?')} after. {settings['rounds']} interleaved round(s) of "
+        f"{settings['seconds']:g} s per step ({settings['warmup']:g} s warm-up), one forward at a time.\n\n"
+        f"{settings['depth']} CKConvND layers (the reference package's), {channels} channels, "
+        f"length {length} (seq_lens {length}: {2 * length - 1}-point kernels), a batch of {batch} with "
+        f"one FiLM row each ({kernel_mb:.1f} MB of dense float32 kernels per layer and forward). "
+        "`/ local`: forwards/s over the local forward's in the same round (the unconditioned steps over "
+        "`local unconditioned`), median and range of the rounds; calls count `GenerateKernel` and "
+        "`GenerateGroup` calls alike; MB are the bytes that travelled (kernels, or factors); "
+        "`fetching`: the share of the forward's time spent waiting for kernels.\n\n"
+        f"{markdown_table(rows)}\n"
     )
 
 

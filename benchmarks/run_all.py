@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark, one command, one results page.
 
-    python benchmarks/run_all.py            # or: make bench   (about 25 minutes)
-    python benchmarks/run_all.py --quick    # a smoke run (about 4 minutes)
+    python benchmarks/run_all.py            # or: make bench   (about 27 minutes)
+    python benchmarks/run_all.py --quick    # a smoke run (about 5 minutes)
 
 Runs on this machine, one after another:
 
@@ -18,7 +18,10 @@ Runs on this machine, one after another:
    memory against the native client;
 9. ``bench_envoy.py``: the latency and CPU Envoy adds in front of a replica, and the cache hit
    rates of three replicas behind Envoy's hash on the cache key, behind round robin, and of one;
-10. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+10. ``bench_network.py``: a whole network's inference forward (the reference package's
+   ``CKConvND`` layers) with its own kernels against served ones (``kernelgen_client.torch``:
+   dense and factored, with and without prefetch, and cached unconditioned kernels);
+11. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15: a 29x29 kernel, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -274,6 +278,8 @@ def page(
         oip_section(load("oip.json")),
         "## Behind Envoy: added latency and CPU, cache affinity",
         envoy_section(load("envoy.json")),
+        "## A network's forward, local and served",
+        network_section(load("network.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -311,6 +317,28 @@ def envoy_section(envoy: dict[str, Any] | None) -> str:
         + "\n\nThree replicas, each caching half of the key space:\n\n"
         + affinity_table(envoy["affinity"])
         + "\n\nDetails: [envoy.md](envoy.md)."
+    )
+
+
+def network_section(network: dict[str, Any] | None) -> str:
+    if not network:
+        return "(not run)"
+    steps, settings = network["steps"], network["settings"]
+    rows = [
+        {
+            "step": name,
+            "/ local": f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})",
+            "calls/forward": f"{statistics.median(s['calls_per_forward'] for s in steps[name]):.2f}",
+        }
+        for name, r in ((k.split(" / ")[0], v) for k, v in network["ratios"].items())
+    ]
+    return (
+        f"`bench_network.py`, {network['machine']['date']}: {settings['depth']} CKConvND layers, "
+        f"{settings['channels']} channels, length {settings['length']}, a batch of {settings['batch']} "
+        f"with one FiLM row each, on {settings['device']}; forwards/s over the local forward's in the "
+        "same round (the unconditioned step over the local unconditioned one).\n\n"
+        + markdown_table(rows)
+        + "\n\nDetails, bytes and the share spent fetching: [network.md](network.md)."
     )
 
 
@@ -357,7 +385,7 @@ def hostile_section(hostile: dict[str, Any] | None) -> str:
     )
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,envoy,sweep"
+ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,envoy,network,sweep"
 #: Seconds per sweep step (the benchmarks take at most 2-3 of them), warm-up per sweep step.
 SUITE_ROUNDS = Rounds(seconds=5.0, warmup=1.0, rounds=None, quick_seconds=1.0, quick_warmup=1.0)
 
@@ -411,6 +439,8 @@ def main() -> None:
         run([sys.executable, str(BENCH / "bench_oip.py"), *(["--quick"] if args.quick else [])])
     if "envoy" in parts:
         run([sys.executable, str(BENCH / "bench_envoy.py"), *(["--quick"] if args.quick else [])])
+    if "network" in parts:
+        run([sys.executable, str(BENCH / "bench_network.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

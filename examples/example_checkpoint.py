@@ -62,13 +62,28 @@ def generator_config(block: int) -> dict[str, Any]:
 
 
 class Filter(nn.Module):
-    """A long convolution whose kernel a SIREN generates (the weights here: the generator's only)."""
+    """A long convolution whose kernel a SIREN generates (the weights here: the generator's only).
+
+    ``forward(x [B, H, W, C], conditioning [B, COND_DIM] or None)``: ``x`` convolved ("same" size,
+    through FFTs) with the ``[B, 2H-1, 2W-1, C]`` kernel its generator makes for seq_lens ``(H, W)``,
+    each channel with its own kernel. The layer's path is where ``kernelgen_client.torch`` finds it.
+    """
 
     def __init__(self, block: int) -> None:
         super().__init__()
         config = generator_config(block)
         film = config.pop("film")
         self.kernel = SIRENKernelND(**config, film_cfg=film)  # config.json's "film" is film_cfg here
+
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        height, width = x.shape[1], x.shape[2]
+        kernel, _grid = self.kernel((height, width), conditioning)
+        size = (3 * height - 2, 3 * width - 2)  # a linear (not circular) convolution
+        signal = torch.fft.rfft2(x.permute(0, 3, 1, 2), s=size)
+        spectrum = torch.fft.rfft2(kernel.permute(0, 3, 1, 2), s=size)
+        full = torch.fft.irfft2(signal * spectrum, s=size)
+        # The kernel's centre is at (H-1, W-1): the output aligned with x starts there.
+        return full[..., height - 1 : 2 * height - 1, width - 1 : 2 * width - 1].permute(0, 2, 3, 1)
 
 
 class Block(nn.Module):
@@ -79,13 +94,25 @@ class Block(nn.Module):
         self.filter = Filter(block)
         self.proj = nn.Linear(channels, CHANNELS[min(block + 1, len(CHANNELS) - 1)])
 
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+        return self.proj(x + self.filter(self.norm(x), conditioning))
+
 
 class VisionNet(nn.Module):
+    """``forward(images [B, 3, 4H, 4W], conditioning [B, COND_DIM] or None) -> logits [B, 10]``;
+    its filters convolve an ``H x W`` grid (64 x 64 images: seq_lens 16,16)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, CHANNELS[0], kernel_size=4, stride=4)
         self.blocks = nn.ModuleList(Block(i) for i in range(len(CHANNELS)))
         self.head = nn.Linear(CHANNELS[-1], 10)
+
+    def forward(self, images: torch.Tensor, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.stem(images).permute(0, 2, 3, 1)  # [B, H, W, C]: channels last, as the kernels are
+        for block in self.blocks:
+            x = block(x, conditioning)
+        return self.head(x.mean(dim=(1, 2)))
 
 
 class TrainingModule(nn.Module):

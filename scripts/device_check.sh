@@ -13,8 +13,12 @@
 #   c         benchmarks/bench_engine.py, short, on the GPU
 #   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
 #   e         benchmarks/bench_workers.py: serve --workers 4 against 1 on the GPU
-#   f         benchmarks/bench_network.py --quick: a network's forward on the GPU, local against
-#             served (its table goes to bench.log; last: it gets what time is left)
+#   f         benchmarks/bench_network.py --quick: a network's forward (4 CKConvND layers of the
+#             reference package) on the GPU, its own kernels against served ones (`kernelgen serve`
+#             on the GPU too; dense and factored, with and without prefetch, cached unconditioned):
+#             forwards/s and each one's ratio to the local forward, calls and MB per forward, the
+#             share spent waiting for kernels (its table goes to bench.log; last: it gets what time
+#             is left)
 # Writes at most 8 files into $OUT (default reports/device): summary.txt (each step's exit
 # code and time, and whether the CUDA tests ran), env.txt (nvidia-smi, versions, the
 # requirement check), tests.log, bench.log, engine_<device>.json, batching_<device>.{json,md},
@@ -250,7 +254,9 @@ else
 fi
 
 # -- f: a whole network's forward, local against served, on the GPU ------------------------------
-# Its markdown is printed into bench.log; its files are not kept (the file limit).
+# The network and its server both on $DEVICE: served / local there is what a GPU host pays for
+# fetching kernels it could compute itself. Its markdown is printed into bench.log; its files are
+# not kept (the file limit).
 name=network_$DEVICE
 step "f bench_network.py ($DEVICE)" 90 "$BENCH_LOG" \
     "$PY" benchmarks/bench_network.py --quick --device "$DEVICE" --output "$name"

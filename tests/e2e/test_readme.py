@@ -8,7 +8,8 @@ The workspace is what a new user has after following the README from the reposit
 ``examples/example_checkpoint.py`` writes the example checkpoint and its configs, the shell blocks
 build ``models/`` from it, and the Python blocks call ``kernelgen serve`` on the embedded models
 (``make serve``; with ``--shared-memory``, which its section asks for) or on ``models/`` (the group
-example). The servers listen on free ports, named to the examples by ``KERNELGEN_TARGET``.
+example; the PyTorch examples, which import the example network from ``examples/``). The servers
+listen on free ports, named to the examples by ``KERNELGEN_TARGET``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ PLAN: dict[tuple[str, int], Python | Shell | Check | NotRun] = {
     ("A whole network: `import --all` and groups", 3): Check("every path listed exists in the workspace"),
     ("Fetching a network's kernels together", 1): Python(
         REPOSITORY, prints=("6 True", "vision-net/5 (4, 57, 57, 256)", "(4, 57, 57, 256)")
+    ),
+    ("Served kernels inside a PyTorch model", 1): Python(
+        REPOSITORY, prints=("vision-net/5\n6 1 12\nSIRENKernelND\nTrue True\n",)
+    ),
+    ("Served kernels inside a PyTorch model", 2): Python(
+        REPOSITORY,
+        prints=(
+            "layer 'blocks.0.filter': kernels are served for inference and carry no gradient; ",
+            "layer 'blocks.2.filter' (member 'vision-net/2'): the layer's weights are not the ones the "
+            "member was made from",
+        ),
     ),
     ("Benchmarks", 1): Check(
         "each command parses (not run: 48 s and 96 s of load; tests/loadtest runs the load tester)"
