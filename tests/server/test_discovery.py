@@ -111,7 +111,7 @@ def test_legacy_names_become_hidden_linears() -> None:
 
 def test_a_foreign_key_under_a_generator_is_refused() -> None:
     state = {**generator_state("k"), "k.grid_scale": torch.ones(1)}
-    assert "key 'k.grid_scale' is under generator 'k' but is no SIRENKernelND parameter" in refusal(state)
+    assert "key 'k.grid_scale' is under generator 'k' but is no generator parameter kernelgen knows" in refusal(state)
 
 
 def test_a_bias_on_some_layers_only_is_refused() -> None:
@@ -119,7 +119,7 @@ def test_a_bias_on_some_layers_only_is_refused() -> None:
     del state["k.hidden_linears.1.bias"]
     assert (
         "generator 'k' has no 'k.hidden_linears.1.bias' but has 'k.positional_embedding.linear.bias': "
-        "SIRENKernelND has a bias on every linear layer or on none"
+        "a generator has a bias on every linear layer or on none"
     ) in refusal(state)
     state = generator_state("k", use_bias=False)
     state["k.out_linear.bias"] = torch.zeros(3)

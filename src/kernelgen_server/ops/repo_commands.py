@@ -200,10 +200,6 @@ def _whole_config(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def _hashes(layer_hash: str) -> tuple[str, ...]:
-    return (layer_hash,) if layer_hash else ()
-
-
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
     from kernelgen_server.repository.checkpoint import read_training_checkpoint, training_state
@@ -213,7 +209,7 @@ def _import_all(args: argparse.Namespace) -> int:
         generator_prefixes,
         plan_network,
     )
-    from kernelgen_server.repository.layers import source_layer_hash
+    from kernelgen_server.repository.layers import source_layer_hashes
     from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
     check_model_name(args.name)
@@ -227,7 +223,7 @@ def _import_all(args: argparse.Namespace) -> int:
             plan.generator.prefix,
             plan.config,
             plan.generator.tensors,
-            _hashes(source_layer_hash(state, plan.generator.prefix)),
+            source_layer_hashes(state, plan.generator.prefix, plan.config),
         )
         for plan in plans
         if plan.config is not None
@@ -240,6 +236,7 @@ def _import_all(args: argparse.Namespace) -> int:
         print(_plan_table(args.name, plans))
         for error in errors:
             print(f"kernelgen import: error: {' '.join(str(error).split())}", file=sys.stderr)
+        _warn(plans)
         if errors:
             print(f"would write nothing: {len(errors)} generator(s) cannot be imported")
             return 2
@@ -251,6 +248,7 @@ def _import_all(args: argparse.Namespace) -> int:
         return 0
     if errors:
         raise errors[0]
+    _warn(plans)
     if unchanged:
         print(
             f"group {args.name!r} in {target} already holds these {len(plans)} generators "
@@ -264,6 +262,13 @@ def _import_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(plans: list[PlannedModel]) -> None:
+    """Each plan's notes on stderr, one line each: what was assumed or written otherwise."""
+    for plan in plans:
+        for note in plan.notes:
+            print(f"kernelgen import: warning: {' '.join(note.split())}", file=sys.stderr)
+
+
 def _plan_table(group: str, plans: list[PlannedModel]) -> str:
     """One row per generator: the model it becomes, where it came from, its config."""
 
@@ -275,7 +280,7 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
         return str(value)
 
     rows = [("MODEL", "PREFIX", "DIMS", "EMBED", "HIDDEN", "LAYERS", "OUT", "BIAS", "FILM", "L_CACHE",
-             "OMEGA_0", "PARAMS", "NOTE")]  # fmt: skip
+             "OMEGA_0", "KERNEL", "MASK", "CAUSAL", "PARAMS", "NOTE")]  # fmt: skip
     for plan in plans:
         film = plan.generator.shape_values["film"]
         film_text = "-"
@@ -286,6 +291,9 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
         notes = ["legacy names"] if plan.generator.legacy else []
         if plan.error is not None:
             notes.append("cannot be imported (below)")
+        elif plan.notes:
+            notes.append("see the warning(s) below")
+        config = plan.config
         rows.append(
             (
                 f"{group}/{plan.member}",
@@ -298,7 +306,10 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
                 "yes" if plan.value("use_bias") else "no",
                 film_text,
                 shown(plan.value("L_cache")),
-                shown(plan.value("omega_0")),
+                shown(plan.value("omega_0")) if config is None or config.omega_0 is not None else "-",
+                "?" if config is None else config.kernel.removesuffix("KernelND"),
+                _mask_text(plan),
+                "?" if config is None else "yes" if config.causal else "no",
                 str(plan.generator.parameter_count),
                 "; ".join(notes),
             )
@@ -307,6 +318,18 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def _mask_text(plan: PlannedModel) -> str:
+    """The mask column: its type (without ``ModulationND``) and parametrisation, '?' where unknown."""
+    if plan.config is None:
+        return "-" if plan.generator.mask is None else "?"
+    mask = plan.config.mask
+    if mask is None:
+        return "-"
+    text = mask.type.removesuffix("ModulationND")
+    parametrization = getattr(mask, "parametrization", None)
+    return f"{text} {parametrization}" if parametrization is not None else text
 
 
 def _report_written(verb: str, model: LoadedModel) -> int:
