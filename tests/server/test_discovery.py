@@ -111,7 +111,10 @@ def test_legacy_names_become_hidden_linears() -> None:
 
 def test_a_foreign_key_under_a_generator_is_refused() -> None:
     state = {**generator_state("k"), "k.grid_scale": torch.ones(1)}
-    assert "key 'k.grid_scale' is under generator 'k' but is no generator parameter kernelgen knows" in refusal(state)
+    assert (
+        "key 'k.grid_scale' is under generator 'k' but is no generator parameter kernelgen knows"
+        in refusal(state)
+    )
 
 
 def test_a_bias_on_some_layers_only_is_refused() -> None:
