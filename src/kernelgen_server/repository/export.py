@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from kernelgen_server.model.config import KERNELS, ModelConfig
 from kernelgen_server.model.fourier import nonlinearity_name
 from kernelgen_server.model.masks import GAUSSIAN_MASKS, MASKS
+from kernelgen_server.model.siren import kernel_grid
 from kernelgen_server.model.variants import block_schedule
 from kernelgen_server.repository.checkpoint import load_module
 from kernelgen_server.repository.discovery import ImportBase, find_generators, mask_prefix, plan_generator
@@ -63,9 +64,9 @@ __all__ = ["ExportWarning", "export", "find_layers"]
 _COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
 #: The attributes of a layer holding its generator's mask, and its causal crop.
 _MASK, _CAUSAL = "mask", "is_causal"
-#: How close a member's served kernel must be to its live layer's (relative to the kernel's
-#: magnitude): far above float32 rounding on the two grids, far below any misread setting.
-CHECK_TOLERANCE = 1e-3
+#: How close a member's served kernel must be to its live layer's on the same coordinates (relative
+#: to the kernel's magnitude): far above float32 rounding, far below any misread setting.
+CHECK_TOLERANCE = 1e-4
 
 
 class ExportWarning(UserWarning):
@@ -218,9 +219,10 @@ def _block_values(generator: Any, learnable: bool, where: str) -> dict[str, Any]
     per_block = _floats(blocks)
     exact = torch.as_tensor(blocks, dtype=torch.float64) if not isinstance(blocks, Tensor) else None
     omega_0 = float(generator.positional_embedding.omega_0) if learnable else None
-    his = {per_block[-1], max(per_block)} | ({omega_0} if omega_0 is not None else set())
-    for schedule in ("linear", "log"):
-        for high in sorted(his):
+    # The shortest decimals first (what a constructor was given), then the exact omega_0.
+    highs = list(dict.fromkeys([max(per_block), per_block[-1], *([omega_0] if omega_0 is not None else [])]))
+    for high in highs:
+        for schedule in ("linear", "log"):
             try:
                 rebuilt = block_schedule(count, per_block[0], high, schedule)
             except ValueError:
@@ -298,10 +300,9 @@ def _mask_values(live: LiveLayer) -> dict[str, Any] | None:
         section["min_std"] = float(_attribute(mask, "min_std", where))
         section["max_std"] = float(_attribute(mask, "max_std", where))
         extent = getattr(mask, "init_extent", None)
-        if extent is not None:
-            section["init_extent"] = (
-                _floats(extent) if isinstance(extent, Sequence | Tensor) else float(extent)
-            )
+        if extent is not None:  # only the initialisation; one number where every axis has it
+            extents = _floats(extent) if isinstance(extent, Sequence | Tensor) else [float(extent)]
+            section["init_extent"] = extents[0] if len(set(extents)) == 1 else extents
     else:
         section["fast_decay_pct"] = float(_attribute(mask, "fast_decay_pct", where))
         section["slow_decay_pct"] = float(_attribute(mask, "slow_decay_pct", where))
@@ -333,6 +334,8 @@ def _member(index: int, live: LiveLayer, label: Path, check: bool) -> tuple[NewM
     if generator.prefix != live.source:
         raise ValueError(f"{live.where()}: its tensors were found under {generator.prefix!r}")
     config, notes = plan_generator(generator, base, label)
+    history = _grid_history(live, config.cache_lens)
+    notes = (*notes, *([history] if history is not None else []))
     if check:
         _check(live, config, generator.tensors, label)
     hashes: tuple[str, ...] = ()
@@ -341,15 +344,42 @@ def _member(index: int, live: LiveLayer, label: Path, check: bool) -> tuple[NewM
     return NewMember(str(index), live.source, config, generator.tensors, hashes), notes
 
 
+def _grid_history(live: LiveLayer, cache_lens: Sequence[int]) -> str | None:
+    """A note when the live generator's grid has grown past L_cache onto another step (the package
+    grows it in place from its current extent, so a second growth changes the step), else None."""
+    embedding = live.generator.positional_embedding
+    cache, grown = getattr(embedding, "grid_cache", None), getattr(embedding, "L_cache_per_axis", None)
+    if not isinstance(cache, Tensor) or grown is None or tuple(grown) == tuple(cache_lens):
+        return None
+    for axis, length in enumerate(cache_lens):
+        line = cache[(0, *(slice(None) if i == axis else 0 for i in range(len(cache_lens))), axis)]
+        step = float(line[-1] - line[0]) / (line.numel() - 1)
+        if abs(step * (length - 1) - 1.0) > 1e-5:
+            return (
+                f"{live.where()}: its grid has grown past L_cache {tuple(cache_lens)} to {tuple(grown)} more "
+                f"than once, and its step on axis {axis} is now {step:.6g}, not 1/(L_cache - 1): the live "
+                "layer's kernels now depend on its history; kernelgen serves what the layer computes freshly "
+                "loaded (docs/architecture.md, 'Grid past L_cache')"
+            )
+    return None
+
+
 def _check(live: LiveLayer, config: ModelConfig, tensors: Mapping[str, Tensor], label: Path) -> None:
-    """The member's served kernel at ``seq_lens = L_cache`` against the live layer's, on a float32 copy."""
+    """The member's served kernel at ``seq_lens = L_cache`` against the live layer's, on a float32 copy
+    of the layer evaluated on kernelgen's coordinates: a generator keeping a grid cache (the
+    package's) has it replaced by kernelgen's grid, so neither float32 rounding of the two grids nor
+    the cache's history plays a part, and the two compute one function of the same inputs."""
     served = load_module(config, tensors, label)
     lens = list(config.cache_lens)
     conditionings: list[Tensor | None] = [None]
     if config.cond_dim is not None:
         conditionings.append(torch.linspace(-1.0, 1.0, 2 * config.cond_dim).reshape(2, config.cond_dim))
     for conditioning in conditionings:
-        generator = copy.deepcopy(live.generator).to("cpu", torch.float32)
+        generator: Any = copy.deepcopy(live.generator).to("cpu", torch.float32)
+        embedding = generator.positional_embedding
+        if hasattr(embedding, "grid_cache") and hasattr(embedding, "L_cache_per_axis"):
+            embedding.grid_cache = kernel_grid(lens, lens)
+            embedding.L_cache_per_axis = tuple(lens)
         mask = None if live.mask is None else copy.deepcopy(live.mask).to("cpu", torch.float32)
         with torch.no_grad():
             theirs, grid = generator(lens, conditioning=conditioning)
