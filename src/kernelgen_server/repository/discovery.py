@@ -174,7 +174,17 @@ class LayerMask:
         return MASK_TENSORS[self.name]
 
     def describe(self) -> str:
-        return f"{self.key!r} {list(self.shape)}, a {' or '.join(self.types)}'s {self.name}"
+        return f"{self.key!r} {list(self.shape)}, as {' and '.join(self.types)} hold"
+
+    def example(self) -> str:
+        """The ``mask`` entry a base writes for a mask holding this tensor."""
+        if self.name == "std_param":
+            return (
+                '{"type": "GaussianModulationND" or "BlockAlignedGaussianModulationND", "parametrization": '
+                '"direct", "log" or "softplus"} (with its clamps where they are not the layer\'s defaults: '
+                "grid_size, min_attenuation_at_step, max_attenuation_at_limit, or min_std and max_std)"
+            )
+        return '{"type": "ExponentialModulationND"}'
 
 
 @dataclass(frozen=True)
@@ -678,11 +688,15 @@ def plan_generator(generator: Generator, base: ImportBase, path: Path) -> tuple[
     missing = [name for name in (*required, "L_cache") if name not in given]
     if missing:
         names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        mask = generator.mask
+        also = ""
+        if mask is not None and given.get("mask") is None:
+            also = f'; its layer\'s mask ({mask.describe()}) needs "mask": {mask.example()} too'
         raise ConfigError(
             Path(base.source),
             f"generator {prefix!r} needs {names}, which the weights cannot tell"
             f"{f' ({kind})' if kind != 'SIRENKernelND' else ''}: give {'them' if len(missing) > 1 else 'it'} "
-            f"in --config BASE, for every generator, or under overrides[{prefix!r}]",
+            f"in --config BASE, for every generator, or under overrides[{prefix!r}]{also}",
         )
     data_dim = generator.shape_values["data_dim"]
     lengths = given["L_cache"]
@@ -773,20 +787,12 @@ def _mask_section(
             )
         return None
     if section is None:
-        if found.name == "std_param":
-            example = (
-                '{"type": "GaussianModulationND" or "BlockAlignedGaussianModulationND", "parametrization": '
-                '"direct", "log" or "softplus"} (with its clamps where they are not the layer\'s defaults: '
-                "grid_size, min_attenuation_at_step, max_attenuation_at_limit, or min_std and max_std)"
-            )
-        else:
-            example = '{"type": "ExponentialModulationND"}'
         stated = "sets mask null" if "mask" in given else "describes no mask"
         raise ConfigError(
             Path(base.source),
             f"generator {prefix!r}: its layer {_layer_name(prefix)} has a mask ({found.describe()}) whose "
             f"class and settings the weights cannot tell, and {origin.get('mask', base.source)} {stated}: "
-            f'add "mask": {example} to --config BASE, for every masked layer, or under '
+            f'add "mask": {found.example()} to --config BASE, for every masked layer, or under '
             f"overrides[{prefix!r}]; a kernel is never imported without its mask",
         )
     section = dict(section)
