@@ -716,9 +716,9 @@ def plan_generator(generator: Generator, base: ImportBase, path: Path) -> tuple[
         # the config refuses one its class does not take.
         if name not in SHAPE_FIELDS and name not in _SERVING and (name in takes or name in overridden):
             values[name] = value
-    mask = _mask_section(generator, given, origin, overridden, base, path)
-    if mask is not None:
-        values["mask"] = mask
+    section = _mask_section(generator, given, origin, overridden, base, path)
+    if section is not None:
+        values["mask"] = section
     if "causal" in overridden or ("causal" in given and data_dim == 1):  # a base's causal is the 1-D layers'
         values["causal"] = given["causal"]
     elif data_dim == 1:
