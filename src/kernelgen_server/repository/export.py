@@ -203,7 +203,7 @@ def _cache_lengths(generator: Any, where: str) -> int | list[int]:
             f"{where}: L_cache is {raw!r} but its grid's step is {tuple(steps)}: L_cache was changed after "
             "the generator was built; nothing written"
         )
-    return lengths if isinstance(raw, Sequence) else int(raw)
+    return lengths[0] if len(set(lengths)) == 1 else lengths  # one int for every axis where they agree
 
 
 def _block_values(generator: Any, learnable: bool, where: str) -> dict[str, Any]:
