@@ -1,9 +1,10 @@
 """``kernelgen init | import | inspect``: make and examine model repositories.
 
 ``import --prefix P`` copies one kernel generator out of a training
-checkpoint; ``import --all`` finds every generator of a trained network,
-infers each config from the tensor shapes and writes them as one group
-(``discovery``, ``repository.write_group``).
+checkpoint; ``import --all`` finds every generator of a trained network with
+its layer's mask, infers each config from the tensors and the base config and
+writes them as one group (``discovery``, ``repository.write_group``); what the
+base left unsaid or said in vain is printed as warnings on stderr.
 
 The ``kernelgen`` command builds its parser from ``register``, so importing
 this module must stay cheap: torch and everything that needs it are imported
@@ -62,11 +63,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "import",
         help="extract kernel generators from a training checkpoint",
         description=(
-            "Copy one SIRENKernelND out of a training checkpoint (--prefix, checked strictly against "
+            "Copy one kernel generator out of a training checkpoint (--prefix, checked strictly against "
             "--config), or every one of them (--all) as a group NAME/0, NAME/1, ... in prefix order, "
-            "each config inferred from the tensor shapes; --config BASE then gives what the weights "
-            "cannot tell (omega_0, L_cache, hidden_omega_0), with per-generator 'overrides' keyed by "
-            "prefix. Checkpoints: .pt/.ckpt/.pth read with weights_only=True, .safetensors, sharded "
+            "each with its layer's mask (<layer>.mask.*) and its config inferred from the tensors (sizes, "
+            "generator family); --config BASE then gives what the weights cannot tell (omega_0, L_cache, "
+            "the generator class and its other arguments, each masked layer's 'mask', 'causal'), with "
+            "per-generator 'overrides' keyed by prefix. Checkpoints: .pt/.ckpt/.pth read with "
+            "weights_only=True, .safetensors, sharded "
             "safetensors (their *.safetensors.index.json, or the folder holding it). The state may be "
             "wrapped under 'state_dict'; legacy kernel_network.{2i} names become hidden_linears.{i}."
         ),
