@@ -7,7 +7,8 @@
 #
 # Steps, each under its own time budget, each run whatever the others did:
 #   install   the wheels into $SITE (ahead of the image's packages on PYTHONPATH)
-#   a         tests/server/test_engine.py; its CUDA tests must run, not skip
+#   a         tests/server/test_engine.py and the served models' CUDA test (every generator,
+#             masked, causal: tests/server/test_served_engine.py); the CUDA tests must run, not skip
 #   b         the integration tests of the served path (in-process servers, device "auto")
 #   c         benchmarks/bench_engine.py, short, on the GPU
 #   d         benchmarks/bench_batching.py --seconds 1 --rounds 1, servers on the GPU, 4 client processes
@@ -180,9 +181,10 @@ else
 fi
 
 # -- a: engine unit tests, the CUDA ones included ----------------------------------------------
-step "a test_engine.py" 120 "$TESTS_LOG" \
-    "$PY" -m pytest tests/server/test_engine.py -v -p no:cacheprovider --timeout 120 \
-    --junitxml "$WORK/engine.xml"
+step "a test_engine.py" 150 "$TESTS_LOG" \
+    "$PY" -m pytest tests/server/test_engine.py \
+    tests/server/test_served_engine.py::test_cuda_serves_what_cpu_serves -v -p no:cacheprovider \
+    --timeout 120 --junitxml "$WORK/engine.xml"
 junit_summary "$WORK/engine.xml" >"$WORK/engine.txt"
 grep -v '^cuda_skipped=' "$WORK/engine.txt" | tee -a "$SUMMARY"
 skipped=$(sed -n 's/^cuda_skipped=//p' "$WORK/engine.txt")

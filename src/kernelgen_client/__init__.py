@@ -53,7 +53,7 @@ from kernelgen_wire.malloc import tune_malloc
 if TYPE_CHECKING:
     from kernelgen_client.aio import AsyncKernelClient
     from kernelgen_client.client import KernelClient
-    from kernelgen_client.factored import FactoredKernel, OutputHead
+    from kernelgen_client.factored import FactoredKernel, KernelMask, OutputHead
     from kernelgen_client.shared_memory import SharedMemoryPolicy
 
 
@@ -85,6 +85,7 @@ __all__ = [
     "InternalServerError",
     "InvalidRequest",
     "KernelClient",
+    "KernelMask",
     "KernelResult",
     "KernelServiceError",
     "KernelTooLarge",
@@ -114,6 +115,7 @@ _LAZY = {
     "KernelClient": "kernelgen_client.client",
     "AsyncKernelClient": "kernelgen_client.aio",
     "FactoredKernel": "kernelgen_client.factored",
+    "KernelMask": "kernelgen_client.factored",
     "OutputHead": "kernelgen_client.factored",
     "SharedMemoryPolicy": "kernelgen_client.shared_memory",
 }

@@ -156,7 +156,7 @@ def predict_bytes(
     config = info.config
     if config is None:
         return 0
-    spatial = kernel_spatial(seq_lens)
+    spatial = kernel_spatial(seq_lens, config.causal)
     grid = tensor_bytes((1, *spatial, config.data_dim), GRID_DTYPE) if return_grid else 0
     width = config.mlp_hidden_dim if factored else config.out_dim
     return tensor_bytes((rows, *spatial, width), wire) + grid
@@ -167,7 +167,8 @@ def head_bytes(info: ModelInfo) -> int:
     config = info.config
     if config is None:
         return 0
-    return 4 * config.out_dim * (config.mlp_hidden_dim + (1 if config.use_bias else 0))
+    rows = config.mlp_hidden_dim + (1 if config.use_bias else 0) + (config.data_dim if config.mask else 0)
+    return 4 * config.out_dim * rows
 
 
 @dataclass

@@ -36,6 +36,7 @@ from kernelgen_client.errors import (
     Unavailable,
 )
 from kernelgen_wire.metadata import Reason
+from kernelgen_wire.sizes import kernel_spatial
 
 if TYPE_CHECKING:
     from kernelgen_client.results import KernelResult, ModelInfo
@@ -415,10 +416,12 @@ def _flops(args: argparse.Namespace) -> int:
 
     with KernelClient(**client_kwargs(args)) as client:
         report = client.flop_count(args.model, args.seq_lens, inference=args.inference)
+        config = None if args.json else client.get_model(args.model).config
     if args.json:
         print(json.dumps(asdict(report)))
     else:
-        shape = "x".join(str(2 * s - 1) for s in args.seq_lens)
+        causal = config is not None and config.causal
+        shape = "x".join(map(str, kernel_spatial(args.seq_lens, causal)))
         print(
             f"{args.model} seq_lens {','.join(map(str, args.seq_lens))}: {report.flops} FLOPs"
             f"{' (inference)' if args.inference else ''}, kernel {shape} ({report.grid_points} points),"

@@ -3,7 +3,9 @@
 A SIREN kernel ends in one linear layer that FiLM never modulates, so every
 kernel of a model is ``factors @ output_head.weight_t + output_head.bias``:
 ``factors`` is ``[B, *spatial, hidden]``, the output head ``[hidden, out_dim]``
-and ``[out_dim]``. With ``hidden`` much smaller than ``out_dim`` the factors
+and ``[out_dim]``. A masked model's kernel is that times its mask, a product
+over axes that the output head describes by its parameters (``KernelMask``)
+and that is computed here on each kernel's grid. With ``hidden`` much smaller than ``out_dim`` the factors
 are many times smaller than the kernel, and the output head is fetched once
 per model.
 
@@ -12,7 +14,9 @@ of the last GEMM, done here instead of on the server (a few units of float32
 rounding of ``sum_i |factors_i * weight_t[i, j]|``; tests hold it within
 ``1e-5 x max|kernel|``). bfloat16 and float16 factors round each factor once
 (relative ``2**-8`` and ``2**-11``), so each kernel element is off by at most
-that much of ``sum_i |factors_i * weight_t[i, j]|``.
+that much of ``sum_i |factors_i * weight_t[i, j]|``. A mask (at most 1) adds
+a few float32 roundings of its value: the client computes it in float64 from
+the head's parameters, the server in float32 as the reference does.
 """
 
 from __future__ import annotations
@@ -25,28 +29,65 @@ import numpy as np
 import numpy.typing as npt
 
 from kernelgen_client.errors import MalformedResponse
+from kernelgen_wire.masks import MASK_FORMS, mask_values
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FactoredKernel", "OutputHead"]
+__all__ = ["FactoredKernel", "KernelMask", "OutputHead"]
 
 ArrayT = TypeVar("ArrayT")
 
 
 @dataclass(frozen=True, eq=False)
+class KernelMask:
+    """The mask of a masked model: ``kernel = mask * (factors @ weight_t + bias)``.
+
+    A product over axes, per output channel, of ``form``'s factor
+    (``kernelgen_wire.masks``) with ``parameter[d, c]`` (``[data_dim, out_dim]``
+    float32), on the kernel's grid (coordinates from ``L_cache`` and ``causal``).
+    """
+
+    form: int  # a kernelgen.v1.MaskForm value
+    parameter: npt.NDArray[np.float32]
+    L_cache: tuple[int, ...]
+    causal: bool
+
+    @classmethod
+    def from_pb(cls, message: pb.KernelMask, out_dim: int) -> KernelMask:
+        if message.form not in MASK_FORMS:
+            raise MalformedResponse(f"an output head's mask has an unknown form {message.form}")
+        parameter = _float32(message.parameter, 2, "mask parameter")
+        cache = tuple(int(n) for n in message.L_cache)
+        if parameter.shape != (len(cache), out_dim) or min(cache, default=0) < 2:
+            raise MalformedResponse(
+                f"an output head's mask parameter of shape {list(parameter.shape)} does not fit "
+                f"{len(cache)} axes (L_cache {list(cache)}) of {out_dim} outputs"
+            )
+        return cls(int(message.form), parameter, cache, bool(message.causal))
+
+    def values(self, spatial: tuple[int, ...]) -> npt.NDArray[np.float32]:
+        """The mask on the grid of a kernel of ``spatial`` shape: ``[*spatial, out_dim]`` float32."""
+        if len(spatial) != len(self.L_cache):
+            raise MalformedResponse(f"a {len(spatial)}-D kernel for a mask over {len(self.L_cache)} axes")
+        return mask_values(self.form, self.parameter, spatial, self.L_cache, self.causal)
+
+
+@dataclass(frozen=True, eq=False)
 class OutputHead:
-    """A model's last linear layer: ``kernel = factors @ weight_t + bias``.
+    """A model's last linear layer: ``kernel = factors @ weight_t + bias``, times ``mask`` where set.
 
     ``weight_t`` is ``[hidden, out_dim]`` and ``bias`` ``[out_dim]`` (``None``
-    for a model without biases), float32, read-only. ``head_hash`` names it in
-    every factored response; a client fetches each output head once.
+    for a model without biases), float32, read-only; ``mask`` is the mask of
+    a masked model (``None`` without one). ``head_hash`` names it in every
+    factored response; a client fetches each output head once.
     """
 
     head_hash: str
     weight_t: npt.NDArray[np.float32]
     bias: npt.NDArray[np.float32] | None
+    mask: KernelMask | None = None
     _on_devices: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -72,7 +113,8 @@ class OutputHead:
             )
         if not message.head_hash:
             raise MalformedResponse("an output head came without its hash")
-        return cls(message.head_hash, weight_t, bias)
+        mask = KernelMask.from_pb(message.mask, weight_t.shape[1]) if message.HasField("mask") else None
+        return cls(message.head_hash, weight_t, bias, mask)
 
     def torch(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight_t, bias)`` as float32 torch tensors on ``device``, copied there once."""
@@ -165,7 +207,15 @@ class FactoredKernel(Generic[ArrayT]):
         np.matmul(flat, self.output_head.weight_t, out=rows)
         if self.output_head.bias is not None:
             rows += self.output_head.bias
+        mask = self._mask()
+        if mask is not None:
+            result *= mask
         return result
+
+    def _mask(self) -> npt.NDArray[np.float32] | None:
+        """The mask on this kernel's grid, ``[*spatial, out_dim]``, or None for an unmasked model."""
+        mask = self.output_head.mask
+        return None if mask is None else mask.values(self.shape[1:-1])
 
     def _dense_torch(self, out: Any, device: torch.device | str | None) -> torch.Tensor:
         import torch
@@ -182,6 +232,9 @@ class FactoredKernel(Generic[ArrayT]):
             torch.mm(flat, weight_t, out=rows)
         else:
             torch.addmm(bias, flat, weight_t, out=rows)
+        mask = self._mask()
+        if mask is not None:
+            result.mul_(torch.from_numpy(mask).to(target))
         return result
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> npt.NDArray[Any]:

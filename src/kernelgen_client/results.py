@@ -85,7 +85,7 @@ class FiLMConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ``SIRENKernelND`` constructor arguments of a served model.
+    """A served model's generator arguments, and what its layer does with the kernel.
 
     Example::
 
@@ -105,6 +105,12 @@ class ModelConfig:
     film_after_pos_embed: bool
     #: ``None`` when the model takes no conditioning.
     film: FiLMConfig | None
+    #: The generator's class (``"SIRENKernelND"`` or a variant); its own arguments are in config.json.
+    kernel: str = "SIRENKernelND"
+    #: The class of the mask the kernel is multiplied by, or ``None`` without one.
+    mask: str | None = None
+    #: A causal 1-D kernel: ``s`` points from the centre on instead of ``2*s - 1``.
+    causal: bool = False
 
     @property
     def cond_dim(self) -> int | None:

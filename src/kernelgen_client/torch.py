@@ -315,7 +315,7 @@ class RemoteKernel(nn.Module):
     @property
     def _causal(self) -> bool:
         config = self.info.config
-        return bool(getattr(config, "causal", False))
+        return config is not None and config.causal
 
     @property
     def _wire_dtype(self) -> str:
@@ -661,17 +661,23 @@ def _check(path: str, layer: nn.Module, attribute: str, member: ModelInfo) -> No
         if have is not None and int(have) != want:
             raise LayerMismatch(f"{where}: the layer's {name} is {have}, the member's {want}")
     causal = bool(getattr(layer, "is_causal", False))
-    if causal != bool(getattr(config, "causal", False)):
+    if causal != config.causal:
         raise LayerMismatch(
             f"{where}: the layer is {'' if causal else 'not '}causal, the member is "
-            f"{'' if getattr(config, 'causal', False) else 'not '}"
+            f"{'' if config.causal else 'not '}"
         )
     mask = getattr(layer, MASK, None)
-    applies_mask = getattr(config, "mask", None) is not None
-    if mask is not None and not isinstance(mask, nn.Identity) and not applies_mask:
+    layer_mask = None if mask is None or isinstance(mask, nn.Identity) else type(mask).__name__
+    if layer_mask != config.mask:
+        if layer_mask is None:
+            raise LayerMismatch(
+                f"{where}: the member applies a {config.mask} mask the layer does not have; "
+                "export or import the network again"
+            )
         raise LayerMismatch(
-            f"{where}: the layer masks its kernel ({type(mask).__name__}) but the member has no mask; "
-            "serving it would drop the mask"
+            f"{where}: the layer masks its kernel ({layer_mask}) but the member "
+            f"{'has no mask' if config.mask is None else f'applies a {config.mask}'}; "
+            "serving it would not give the layer's kernel"
         )
 
 

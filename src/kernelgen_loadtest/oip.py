@@ -239,6 +239,7 @@ class OipClient:
         assert self._pool is not None
         rows = 1 if conditioning is None or np.ndim(conditioning) == 1 else len(conditioning)
         width = await self._width(model, factored)
+        # The size of a symmetric kernel: a causal model's (s points on its axis, not 2s - 1) fits too.
         size = tensor_bytes((rows, *kernel_spatial(lens), width), DTYPE_BY_NAME[dtype])
         lease = self._pool.acquire(size)
         if lease is None:

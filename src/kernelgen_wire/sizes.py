@@ -14,15 +14,30 @@ from collections.abc import Sequence
 from kernelgen_wire.dtypes import itemsize
 from kernelgen_wire.v1 import kernelgen_pb2 as pb
 
-__all__ = ["GRID_DTYPE", "kernel_spatial", "tensor_bytes"]
+__all__ = ["GRID_DTYPE", "kernel_spatial", "seq_lens_of", "tensor_bytes"]
 
 #: The wire dtype of a coordinate grid: always float32, whatever the kernel's dtype.
 GRID_DTYPE = pb.DTYPE_FLOAT32
 
 
-def kernel_spatial(seq_lens: Sequence[int]) -> tuple[int, ...]:
-    """A kernel's spatial shape for ``seq_lens``: ``2 * s - 1`` grid points on each axis."""
-    return tuple(2 * int(s) - 1 for s in seq_lens)
+def kernel_spatial(seq_lens: Sequence[int], causal: bool = False) -> tuple[int, ...]:
+    """A kernel's spatial shape for ``seq_lens``: ``2 * s - 1`` grid points on each axis.
+
+    ``causal``: a causal (1-D) model's kernel keeps the centre and the positive
+    half of its first axis, ``s`` points (``kernelgen_wire.grids``).
+    """
+    shape = [2 * int(s) - 1 for s in seq_lens]
+    if causal and shape:
+        shape[0] = int(seq_lens[0])
+    return tuple(shape)
+
+
+def seq_lens_of(spatial: Sequence[int], causal: bool = False) -> tuple[int, ...]:
+    """The ``seq_lens`` whose kernel has ``spatial`` shape: the inverse of ``kernel_spatial``."""
+    lens = [(int(n) + 1) // 2 for n in spatial]
+    if causal and lens:
+        lens[0] = int(spatial[0])
+    return tuple(lens)
 
 
 def tensor_bytes(shape: Sequence[int], dtype: int) -> int:

@@ -139,9 +139,9 @@ async def test_the_smallest_covering_kernel_is_the_source(
     sources: list[tuple[int, ...]] = []
     cut = core.centre
 
-    def spy(kernel: Payload, spatial: Any) -> Payload:
+    def spy(kernel: Payload, spatial: Any, *, causal: bool = False) -> Payload:
         sources.append(kernel.shape)
-        return cut(kernel, spatial)
+        return cut(kernel, spatial, causal=causal)
 
     monkeypatch.setattr(core, "centre", spy)
     await service.generate("hyena-2d", (4, 9), None, F32, False)

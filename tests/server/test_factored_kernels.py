@@ -323,6 +323,6 @@ def test_the_head_and_its_hash(embedded_models: Any, tmp_path: Path) -> None:
 
 def test_the_output_head_has_the_message_field_order_on_both_ends() -> None:
     message = [f.name for f in sorted(pb.OutputHead.DESCRIPTOR.fields, key=lambda f: f.number)]
-    assert message == ["head_hash", "weight_t", "bias"]
+    assert message == ["head_hash", "weight_t", "bias", "mask"]
     for head_type in (OutputHead, ServerHead):
         assert [f.name for f in dataclasses.fields(head_type) if not f.name.startswith("_")] == message

@@ -54,7 +54,7 @@ def test_a_config_without_the_new_keys_is_today_s_model() -> None:
     tensors = plain.build(seed=0).state_dict()
     assert content_hash(plain, tensors) == content_hash(spelled, tensors)
     model = plain.build(seed=0)
-    assert model.siren_form() is model.generator and model.mask is None and not model.causal
+    assert model.kind == "SIRENKernelND" and model.mask is None and not model.causal
 
 
 def test_the_canonical_form_names_the_new_keys_when_they_are_not_the_defaults() -> None:
@@ -216,20 +216,16 @@ def test_a_learnable_omega_scale_of_the_wrong_shape_is_named(tmp_path: Path) -> 
         load_model(folder)
 
 
-def test_the_repository_refuses_what_the_engine_does_not_compute_yet(tmp_path: Path) -> None:
+def test_the_repository_serves_every_generator_mask_and_crop(tmp_path: Path) -> None:
     _write(tmp_path, "masked", MASKED)
     _write(tmp_path, "learnable", LEARNABLE)
     _write(tmp_path, "causal", {**BASE, "data_dim": 1, "L_cache": 7, "causal": True})
     _write(tmp_path, "blocks", BLOCKS)
     _write(tmp_path, "plain", BASE)
     repository = ModelRepository.load(tmp_path)
-    assert set(repository.ready) == {"plain"}
-    reasons = {name: failed.reason for name, failed in repository.failed.items()}
-    assert "GaussianModulationND masks" in reasons["masked"]
-    assert "LearnableOmegaSIRENKernelND generators" in reasons["learnable"]
-    assert "causal crops" in reasons["causal"]
-    assert "BlockDiagonalMultiOmegaSIRENKernelND generators" in reasons["blocks"]
-    assert all("does not serve" in reason and str(tmp_path) in reason for reason in reasons.values())
+    assert set(repository.ready) == {"masked", "learnable", "causal", "blocks", "plain"}, repository.failed
+    assert repository.ready["masked"].module.mask is not None
+    assert repository.ready["causal"].module.causal
 
 
 def test_the_engine_serves_a_block_diagonal_multi_omega_model_as_its_forward(tmp_path: Path) -> None:
@@ -242,11 +238,6 @@ def test_the_engine_serves_a_block_diagonal_multi_omega_model_as_its_forward(tmp
         conditioned, _ = model.module((4, 6), conditioning)
     torch.testing.assert_close(engine.unconditioned((4, 6)), plain, rtol=0, atol=2e-6)
     torch.testing.assert_close(engine.conditioned((4, 6), [conditioning]), conditioned, rtol=0, atol=2e-6)
-
-
-def test_the_engine_refuses_a_model_it_would_serve_wrong() -> None:
-    with pytest.raises(ValueError, match=r"with a mask"):
-        KernelEngine(ModelConfig.from_dict(MASKED).build(seed=0))
 
 
 def test_the_reference_network_trains_out_of_range_and_saves_a_lightning_checkpoint(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ class Planner:
         if any(v < 1 for v in values):
             raise InvalidRequest(f"seq_lens must all be >= 1, got {list(values)}")
         lens = tuple(int(v) for v in values)
-        spatial = kernel_spatial(lens)
+        spatial = kernel_spatial(lens, model.module.causal)
         points = math.prod(spatial)
         limit = self._settings.max_grid_points
         if points > limit:

@@ -165,8 +165,8 @@ class KernelService:
     def flop_count(self, name: str, seq_lens: Sequence[int], inference: bool) -> FlopSummary:
         model = self.model(name)
         lens = self.planner.seq_lens(model, seq_lens)
-        spatial = kernel_spatial(lens)
         module = model.module
+        spatial = kernel_spatial(lens, module.causal)
         return FlopSummary(
             flops=module.flop_count(lens, inference=inference),
             grid_points=math.prod(spatial),
@@ -353,7 +353,7 @@ class KernelService:
         def cut(larger: EncodedKernel) -> EncodedKernel:
             # Grid points are independent, so a factored kernel's centre is the centre's factors.
             start = time.perf_counter()
-            kernel = encode(centre(larger.payload, plan.spatial), head_hash)
+            kernel = encode(centre(larger.payload, plan.spatial, causal=model.module.causal), head_hash)
             timing["compute_s"] = time.perf_counter() - start
             return kernel
 

@@ -2,8 +2,11 @@
 
 The grid of ``seq_lens`` ``n`` is, bit for bit, the centre of the grid of any
 ``m >= n`` (axis by axis) of the same model (``model.siren.axis_coordinates``),
-and grid points are independent, so the kernel of ``n`` (or its factors) is
-the centre of the kernel of ``m``: cutting it is exact.
+and grid points are independent (the generator and the mask alike: a masked
+kernel is the kernel times the mask point by point), so the kernel of ``n``
+(or its factors) is the centre of the kernel of ``m``: cutting it is exact.
+A causal kernel's axis starts at the centre, so there the kernel of ``n`` is
+the first ``n`` points of that of ``m``.
 """
 
 from __future__ import annotations
@@ -23,15 +26,23 @@ def covers(larger: Sequence[int], lens: Sequence[int]) -> bool:
     return tuple(larger) != tuple(lens) and all(m >= n for m, n in zip(larger, lens, strict=True))
 
 
-def centre(kernel: Payload, spatial: Sequence[int]) -> Payload:
+def centre(kernel: Payload, spatial: Sequence[int], *, causal: bool = False) -> Payload:
     """The central ``spatial`` block of a ``[B, *S, C]`` kernel, as a new contiguous payload.
 
-    Every ``S_i - spatial_i`` must be even and >= 0.
+    Every ``S_i - spatial_i`` must be even and >= 0; ``causal``: the first axis
+    keeps its first ``spatial_0`` points instead (any ``S_0 >= spatial_0``).
     """
     big = kernel.shape[1:-1]
-    if len(big) != len(spatial) or any(b < s or (b - s) % 2 for b, s in zip(big, spatial, strict=True)):
+    # A causal kernel's one axis is cut from its start, every other axis around its centre.
+    from_start = [causal and axis == 0 for axis in range(len(big))]
+    if len(big) != len(spatial) or any(
+        b < s or (not first and (b - s) % 2) for b, s, first in zip(big, spatial, from_start, strict=True)
+    ):
         raise ValueError(f"no centred {list(spatial)} block in a kernel of shape {list(kernel.shape)}")
     array = np.frombuffer(kernel.data, NUMPY_LAYOUTS[kernel.dtype]).reshape(kernel.shape)
-    middle = [slice((b - s) // 2, (b + s) // 2) for b, s in zip(big, spatial, strict=True)]
+    middle = [
+        slice(0, s) if first else slice((b - s) // 2, (b + s) // 2)
+        for b, s, first in zip(big, spatial, from_start, strict=True)
+    ]
     block = array[(slice(None), *middle, slice(None))]
     return Payload.from_array(np.ascontiguousarray(block), kernel.dtype)

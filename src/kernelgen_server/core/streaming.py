@@ -207,9 +207,10 @@ class TiledStream(KernelStream):
     async def _grid(self, points: int) -> AsyncIterator[StreamData]:
         plan = self._plan
         point_bytes = tensor_bytes((len(plan.lens),), GRID_DTYPE)
-        cache_lens = tuple(plan.model.module.L_cache)
+        module = plan.model.module
+        cache_lens, causal = tuple(module.L_cache), module.causal
         for tile in tiles(1, points, point_bytes, self._tile_bytes):
             coordinates = await self._threads.on_host(
-                functools.partial(tile_coordinates, plan.lens, cache_lens, tile.start, tile.stop)
+                functools.partial(tile_coordinates, plan.lens, cache_lens, tile.start, tile.stop, causal)
             )
             yield StreamData(plan.kernel_bytes + tile.offset, to_payload(coordinates).data)

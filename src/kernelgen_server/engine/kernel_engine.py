@@ -1,4 +1,4 @@
-"""Fast kernel inference for one loaded ``SIRENKernelND`` on one device.
+"""Fast kernel inference for one served model on one device.
 
 Pure torch, no serving concerns; the service calls each engine from its one
 device thread. The engine evaluates the reference function (``model``; see
@@ -40,6 +40,7 @@ invariance for fewer, larger calls; rows then agree to float32 rounding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ from torch import Tensor, nn
 from kernelgen_server.engine.memory import ALIGN as _ALIGN
 from kernelgen_server.engine.memory import HostBufferPool, PrefixCache, PrefixCacheInfo
 from kernelgen_server.errors import ConditioningNotSupported, InvalidRequest
-from kernelgen_server.model.served import ServedModel
-from kernelgen_server.model.siren import SIRENKernelND, axis_coordinates, kernel_grid, normalize_lengths
+from kernelgen_server.model.masks import Mask
+from kernelgen_server.model.served import ServedModel, has_siren_forward, output_axes, output_grid
+from kernelgen_server.model.siren import KernelGenerator, normalize_lengths
 from kernelgen_wire.sizes import kernel_spatial
 
 __all__ = [
@@ -109,10 +111,19 @@ def _linear(module: nn.Module) -> nn.Linear:
 
 
 class KernelEngine:
-    """Computes the kernels of one ``SIRENKernelND`` on one device, in float32.
+    """Computes the kernels of one served model on one device, in float32.
 
-    A ``ServedModel`` is served when its kernel is a SIREN's (``siren_form()``);
-    any other is refused with ``ValueError``.
+    Any generator (``KernelGenerator``: an embedding, hidden linears each
+    followed by the activation, FiLM on the activations, ``out_linear``), then
+    the mask, on the served grid (``ServedModel.grid``: a causal model's is
+    cropped, so the crop costs nothing). The embedding is the generator's own
+    module unless it is a SIREN's plain ``sin(W_0 x + b_0)``, which is computed
+    here; either way it is part of the shared prefix. The mask is evaluated by
+    the model's own module on the flattened grid (every mask is pointwise), in
+    float32 as the reference does, once per grid shape (cached with the
+    prefixes), and multiplies each float32 kernel row before it is cast; the
+    factors are never masked (the client applies the mask the output head
+    describes).
 
     ``batched=False`` (default) evaluates conditioned rows one at a time, bitwise
     independent of the batch; ``True`` evaluates chunks of rows with batched GEMMs
@@ -123,7 +134,7 @@ class KernelEngine:
 
     def __init__(
         self,
-        served: ServedModel | SIRENKernelND,
+        served: ServedModel | KernelGenerator,
         device: torch.device | str = "cpu",
         *,
         prefix_cache_bytes: int = 64 << 20,
@@ -131,13 +142,8 @@ class KernelEngine:
         chunk_bytes: int = 32 << 20,
         host_pool: HostBufferPool | None = None,
     ) -> None:
-        model = served.siren_form() if isinstance(served, ServedModel) else served
-        if model is None:
-            assert isinstance(served, ServedModel)
-            raise ValueError(
-                f"the engine serves a SIRENKernelND's kernel, not a {served.kind}"
-                f"{' with a mask' if served.mask is not None else ''}{', causal' if served.causal else ''}"
-            )
+        served = served if isinstance(served, ServedModel) else ServedModel(served)
+        model = served.generator
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -145,6 +151,8 @@ class KernelEngine:
         self.hidden_dim = model.mlp_hidden_dim
         self.data_dim = model.data_dim
         self.cond_dim = model.cond_dim
+        self.causal = served.causal
+        self.masked = served.mask is not None
         self.batched = batched
         self._cache_lens = model.L_cache
         self._chunk_bytes = chunk_bytes
@@ -156,11 +164,25 @@ class KernelEngine:
 
         with self._on_device():
             dev = self.device
-            self._pos = _Affine.of(model.positional_embedding.linear, dev)
+            # A SIREN's embedding sin(W_0 x + b_0) is computed here; any other by its own
+            # module, a float32 copy on the device (it only ever sees the grid).
+            self._pos: _Affine | None = None
+            self._embedding: nn.Module | None = None
+            embedding = model.get_submodule("positional_embedding")
+            if has_siren_forward(model):
+                self._pos = _Affine.of(_linear(embedding.get_submodule("linear")), dev)
+            else:
+                embedding = copy.deepcopy(embedding).to(device=dev, dtype=torch.float32)
+                self._embedding = embedding.eval().requires_grad_(False)
+            self._activation = model.activation
+            self._mask: Mask | None = None
+            if served.mask is not None:
+                mask = copy.deepcopy(served.mask)
+                self._mask = mask.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
             # FiLM pair k modulates the input of per-row linear k. The linears before the
             # first modulated input (hidden layer 0 unless film_after_pos_embed) are shared.
             n_shared = 0 if model.film_after_pos_embed else 1
-            hidden = [_linear(m) for m in model.hidden_linears]
+            hidden = model.hidden_layers()
             self._shared = [_Affine.of(lin, dev) for lin in hidden[:n_shared]]
             per_row = [*hidden[n_shared:], model.out_linear]
             self._per_row = [_Affine.of(lin, dev) for lin in per_row]
@@ -218,15 +240,15 @@ class KernelEngine:
             raise InvalidRequest(str(exc)) from None
 
     def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
-        return kernel_spatial(self.normalize_seq_lens(seq_lens))
+        return kernel_spatial(self.normalize_seq_lens(seq_lens), self.causal)
 
     def width(self, factored: bool) -> int:
         """Last dimension of the output: ``out_dim`` for kernels, ``hidden_dim`` for factors."""
         return self.hidden_dim if factored else self.out_dim
 
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
-        """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``model.grid``)."""
-        return kernel_grid(self.normalize_seq_lens(seq_lens), self._cache_lens)
+        """The float32 ``[1, *spatial, data_dim]`` coordinate grid, on CPU (as ``ServedModel.grid``)."""
+        return output_grid(self.normalize_seq_lens(seq_lens), self._cache_lens, self.causal)
 
     def prefix_cache_info(self) -> PrefixCacheInfo:
         return self._cache.info()
@@ -246,13 +268,18 @@ class KernelEngine:
         with torch.inference_mode(), self._on_device():
             h = self._prefix(lens)
             for lin in self._per_row[:-1]:
-                h = torch.sin(lin(h))
+                h = self._activation(lin(h))
             if factored:
                 self._deliver(h, result)
             elif self._stream is None and dtype == torch.float32:
-                self._per_row[-1](h, out=result.view(-1, width))
+                kernel = self._per_row[-1](h, out=result.view(-1, width))
+                if self._mask is not None:
+                    kernel.mul_(self._mask_values(lens))
             else:
-                self._deliver(self._per_row[-1](h), result)
+                kernel = self._per_row[-1](h)
+                if self._mask is not None:
+                    kernel.mul_(self._mask_values(lens))
+                self._deliver(kernel, result)
         return result
 
     def conditioned(
@@ -298,6 +325,7 @@ class KernelEngine:
             direct = dtype == torch.float32 and points * width * 4 % _ALIGN == 0
             if rows:
                 prefix = self._prefix(lens)
+                mask = None if factored or self._mask is None else self._mask_values(lens)
                 chunk = self._chunk_rows(points, direct, width) if self.batched else 1
                 scratch = (
                     None if direct else torch.empty((min(chunk, rows), points, width), device=self.device)
@@ -306,6 +334,8 @@ class KernelEngine:
                     r1 = min(rows, r0 + chunk)
                     dst = target[r0:r1] if scratch is None else scratch[: r1 - r0]
                     self._conditioned_rows(prefix, cond[r0:r1], dst, factored)
+                    if mask is not None:
+                        dst.mul_(mask)  # float32 rows times the float32 mask, before any cast
                     if scratch is not None:
                         target[r0:r1].copy_(dst)
             if not cpu:
@@ -339,13 +369,21 @@ class KernelEngine:
         width = self.width(factored)
         result = self._result((stop - start, width), dtype)
         with torch.inference_mode(), self._on_device():
-            h = torch.sin(self._pos(tile_coordinates(lens, self._cache_lens, start, stop).to(self.device)))
+            coordinates = tile_coordinates(lens, self._cache_lens, start, stop, self.causal).to(self.device)
+            h = self._embed(coordinates)
             for lin in self._shared:
-                h = torch.sin(lin(h))
+                h = self._activation(lin(h))
+            mask = None
+            if self._mask is not None and not factored:
+                mask = self._mask.mask(coordinates.unsqueeze(0))[0]
             if conditioning is None:
                 for lin in self._per_row[:-1]:
-                    h = torch.sin(lin(h))
-                self._deliver(h if factored else self._per_row[-1](h), result)
+                    h = self._activation(lin(h))
+                if not factored:
+                    h = self._per_row[-1](h)
+                    if mask is not None:
+                        h.mul_(mask)
+                self._deliver(h, result)
                 return result
             if self._film_head is None or self._film_in is None:
                 raise ConditioningNotSupported("this model has no FiLM generator; send no conditioning")
@@ -358,7 +396,9 @@ class KernelEngine:
                     break
                 h = torch.addmm(film[bias], h, lin.weight_t * film[gamma, None])
                 if k < last:
-                    h = h.sin_()
+                    h = self._activation(h)
+            if mask is not None:
+                h.mul_(mask)
             self._deliver(h, result)
         return result
 
@@ -388,17 +428,39 @@ class KernelEngine:
         result.view_as(value).copy_(value.to(result.dtype), non_blocking=True)
         self._stream.synchronize()
 
+    def _grid_rows(self, lens: tuple[int, ...]) -> Tensor:
+        """The served grid's ``[G, D]`` float32 coordinates, on the device."""
+        grid = output_grid(lens, self._cache_lens, self.causal)
+        return grid.to(self.device).view(-1, self.data_dim)
+
+    def _embed(self, coordinates: Tensor) -> Tensor:
+        """The generator's embedding of ``[P, D]`` float32 coordinates: ``[P, E]`` float32."""
+        if self._pos is not None:
+            return torch.sin(self._pos(coordinates))
+        assert self._embedding is not None
+        embedded: Tensor = self._embedding(coordinates)
+        return embedded.float()
+
     def _prefix(self, lens: tuple[int, ...]) -> Tensor:
         """``[G, H]``: positional embedding, then the shared hidden layer; float32, cached."""
 
         def compute() -> Tensor:
-            grid = kernel_grid(lens, self._cache_lens).to(self.device).view(-1, self.data_dim)
-            h = torch.sin(self._pos(grid))
+            h = self._embed(self._grid_rows(lens))
             for lin in self._shared:
-                h = torch.sin(lin(h))
+                h = self._activation(lin(h))
             return h
 
-        return self._cache.get(lens, compute)
+        return self._cache.get(("prefix", lens), compute)
+
+    def _mask_values(self, lens: tuple[int, ...]) -> Tensor:
+        """``[G, out_dim]``: the mask on the served grid, float32 as the reference computes it, cached."""
+        assert self._mask is not None
+        mask = self._mask
+
+        def compute() -> Tensor:
+            return mask.mask(self._grid_rows(lens).unsqueeze(0))[0].contiguous()
+
+        return self._cache.get(("mask", lens), compute)
 
     def _chunk_rows(self, points: int, direct: bool, width: int) -> int:
         """Rows per batched chunk such that its activations, weights and scratch fit ``chunk_bytes``."""
@@ -426,7 +488,7 @@ class KernelEngine:
             if k == last:
                 torch.baddbmm(c, h, w, out=dst)
             else:
-                h = torch.baddbmm(c, h, w).sin_()
+                h = self._activation(torch.baddbmm(c, h, w))
 
     def _gather(self, conditionings: Sequence[Tensor], rows: int) -> tuple[Tensor, Tensor]:
         """All rows as one float32 ``[rows, C]`` device tensor, and the host buffer behind it.
@@ -447,19 +509,21 @@ class KernelEngine:
         return device[:, : self.cond_dim], host
 
 
-def tile_coordinates(seq_lens: Sequence[int], cache_lens: Sequence[int], start: int, stop: int) -> Tensor:
-    """Rows ``start:stop`` of the flattened ``[G, D]`` float32 grid of ``seq_lens``, and only those.
+def tile_coordinates(
+    seq_lens: Sequence[int], cache_lens: Sequence[int], start: int, stop: int, causal: bool = False
+) -> Tensor:
+    """Rows ``start:stop`` of the flattened ``[G, D]`` float32 served grid of ``seq_lens``, and only those.
 
     Each axis's coordinates are gathered by the points' indices along it, so every
-    value is bit for bit the whole grid's (``model.axis_coordinates``).
+    value is bit for bit the whole grid's (``served.output_axes``).
     """
     flat = torch.arange(start, stop, dtype=torch.int64)
-    sizes = kernel_spatial(seq_lens)
+    sizes = kernel_spatial(seq_lens, causal)
     columns = []
     stride = math.prod(sizes)
-    for s, cache, size in zip(seq_lens, cache_lens, sizes, strict=True):
+    for axis, size in zip(output_axes(seq_lens, cache_lens, causal), sizes, strict=True):
         stride //= size
-        columns.append(axis_coordinates(s, cache)[(flat // stride) % size])
+        columns.append(axis[(flat // stride) % size])
     return torch.stack(columns, dim=1)
 
 

@@ -10,7 +10,7 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,7 @@ class PrefixCacheInfo:
 
 
 class PrefixCache:
-    """LRU of the conditioning-independent prefix ``[G, H]``, keyed by seq_lens.
+    """LRU of per-grid tensors that no conditioning changes (the prefix ``[G, H]``, the mask), by key.
 
     Invariant: ``bytes <= max_bytes``; an entry larger than the bound is computed
     but not kept. Thread safe; two threads missing one key may both compute it
@@ -46,11 +46,11 @@ class PrefixCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self._entries: OrderedDict[Hashable, Tensor] = OrderedDict()
         self._bytes = self._hits = self._misses = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, ...], compute: Callable[[], Tensor]) -> Tensor:
+    def get(self, key: Hashable, compute: Callable[[], Tensor]) -> Tensor:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:

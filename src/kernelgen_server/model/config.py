@@ -167,7 +167,7 @@ COMMON_ARGUMENTS = (
     "L_cache",
     "use_bias",
 )
-_SIREN: dict[str, Any] = dict(OPTIONAL_DEFAULTS)
+_SIREN: dict[str, Any] = {k: OPTIONAL_DEFAULTS[k] for k in ("hidden_omega_0", "film_after_pos_embed", "film")}
 _BLOCKS: dict[str, Any] = {
     "num_blocks": 8, "omega_0_min": 1.0, "omega_0_max": 12.0, "schedule": "linear", "off_block_scale": 0.1,
     "omega_0_per_block": None,
@@ -194,7 +194,7 @@ _GENERATORS: dict[str, type[KernelGenerator]] = {
 _OWN_ARGUMENTS = {name for required, optional in KERNEL_ARGUMENTS.values() for name in (*required, *optional)}
 _SEQUENCES = ("omega_0_per_row", "omega_0_per_block", "omega_0_scale_init")
 #: Keys whose absence is the plain model's value (left out of the canonical form then).
-_SERVING_DEFAULTS: dict[str, Any] = {"kernel": "SIRENKernelND", "mask": None, "causal": False}
+_SERVING_DEFAULTS: dict[str, Any] = {k: OPTIONAL_DEFAULTS[k] for k in ("kernel", "mask", "causal")}
 
 
 def _kernel_arguments(data: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +257,7 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    kernel: Literal[KERNELS] = "SIRENKernelND"  # type: ignore[valid-type]
+    kernel: Literal[KERNELS] = OPTIONAL_DEFAULTS["kernel"]  # type: ignore[valid-type]
     out_dim: _Width
     data_dim: Annotated[int, Field(le=LIMITS["data_dim"])]
     mlp_hidden_dim: _Width
@@ -282,8 +282,8 @@ class ModelConfig(BaseModel):
     omega_0_scale_max: float | None = None
     nonlinearity: Literal[tuple(NONLINEARITIES)] | None = None  # type: ignore[valid-type]
     # What the layer does with the generator's kernel.
-    mask: MaskSection | None = None
-    causal: bool = False
+    mask: MaskSection | None = OPTIONAL_DEFAULTS["mask"]
+    causal: bool = OPTIONAL_DEFAULTS["causal"]
 
     @model_validator(mode="before")
     @classmethod

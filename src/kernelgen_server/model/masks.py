@@ -80,8 +80,15 @@ class _AxisProductMask(nn.Module):
         self.data_dim = check_int("mask data_dim", data_dim, 1)
         self.num_channels = check_int("mask num_channels", num_channels, 1)
 
+    #: The axis factor's form, as the wire names it (``kernelgen_wire.masks``).
+    form: str
+
     def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
         """``g_d`` for each axis's coordinates: ``[n_d, C]`` float64 each."""
+        raise NotImplementedError
+
+    def parameter(self) -> Tensor:
+        """The ``[D, C]`` float32 values ``g`` takes per axis and channel, as the forward uses them."""
         raise NotImplementedError
 
     def values(self, axes: Sequence[Tensor]) -> Tensor:
@@ -156,6 +163,11 @@ class GaussianModulationND(_AxisProductMask):
     def _ordered(self, std: Tensor) -> Tensor:
         return std
 
+    form = "gaussian"
+
+    def parameter(self) -> Tensor:
+        return self.std().detach()
+
     def std(self) -> Tensor:
         """The standard deviations the forward uses, ``[D, C]`` float32: parametrised, then clamped."""
         raw = self.std_param.float()
@@ -198,6 +210,11 @@ class ExponentialModulationND(_AxisProductMask):
         """Rates from ``slow_decay_pct`` to ``fast_decay_pct`` over the channels, divided by ``data_dim``."""
         ramp = torch.linspace(self.slow_decay_pct, self.fast_decay_pct, self.num_channels) / self.data_dim
         self.weight.copy_(ramp.expand(self.data_dim, -1))
+
+    form = "exponential"
+
+    def parameter(self) -> Tensor:
+        return self.weight.detach().float().abs()
 
     def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
         rate = self.weight.detach().double().abs()

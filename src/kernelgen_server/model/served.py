@@ -33,16 +33,9 @@ from kernelgen_server.model.siren import (
     axis_coordinates,
     normalize_lengths,
 )
+from kernelgen_wire.sizes import kernel_spatial
 
-__all__ = ["ServedModel", "has_siren_forward", "output_axes", "output_grid", "output_spatial"]
-
-
-def output_spatial(seq_lens: Sequence[int], causal: bool) -> tuple[int, ...]:
-    """The spatial shape of a served kernel: ``2*s_i - 1`` per axis, ``s_0`` on a causal one's axis."""
-    shape = [2 * s - 1 for s in seq_lens]
-    if causal:
-        shape[0] = seq_lens[0]
-    return tuple(shape)
+__all__ = ["ServedModel", "has_siren_forward", "output_axes", "output_grid"]
 
 
 def output_axes(seq_lens: Sequence[int], cache_lens: Sequence[int], causal: bool) -> list[Tensor]:
@@ -116,19 +109,6 @@ class ServedModel(nn.Module):
         """The generator's class name, as ``config.json``'s ``kernel`` names it."""
         return type(self.generator).__name__
 
-    def siren_form(self) -> SIRENKernelND | None:
-        """The generator when this model's kernel is exactly a ``SIRENKernelND``'s forward, else None.
-
-        True of a SIREN, ``MultiOmegaSIRENKernelND`` and
-        ``BlockDiagonalMultiOmegaSIRENKernelND`` (whose forward is the SIREN's)
-        without a mask or a causal crop; not of a learnable-omega embedding, of
-        random Fourier features, nor of any masked or cropped model.
-        """
-        generator = self.generator
-        if self.mask is not None or self.causal or not isinstance(generator, SIRENKernelND):
-            return None
-        return generator if has_siren_forward(generator) else None
-
     # -- the generator's facts -------------------------------------------------------------------
 
     @property
@@ -165,7 +145,7 @@ class ServedModel(nn.Module):
         return normalize_lengths("seq_lens", seq_lens, self.data_dim, 1)
 
     def spatial_shape(self, seq_lens: int | Sequence[int]) -> tuple[int, ...]:
-        return output_spatial(self.normalize_seq_lens(seq_lens), self.causal)
+        return kernel_spatial(self.normalize_seq_lens(seq_lens), self.causal)
 
     def grid(self, seq_lens: int | Sequence[int]) -> Tensor:
         """The served kernel's ``[1, *spatial, D]`` grid (cropped when causal)."""

@@ -3,7 +3,8 @@
 ``open_reference`` is this package's entry in the ``kernelgen.reference``
 entry-point group: the load tester's ``--check-correctness`` finds it there
 (it never imports the server by name) and recomputes sampled responses with
-``SIRENKernelND.forward``, the model's own definition, not the serving engine.
+``ServedModel.forward`` (the generator, its mask and the causal crop, the model's own
+definition), not the serving engine.
 """
 
 from __future__ import annotations

@@ -68,7 +68,6 @@ __all__ = [
     "is_served_name",
     "load_group",
     "load_model",
-    "not_served_yet",
     "write_group",
     "write_model",
 ]
@@ -314,24 +313,6 @@ def load_group(
     return group, ready, failed
 
 
-def not_served_yet(module: ServedModel) -> str | None:
-    """Why kernelgen cannot serve ``module`` yet, or None when it can: a plain ``SIRENKernelND``.
-
-    The serving engine computes a SIRENKernelND's kernel (``ServedModel.siren_form``)
-    and would serve a mask, a causal crop, a learnable-omega embedding or random
-    Fourier features wrong; the wire's ``ModelConfig`` describes a
-    ``SIRENKernelND`` alone, so not even the multi-omega variants (whose kernels
-    the engine computes) can be listed yet. A model with any of them is refused
-    rather than served without them.
-    """
-    parts = [] if module.kind == "SIRENKernelND" else [f"{module.kind} generators"]
-    if module.mask is not None:
-        parts.append(f"{type(module.mask).__name__} masks")
-    if module.causal:
-        parts.append("causal crops")
-    return f"kernelgen does not serve {' or '.join(parts)} yet" if parts else None
-
-
 def _load_into(
     model_dir: Path, name: str, ready: dict[str, LoadedModel], failed: dict[str, FailedModel]
 ) -> None:
@@ -498,12 +479,6 @@ class ModelRepository:
             groups[name] = group
             ready.update(members_ready)
             failed.update(members_failed)
-        for name, model in list(ready.items()):
-            reason = not_served_yet(model.module)
-            if reason is not None:
-                del ready[name]
-                failed[name] = FailedModel(name, model.path, f"{model.path}: {reason}")
-                log.warning("model %s not loaded: %s", name, reason)
         return cls(root, ready, failed, groups)
 
     def names(self) -> list[str]:

@@ -86,8 +86,12 @@ def group_messages(generated: GeneratedGroup, chunk_bytes: int) -> Iterator[byte
     return encode_group(generated.group.name, generated.group.members, kernels, chunk_bytes)
 
 
+#: The wire's name of each mask form (``Mask.form``).
+MASK_FORMS = {"gaussian": pb.MASK_FORM_GAUSSIAN, "exponential": pb.MASK_FORM_EXPONENTIAL}
+
+
 def head_message(head: OutputHead) -> pb.OutputHead:
-    """A model's output head: float32 ``weight_t`` and ``bias``, with its hash."""
+    """A model's output head: float32 ``weight_t`` and ``bias``, its mask, with its hash."""
 
     def tensor(t: torch.Tensor) -> pb.Tensor:
         return pb.Tensor(shape=t.shape, dtype=pb.DTYPE_FLOAT32, data=t.numpy().tobytes())
@@ -95,4 +99,14 @@ def head_message(head: OutputHead) -> pb.OutputHead:
     message = pb.OutputHead(head_hash=head.head_hash, weight_t=tensor(head.weight_t))
     if head.bias is not None:
         message.bias.CopyFrom(tensor(head.bias))
+    if head.mask is not None:
+        mask = head.mask
+        message.mask.CopyFrom(
+            pb.KernelMask(
+                form=MASK_FORMS[mask.form],
+                parameter=tensor(mask.parameter),
+                L_cache=mask.cache_lens,
+                causal=mask.causal,
+            )
+        )
     return message

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckernelgen/v1/kernelgen.proto\x12\x0ckernelgen.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcf\x01\n\x0cServerReport\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x0e\n\x06worker\x18\x07 \x01(\r\x12\x34\n\x0erepresentation\x18\x08 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"\x8c\x02\n\x15GenerateKernelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x13\n\x0breturn_grid\x18\x05 \x01(\x08\x12\x34\n\x0erepresentation\x18\x06 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x37\n\routput_region\x18\x08 \x01(\x0b\x32 .kernelgen.v1.SharedMemoryOutput\"G\n\x12SharedMemoryOutput\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xc7\x01\n\x16GenerateKernelResponse\x12$\n\x06kernel\x18\x01 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04grid\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12%\n\x07\x66\x61\x63tors\x18\x04 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x1b\n\x13shared_memory_bytes\x18\x08 \x01(\x04J\x04\x08\x03\x10\x04R\x06report\"\x82\x02\n\x0cKernelHeader\x12\x14\n\x0ckernel_shape\x18\x01 \x03(\x03\x12)\n\x0ckernel_dtype\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x12\n\ngrid_shape\x18\x04 \x03(\x03\x12\x12\n\ngrid_bytes\x18\x05 \x01(\x04\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.kernelgen.v1.ServerReport\x12\x34\n\x0erepresentation\x18\x07 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x11\n\thead_hash\x18\x08 \x01(\t\"W\n\x0bKernelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kernelgen.v1.KernelHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x10\x46lopCountRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\x11\n\tinference\x18\x03 \x01(\x08\"`\n\x11\x46lopCountResponse\x12\r\n\x05\x66lops\x18\x01 \x01(\x04\x12\x13\n\x0bgrid_points\x18\x02 \x01(\x04\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x11\n\tcacheable\x18\x04 \x01(\x08\"7\n\nFiLMConfig\x12\x10\n\x08\x63ond_dim\x18\x01 \x01(\r\x12\x17\n\x0f\x66ilm_hidden_dim\x18\x02 \x01(\r\"\x85\x02\n\x0bModelConfig\x12\x0f\n\x07out_dim\x18\x01 \x01(\r\x12\x10\n\x08\x64\x61ta_dim\x18\x02 \x01(\r\x12\x16\n\x0emlp_hidden_dim\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07omega_0\x18\x06 \x01(\x01\x12\x0f\n\x07L_cache\x18\x07 \x03(\r\x12\x10\n\x08use_bias\x18\x08 \x01(\x08\x12\x16\n\x0ehidden_omega_0\x18\t \x01(\x01\x12\x1c\n\x14\x66ilm_after_pos_embed\x18\n \x01(\x08\x12&\n\x04\x66ilm\x18\x0b \x01(\x0b\x32\x18.kernelgen.v1.FiLMConfig\"\xef\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.kernelgen.v1.ModelConfig\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x11\n\thead_hash\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\t\x12\x13\n\x0bgroup_index\x18\t \x01(\r\x12\x0e\n\x06source\x18\n \x01(\t\x12\x14\n\x0clayer_hashes\x18\x0b \x03(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kernelgen.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"%\n\x14GetOutputHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\nOutputHead\x12\x11\n\thead_hash\x18\x01 \x01(\t\x12&\n\x08weight_t\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04\x62ias\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\"\xbd\x01\n\x14GenerateGroupRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x34\n\x0erepresentation\x18\x05 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"-\n\x0bGroupHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\"v\n\x10GroupKernelChunk\x12(\n\x05group\x18\x01 \x01(\x0b\x32\x19.kernelgen.v1.GroupHeader\x12\x0e\n\x06member\x18\x02 \x01(\r\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.kernelgen.v1.KernelChunk\"[\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"\x1e\n\x1cRegisterSharedMemoryResponse\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*g\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x18\n\x14REPRESENTATION_DENSE\x10\x01\x12\x1b\n\x17REPRESENTATION_FACTORED\x10\x02\x32\xad\x06\n\x0fKernelGenerator\x12[\n\x0eGenerateKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a$.kernelgen.v1.GenerateKernelResponse\x12P\n\x0cStreamKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a\x19.kernelgen.v1.KernelChunk0\x01\x12L\n\tFlopCount\x12\x1e.kernelgen.v1.FlopCountRequest\x1a\x1f.kernelgen.v1.FlopCountResponse\x12O\n\nListModels\x12\x1f.kernelgen.v1.ListModelsRequest\x1a .kernelgen.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.kernelgen.v1.GetModelRequest\x1a\x17.kernelgen.v1.ModelInfo\x12M\n\rGetOutputHead\x12\".kernelgen.v1.GetOutputHeadRequest\x1a\x18.kernelgen.v1.OutputHead\x12U\n\rGenerateGroup\x12\".kernelgen.v1.GenerateGroupRequest\x1a\x1e.kernelgen.v1.GroupKernelChunk0\x01\x12m\n\x14RegisterSharedMemory\x12).kernelgen.v1.RegisterSharedMemoryRequest\x1a*.kernelgen.v1.RegisterSharedMemoryResponse\x12s\n\x16UnregisterSharedMemory\x12+.kernelgen.v1.UnregisterSharedMemoryRequest\x1a,.kernelgen.v1.UnregisterSharedMemoryResponseB.\n\x10\x64\x65v.kernelgen.v1P\x01Z\x18kernelgen/v1;kernelgenv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckernelgen/v1/kernelgen.proto\x12\x0ckernelgen.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcf\x01\n\x0cServerReport\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x0e\n\x06worker\x18\x07 \x01(\r\x12\x34\n\x0erepresentation\x18\x08 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"\x8c\x02\n\x15GenerateKernelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x13\n\x0breturn_grid\x18\x05 \x01(\x08\x12\x34\n\x0erepresentation\x18\x06 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x37\n\routput_region\x18\x08 \x01(\x0b\x32 .kernelgen.v1.SharedMemoryOutput\"G\n\x12SharedMemoryOutput\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xc7\x01\n\x16GenerateKernelResponse\x12$\n\x06kernel\x18\x01 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04grid\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12%\n\x07\x66\x61\x63tors\x18\x04 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x1b\n\x13shared_memory_bytes\x18\x08 \x01(\x04J\x04\x08\x03\x10\x04R\x06report\"\x82\x02\n\x0cKernelHeader\x12\x14\n\x0ckernel_shape\x18\x01 \x03(\x03\x12)\n\x0ckernel_dtype\x18\x02 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x12\n\ngrid_shape\x18\x04 \x03(\x03\x12\x12\n\ngrid_bytes\x18\x05 \x01(\x04\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.kernelgen.v1.ServerReport\x12\x34\n\x0erepresentation\x18\x07 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\x12\x11\n\thead_hash\x18\x08 \x01(\t\"W\n\x0bKernelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kernelgen.v1.KernelHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x10\x46lopCountRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\x11\n\tinference\x18\x03 \x01(\x08\"`\n\x11\x46lopCountResponse\x12\r\n\x05\x66lops\x18\x01 \x01(\x04\x12\x13\n\x0bgrid_points\x18\x02 \x01(\x04\x12\x14\n\x0ckernel_bytes\x18\x03 \x01(\x04\x12\x11\n\tcacheable\x18\x04 \x01(\x08\"7\n\nFiLMConfig\x12\x10\n\x08\x63ond_dim\x18\x01 \x01(\r\x12\x17\n\x0f\x66ilm_hidden_dim\x18\x02 \x01(\r\"\xb3\x02\n\x0bModelConfig\x12\x0f\n\x07out_dim\x18\x01 \x01(\r\x12\x10\n\x08\x64\x61ta_dim\x18\x02 \x01(\r\x12\x16\n\x0emlp_hidden_dim\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07omega_0\x18\x06 \x01(\x01\x12\x0f\n\x07L_cache\x18\x07 \x03(\r\x12\x10\n\x08use_bias\x18\x08 \x01(\x08\x12\x16\n\x0ehidden_omega_0\x18\t \x01(\x01\x12\x1c\n\x14\x66ilm_after_pos_embed\x18\n \x01(\x08\x12&\n\x04\x66ilm\x18\x0b \x01(\x0b\x32\x18.kernelgen.v1.FiLMConfig\x12\x0e\n\x06kernel\x18\x0c \x01(\t\x12\x0c\n\x04mask\x18\r \x01(\t\x12\x0e\n\x06\x63\x61usal\x18\x0e \x01(\x08\"\xef\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.kernelgen.v1.ModelConfig\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x11\n\thead_hash\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\t\x12\x13\n\x0bgroup_index\x18\t \x01(\r\x12\x0e\n\x06source\x18\n \x01(\t\x12\x14\n\x0clayer_hashes\x18\x0b \x03(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kernelgen.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"%\n\x14GetOutputHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x93\x01\n\nOutputHead\x12\x11\n\thead_hash\x18\x01 \x01(\t\x12&\n\x08weight_t\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x04\x62ias\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12&\n\x04mask\x18\x04 \x01(\x0b\x32\x18.kernelgen.v1.KernelMask\"|\n\nKernelMask\x12$\n\x04\x66orm\x18\x01 \x01(\x0e\x32\x16.kernelgen.v1.MaskForm\x12\'\n\tparameter\x18\x02 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\x0f\n\x07L_cache\x18\x03 \x03(\r\x12\x0e\n\x06\x63\x61usal\x18\x04 \x01(\x08\"\xbd\x01\n\x14GenerateGroupRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12*\n\x0c\x63onditioning\x18\x03 \x01(\x0b\x32\x14.kernelgen.v1.Tensor\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.kernelgen.v1.DType\x12\x34\n\x0erepresentation\x18\x05 \x01(\x0e\x32\x1c.kernelgen.v1.Representation\"-\n\x0bGroupHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\"v\n\x10GroupKernelChunk\x12(\n\x05group\x18\x01 \x01(\x0b\x32\x19.kernelgen.v1.GroupHeader\x12\x0e\n\x06member\x18\x02 \x01(\r\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.kernelgen.v1.KernelChunk\"[\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"\x1e\n\x1cRegisterSharedMemoryResponse\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*g\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x18\n\x14REPRESENTATION_DENSE\x10\x01\x12\x1b\n\x17REPRESENTATION_FACTORED\x10\x02*X\n\x08MaskForm\x12\x19\n\x15MASK_FORM_UNSPECIFIED\x10\x00\x12\x16\n\x12MASK_FORM_GAUSSIAN\x10\x01\x12\x19\n\x15MASK_FORM_EXPONENTIAL\x10\x02\x32\xad\x06\n\x0fKernelGenerator\x12[\n\x0eGenerateKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a$.kernelgen.v1.GenerateKernelResponse\x12P\n\x0cStreamKernel\x12#.kernelgen.v1.GenerateKernelRequest\x1a\x19.kernelgen.v1.KernelChunk0\x01\x12L\n\tFlopCount\x12\x1e.kernelgen.v1.FlopCountRequest\x1a\x1f.kernelgen.v1.FlopCountResponse\x12O\n\nListModels\x12\x1f.kernelgen.v1.ListModelsRequest\x1a .kernelgen.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.kernelgen.v1.GetModelRequest\x1a\x17.kernelgen.v1.ModelInfo\x12M\n\rGetOutputHead\x12\".kernelgen.v1.GetOutputHeadRequest\x1a\x18.kernelgen.v1.OutputHead\x12U\n\rGenerateGroup\x12\".kernelgen.v1.GenerateGroupRequest\x1a\x1e.kernelgen.v1.GroupKernelChunk0\x01\x12m\n\x14RegisterSharedMemory\x12).kernelgen.v1.RegisterSharedMemoryRequest\x1a*.kernelgen.v1.RegisterSharedMemoryResponse\x12s\n\x16UnregisterSharedMemory\x12+.kernelgen.v1.UnregisterSharedMemoryRequest\x1a,.kernelgen.v1.UnregisterSharedMemoryResponseB.\n\x10\x64\x65v.kernelgen.v1P\x01Z\x18kernelgen/v1;kernelgenv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernelgen.v1.kernelgen_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.kernelgen.v1P\001Z\030kernelgen/v1;kernelgenv1'
-  _globals['_DTYPE']._serialized_start=2791
-  _globals['_DTYPE']._serialized_end=2879
-  _globals['_REPRESENTATION']._serialized_start=2881
-  _globals['_REPRESENTATION']._serialized_end=2984
+  _globals['_DTYPE']._serialized_start=3004
+  _globals['_DTYPE']._serialized_end=3092
+  _globals['_REPRESENTATION']._serialized_start=3094
+  _globals['_REPRESENTATION']._serialized_end=3197
+  _globals['_MASKFORM']._serialized_start=3199
+  _globals['_MASKFORM']._serialized_end=3287
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=119
   _globals['_SERVERREPORT']._serialized_start=122
@@ -57,33 +59,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILMCONFIG']._serialized_start=1397
   _globals['_FILMCONFIG']._serialized_end=1452
   _globals['_MODELCONFIG']._serialized_start=1455
-  _globals['_MODELCONFIG']._serialized_end=1716
-  _globals['_MODELINFO']._serialized_start=1719
-  _globals['_MODELINFO']._serialized_end=1958
-  _globals['_LISTMODELSREQUEST']._serialized_start=1960
-  _globals['_LISTMODELSREQUEST']._serialized_end=1979
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1981
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2042
-  _globals['_GETMODELREQUEST']._serialized_start=2044
-  _globals['_GETMODELREQUEST']._serialized_end=2076
-  _globals['_GETOUTPUTHEADREQUEST']._serialized_start=2078
-  _globals['_GETOUTPUTHEADREQUEST']._serialized_end=2115
-  _globals['_OUTPUTHEAD']._serialized_start=2117
-  _globals['_OUTPUTHEAD']._serialized_end=2224
-  _globals['_GENERATEGROUPREQUEST']._serialized_start=2227
-  _globals['_GENERATEGROUPREQUEST']._serialized_end=2416
-  _globals['_GROUPHEADER']._serialized_start=2418
-  _globals['_GROUPHEADER']._serialized_end=2463
-  _globals['_GROUPKERNELCHUNK']._serialized_start=2465
-  _globals['_GROUPKERNELCHUNK']._serialized_end=2583
-  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=2585
-  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=2676
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=2678
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=2708
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=2710
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=2755
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=2757
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=2789
-  _globals['_KERNELGENERATOR']._serialized_start=2987
-  _globals['_KERNELGENERATOR']._serialized_end=3800
+  _globals['_MODELCONFIG']._serialized_end=1762
+  _globals['_MODELINFO']._serialized_start=1765
+  _globals['_MODELINFO']._serialized_end=2004
+  _globals['_LISTMODELSREQUEST']._serialized_start=2006
+  _globals['_LISTMODELSREQUEST']._serialized_end=2025
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2027
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2088
+  _globals['_GETMODELREQUEST']._serialized_start=2090
+  _globals['_GETMODELREQUEST']._serialized_end=2122
+  _globals['_GETOUTPUTHEADREQUEST']._serialized_start=2124
+  _globals['_GETOUTPUTHEADREQUEST']._serialized_end=2161
+  _globals['_OUTPUTHEAD']._serialized_start=2164
+  _globals['_OUTPUTHEAD']._serialized_end=2311
+  _globals['_KERNELMASK']._serialized_start=2313
+  _globals['_KERNELMASK']._serialized_end=2437
+  _globals['_GENERATEGROUPREQUEST']._serialized_start=2440
+  _globals['_GENERATEGROUPREQUEST']._serialized_end=2629
+  _globals['_GROUPHEADER']._serialized_start=2631
+  _globals['_GROUPHEADER']._serialized_end=2676
+  _globals['_GROUPKERNELCHUNK']._serialized_start=2678
+  _globals['_GROUPKERNELCHUNK']._serialized_end=2796
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=2798
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=2889
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=2891
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=2921
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=2923
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=2968
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=2970
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=3002
+  _globals['_KERNELGENERATOR']._serialized_start=3290
+  _globals['_KERNELGENERATOR']._serialized_end=4103
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,12 @@ class Representation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPRESENTATION_UNSPECIFIED: _ClassVar[Representation]
     REPRESENTATION_DENSE: _ClassVar[Representation]
     REPRESENTATION_FACTORED: _ClassVar[Representation]
+
+class MaskForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MASK_FORM_UNSPECIFIED: _ClassVar[MaskForm]
+    MASK_FORM_GAUSSIAN: _ClassVar[MaskForm]
+    MASK_FORM_EXPONENTIAL: _ClassVar[MaskForm]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -26,6 +32,9 @@ DTYPE_BFLOAT16: DType
 REPRESENTATION_UNSPECIFIED: Representation
 REPRESENTATION_DENSE: Representation
 REPRESENTATION_FACTORED: Representation
+MASK_FORM_UNSPECIFIED: MaskForm
+MASK_FORM_GAUSSIAN: MaskForm
+MASK_FORM_EXPONENTIAL: MaskForm
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -160,7 +169,7 @@ class FiLMConfig(_message.Message):
     def __init__(self, cond_dim: _Optional[int] = ..., film_hidden_dim: _Optional[int] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("out_dim", "data_dim", "mlp_hidden_dim", "num_layers", "embedding_dim", "omega_0", "L_cache", "use_bias", "hidden_omega_0", "film_after_pos_embed", "film")
+    __slots__ = ("out_dim", "data_dim", "mlp_hidden_dim", "num_layers", "embedding_dim", "omega_0", "L_cache", "use_bias", "hidden_omega_0", "film_after_pos_embed", "film", "kernel", "mask", "causal")
     OUT_DIM_FIELD_NUMBER: _ClassVar[int]
     DATA_DIM_FIELD_NUMBER: _ClassVar[int]
     MLP_HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +181,9 @@ class ModelConfig(_message.Message):
     HIDDEN_OMEGA_0_FIELD_NUMBER: _ClassVar[int]
     FILM_AFTER_POS_EMBED_FIELD_NUMBER: _ClassVar[int]
     FILM_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    CAUSAL_FIELD_NUMBER: _ClassVar[int]
     out_dim: int
     data_dim: int
     mlp_hidden_dim: int
@@ -183,7 +195,10 @@ class ModelConfig(_message.Message):
     hidden_omega_0: float
     film_after_pos_embed: bool
     film: FiLMConfig
-    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ...) -> None: ...
+    kernel: str
+    mask: str
+    causal: bool
+    def __init__(self, out_dim: _Optional[int] = ..., data_dim: _Optional[int] = ..., mlp_hidden_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., omega_0: _Optional[float] = ..., L_cache: _Optional[_Iterable[int]] = ..., use_bias: bool = ..., hidden_omega_0: _Optional[float] = ..., film_after_pos_embed: bool = ..., film: _Optional[_Union[FiLMConfig, _Mapping]] = ..., kernel: _Optional[str] = ..., mask: _Optional[str] = ..., causal: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "ready", "reason", "config", "content_hash", "parameter_count", "head_hash", "group", "group_index", "source", "layer_hashes")
@@ -234,14 +249,28 @@ class GetOutputHeadRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class OutputHead(_message.Message):
-    __slots__ = ("head_hash", "weight_t", "bias")
+    __slots__ = ("head_hash", "weight_t", "bias", "mask")
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_T_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
     head_hash: str
     weight_t: Tensor
     bias: Tensor
-    def __init__(self, head_hash: _Optional[str] = ..., weight_t: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    mask: KernelMask
+    def __init__(self, head_hash: _Optional[str] = ..., weight_t: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[KernelMask, _Mapping]] = ...) -> None: ...
+
+class KernelMask(_message.Message):
+    __slots__ = ("form", "parameter", "L_cache", "causal")
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    L_CACHE_FIELD_NUMBER: _ClassVar[int]
+    CAUSAL_FIELD_NUMBER: _ClassVar[int]
+    form: MaskForm
+    parameter: Tensor
+    L_cache: _containers.RepeatedScalarFieldContainer[int]
+    causal: bool
+    def __init__(self, form: _Optional[_Union[MaskForm, str]] = ..., parameter: _Optional[_Union[Tensor, _Mapping]] = ..., L_cache: _Optional[_Iterable[int]] = ..., causal: bool = ...) -> None: ...
 
 class GenerateGroupRequest(_message.Message):
     __slots__ = ("group", "seq_lens", "conditioning", "dtype", "representation")
