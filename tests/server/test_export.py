@@ -86,6 +86,37 @@ def test_every_member_serves_what_its_layer_convolves_with(
         R.assert_serves_layer(model, conv, conditioning if layer.film else None, layer.name)
 
 
+async def test_the_server_serves_the_exported_group_as_its_members_compute(
+    trained: tuple[R.Network, Tensor], exported: Path
+) -> None:
+    """The repository loads every member, and the service's kernels are the members' (the engine's
+    float32 measure, ``test_served_engine``), so what its layer convolves with."""
+    from kernelgen_server.repository.store import ModelRepository
+
+    from support import kernel_service
+
+    network, conditioning = trained
+    repository = ModelRepository.load(exported.parent)
+    assert repository.failed == {} and repository.group_ready("net")
+    service = kernel_service(repository)
+    try:
+        for index, (layer, conv) in enumerate(zip(R.LAYERS, network.convs(), strict=True)):
+            model = repository.get(f"net/{index}").module
+            lens = R.seq_lens_around_cache(conv)["above"]
+            for rows in [None, conditioning] if layer.film else [None]:
+                result = await service.generate(
+                    f"net/{index}", lens, None if rows is None else rows.numpy(), 0, False
+                )
+                payload = result.kernel.payload
+                got = torch.frombuffer(bytearray(payload.data), dtype=torch.float32).reshape(payload.shape)
+                with torch.no_grad():
+                    want = model(lens, rows)[0]
+                assert got.shape == want.shape, layer.name
+                assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), layer.name
+    finally:
+        await service.close()
+
+
 def test_the_settings_outside_the_weights_are_the_constructor_s(exported: Path) -> None:
     configs = [ModelConfig.from_file(exported / str(i) / "config.json") for i in range(len(R.LAYERS))]
     causal, learnable, fourier, multi, blocks, mixed, siren3d, extent = configs
