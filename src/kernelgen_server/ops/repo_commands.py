@@ -161,17 +161,36 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run goes with --all")
     if args.prefix is None or args.config is None:
         raise ValueError("--prefix and --config are required to import one generator (or pass --all)")
+    from torch import Tensor
+
     from kernelgen_server.repository.checkpoint import (
         CheckpointError,
         extract_kernel_state,
         load_module,
         read_checkpoint,
+        training_state,
     )
+    from kernelgen_server.repository.discovery import mask_prefix
     from kernelgen_server.repository.store import check_model_name, load_model, write_model
 
     check_model_name(args.name)
     config = _whole_config(args)
-    tensors = extract_kernel_state(read_checkpoint(args.checkpoint), args.prefix, args.checkpoint)
+    raw = read_checkpoint(args.checkpoint)
+    fourier = config.kernel == "RandomFourierKernelND"  # its kernel_network.{2i} are its own names
+    tensors = extract_kernel_state(raw, args.prefix, args.checkpoint, legacy_names=not fourier)
+    # The layer's mask beside the generator comes with it: a kernel is never imported without its mask.
+    head = mask_prefix(args.prefix.strip("."))
+    if head is not None:
+        state = training_state(raw, args.checkpoint)
+        mask = {f"mask.{k[len(head) + 1 :]}": v for k, v in state.items() if k.startswith(f"{head}.")}
+        if mask and config.mask is None:
+            raise ValueError(
+                f"{args.checkpoint}: the layer of {args.prefix!r} has a mask "
+                f"({', '.join(map(repr, sorted(mask)))} under {head!r}) that {args.config} does not "
+                "describe: add its \"mask\" section (docs/architecture.md, 'Served models'); a kernel "
+                "is never imported without its mask"
+            )
+        tensors.update((k, v) for k, v in mask.items() if isinstance(v, Tensor))
     try:
         load_module(config, tensors, args.checkpoint)
     except CheckpointError as exc:
