@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -345,3 +346,12 @@ def test_kernelgen_s_own_generators_are_found_beside_any_layer(tmp_path: Path) -
         rows = torch.randn(2, 3)
         with torch.no_grad():
             assert torch.equal(model((4, 7), rows)[0], generator((4, 7), rows)[0])
+
+
+def test_the_check_of_a_large_grid_evaluates_fewer_points() -> None:
+    from kernelgen_server.repository.export import CHECK_POINTS, check_lens
+
+    assert check_lens([16]) == [16] and check_lens([6, 8]) == [6, 8]
+    big = check_lens([64, 64, 64])
+    assert math.prod(2 * n - 1 for n in big) <= CHECK_POINTS and min(big) > 2
+    assert check_lens([1 << 20])[0] * 2 - 1 <= CHECK_POINTS

@@ -20,12 +20,14 @@ layer's mask and causal crop: what the layer convolves with.
   ``step_sizes`` keeps), the variants' per-row and per-block frequencies and
   clamp ranges, the random Fourier activation, the mask's parametrisation,
   clamp bounds (``min_std``, ``max_std``, which the package derives from the
-  layer's grid size and attenuation settings) and initial extents, and ``is_causal``.
+  layer's grid size and attenuation settings) and initial extents, and
+  ``is_causal``.
 * ``torch.compile`` wrappers (``_orig_mod``) are left out of every path.
 * With ``check`` (the default) each member's served kernel is compared, at
-  ``seq_lens = L_cache``, with the live generator and mask evaluated on a copy
-  (so neither in-place clamps nor grid growth touch the network): a misread
-  setting is refused rather than served.
+  ``seq_lens = L_cache`` (fewer on a large grid), with the live generator and
+  mask evaluated on a copy (so neither in-place clamps nor grid growth touch
+  the network) on kernelgen's coordinates: a misread setting is refused
+  rather than served.
 
 Nothing is written unless every generator can be: the group is written
 whole by ``store.write_group``. Each member records its layer's hashes
@@ -67,6 +69,8 @@ _MASK, _CAUSAL = "mask", "is_causal"
 #: How close a member's served kernel must be to its live layer's on the same coordinates (relative
 #: to the kernel's magnitude): far above float32 rounding, far below any misread setting.
 CHECK_TOLERANCE = 1e-4
+#: The most grid points the check evaluates a member on.
+CHECK_POINTS = 1 << 16
 
 
 class ExportWarning(UserWarning):
@@ -364,13 +368,22 @@ def _grid_history(live: LiveLayer, cache_lens: Sequence[int]) -> str | None:
     return None
 
 
+def check_lens(cache_lens: Sequence[int]) -> list[int]:
+    """The ``seq_lens`` the check evaluates: ``L_cache``, scaled down on every axis where its grid
+    would exceed ``CHECK_POINTS`` points (the check is of settings, which every point shows)."""
+    lens = list(cache_lens)
+    while math.prod(2 * n - 1 for n in lens) > CHECK_POINTS and max(lens) > 2:
+        lens = [max(2, n * 3 // 4) for n in lens]
+    return lens
+
+
 def _check(live: LiveLayer, config: ModelConfig, tensors: Mapping[str, Tensor], label: Path) -> None:
-    """The member's served kernel at ``seq_lens = L_cache`` against the live layer's, on a float32 copy
-    of the layer evaluated on kernelgen's coordinates: a generator keeping a grid cache (the
+    """The member's served kernel at ``check_lens(L_cache)`` against the live layer's, on a float32
+    copy of the layer evaluated on kernelgen's coordinates: a generator keeping a grid cache (the
     package's) has it replaced by kernelgen's grid, so neither float32 rounding of the two grids nor
     the cache's history plays a part, and the two compute one function of the same inputs."""
     served = load_module(config, tensors, label)
-    lens = list(config.cache_lens)
+    lens = check_lens(config.cache_lens)
     conditionings: list[Tensor | None] = [None]
     if config.cond_dim is not None:
         conditionings.append(torch.linspace(-1.0, 1.0, 2 * config.cond_dim).reshape(2, config.cond_dim))
@@ -378,7 +391,7 @@ def _check(live: LiveLayer, config: ModelConfig, tensors: Mapping[str, Tensor], 
         generator: Any = copy.deepcopy(live.generator).to("cpu", torch.float32)
         embedding = generator.positional_embedding
         if hasattr(embedding, "grid_cache") and hasattr(embedding, "L_cache_per_axis"):
-            embedding.grid_cache = kernel_grid(lens, lens)
+            embedding.grid_cache = kernel_grid(lens, config.cache_lens)
             embedding.L_cache_per_axis = tuple(lens)
         mask = None if live.mask is None else copy.deepcopy(live.mask).to("cpu", torch.float32)
         with torch.no_grad():
