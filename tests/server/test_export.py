@@ -307,17 +307,24 @@ def test_the_check_can_be_left_out(trained: tuple[R.Network, Tensor], tmp_path: 
     assert ModelConfig.from_file(path / str(index) / "config.json").omega_0 == 9.0
 
 
-def test_an_existing_group_is_replaced_only_with_force(
+def test_the_same_network_again_writes_nothing_and_another_replaces_it_only_with_force(
     trained: tuple[R.Network, Tensor], tmp_path: Path
 ) -> None:
     network, _ = trained
     path = export(network, tmp_path, "net")
-    written = (path / "group.json").read_text()
+    files = {p: p.stat().st_ino for p in sorted(path.rglob("*"))}
+    weights = (path / "3" / "model.safetensors").read_bytes()
+    assert export(network, tmp_path, "net") == path
+    assert {p: p.stat().st_ino for p in sorted(path.rglob("*"))} == files  # nothing rewritten
+    other = copy.deepcopy(network)
+    with torch.no_grad():
+        other.convs()[3].kernel.out_linear.bias.add_(0.5)
     with pytest.raises(FileExistsError, match="already holds a group; pass --force"):
-        export(network, tmp_path, "net")
-    assert (path / "group.json").read_text() == written
-    export(network, tmp_path, "net", force=True)
+        export(other, tmp_path, "net")
+    assert {p: p.stat().st_ino for p in sorted(path.rglob("*"))} == files
+    export(other, tmp_path, "net", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+    assert (path / "3" / "model.safetensors").read_bytes() != weights
 
 
 def test_a_module_without_generators_or_a_bad_name_is_refused(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ from kernelgen_server.model.variants import block_schedule
 from kernelgen_server.repository.checkpoint import load_module
 from kernelgen_server.repository.discovery import ImportBase, find_generators, mask_prefix, plan_generator
 from kernelgen_server.repository.layers import layer_hashes
-from kernelgen_server.repository.store import NewMember, check_model_name, write_group
+from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
 __all__ = ["ExportWarning", "export", "find_layers"]
 
@@ -432,8 +432,9 @@ def export(
     source and its layer's hashes. Raises ``ValueError`` naming the generator
     (an unknown class, a setting that cannot be read or served, a served
     kernel that is not the layer's) and ``FileExistsError`` for an existing
-    group without ``force``; either way nothing is written. The module is not
-    changed (the check runs on copies).
+    group of other members without ``force``; either way nothing is written,
+    and nothing either when the group holds these members already. The module
+    is not changed (the check runs on copies).
     """
     check_model_name(name)
     label = Path(f"<{type(module).__name__}>")
@@ -449,7 +450,10 @@ def export(
         member, said = _member(index, live, label, check)
         members.append(member)
         notes.extend(said)
-    path = write_group(Path(repo), name, members, force=force)
+    if group_holds(Path(repo), name, members):  # the same members again: nothing to write
+        path = Path(repo) / name
+    else:
+        path = write_group(Path(repo), name, members, force=force)
     for note in notes:
         warnings.warn(note, ExportWarning, stacklevel=2)
     return path
