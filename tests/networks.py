@@ -106,6 +106,7 @@ LEGACY = 3
 MIXED_BASE: dict[str, Any] = {
     "omega_0": 30.0,
     "L_cache": 16,
+    "causal": False,  # the weights cannot tell; the 1-D layers say it
     "overrides": {
         "blocks.1.filter.kernel": {"L_cache": [6, 9]},
         "blocks.2.filter.kernel": {"L_cache": [4, 5, 3]},

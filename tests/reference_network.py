@@ -17,6 +17,7 @@ stays as saved).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,6 +279,12 @@ def trained_network(seed: int = 0, steps: int = 4) -> tuple[Network, Tensor]:
     return network.eval(), conditioning
 
 
+@functools.cache
+def shared_trained_network() -> tuple[Network, Tensor]:
+    """``trained_network()`` built once per test process: read only (copy it to change it)."""
+    return trained_network()
+
+
 def _single(conv: CKConvND) -> list[bool]:
     return [conv.grid_type == "single" if conv.grid_type is not None else p for p in conv._periodic_per_axis]
 
@@ -303,3 +310,36 @@ def save_lightning(network: nn.Module, path: Path, *, compiled: bool = False) ->
         path,
     )
     return path
+
+
+def load_member(folder: Path) -> Any:
+    """A written member read back as the repository reads it: ``config.json`` and its weights, strictly."""
+    from kernelgen_server.model.config import ModelConfig
+    from kernelgen_server.repository.checkpoint import find_weights, load_module, read_weights
+
+    weights = find_weights(folder)
+    return load_module(ModelConfig.from_file(folder / "config.json"), read_weights(weights), weights)
+
+
+def assert_serves_layer(model: Any, conv: CKConvND, conditioning: Tensor | None, label: str = "") -> None:
+    """``model`` (a ``ServedModel``) gives what ``conv`` convolves with, below, at and above its L_cache,
+    plain and (for a FiLM layer) conditioned, within the float32 bound of the fidelity tests: one float32
+    ulp of the grid times the kernel's Lipschitz bound (``kernel_oracle.grid_sensitivity``)."""
+    import math
+
+    import kernel_oracle
+
+    for where, lens in seq_lens_around_cache(conv).items():
+        for rows in [None] if conditioning is None else [None, conditioning]:
+            with torch.no_grad():
+                got = model(lens, rows)[0]
+                unmasked = model.generator(lens, rows)[0]
+            want = layer_kernel(conv, lens, rows)
+            what = f"{label} {where} {lens}{'' if rows is None else ' conditioned'}"
+            assert got.shape == want.shape, what
+            ulp = 2.0**-23 * max(1.0, float(model.generator.grid(lens).abs().max()))
+            sensitivity = kernel_oracle.grid_sensitivity(model, rows, float(unmasked.abs().max()))
+            bound = sensitivity * math.sqrt(conv.data_dim) * ulp
+            assert float((got - want).abs().max()) <= bound, (
+                f"{what}: {float((got - want).abs().max())} > {bound}"
+            )

@@ -55,7 +55,7 @@ SERVER_LAYERS: dict[str, set[str]] = {
     "core": {"errors", "settings", "model", "repository", "engine"},
     "transport": {"errors", "settings", "model", "repository", "core"},
     "ops": {"errors", "settings", "model", "repository", "engine", "core", "transport"},
-    "__init__": {"model"},
+    "__init__": {"model", "repository"},  # the public names: the model, export
 }
 #: Third-party modules only the transports (and operations) may import: what serves or speaks gRPC.
 TRANSPORT_ONLY = ("grpc", "grpc_health", "grpc_reflection", "http.server", "wsgiref", "socketserver")

@@ -84,9 +84,9 @@ EMBEDDED, REPOSITORY = "the embedded models", "models/"
 
 @dataclass(frozen=True)
 class Python:
-    """Run as a Python script in the workspace, against the server of ``serves``."""
+    """Run as a Python script in the workspace, against the server of ``serves`` (None: no server)."""
 
-    serves: str
+    serves: str | None
     #: Lines its output must hold (what the example's comments promise).
     prints: tuple[str, ...] = ()
 
@@ -123,6 +123,10 @@ PLAN: dict[tuple[str, int], Python | Shell | Check | NotRun] = {
     ("A whole network: `import --all` and groups", 1): Shell(),
     ("A whole network: `import --all` and groups", 2): Check("the base.json the example wrote"),
     ("A whole network: `import --all` and groups", 3): Check("every path listed exists in the workspace"),
+    ("Moving a trained network in: `export` or `import --all`", 1): Python(
+        None, prints=("models/vision-net-live",)
+    ),
+    ("Moving a trained network in: `export` or `import --all`", 2): Check("a valid base config"),
     ("Fetching a network's kernels together", 1): Python(
         REPOSITORY, prints=("6 True", "vision-net/5 (4, 57, 57, 256)", "(4, 57, 57, 256)")
     ),
@@ -187,7 +191,9 @@ class Workspace:
     def python(self, block: Block, plan: Python) -> None:
         script = self.folder / f"readme_line_{block.line}.py"
         script.write_text(block.text)
-        env = {**self.env, "KERNELGEN_TARGET": self.server(plan.serves).target}
+        env = dict(self.env)
+        if plan.serves is not None:
+            env["KERNELGEN_TARGET"] = self.server(plan.serves).target
         out = _run([sys.executable, script.name], self.folder, env, f"README.md:{block.line}")
         for expected in plan.prints:
             assert expected in out, f"README.md:{block.line} printed no {expected!r}:\n{out}"
@@ -222,6 +228,19 @@ def _check(block: Block, workspace: Workspace) -> None:
     elif key == ("A whole network: `import --all` and groups", 3):
         for path in _listed_paths(block.text):
             assert (workspace.folder / path).exists(), f"README.md:{block.line} lists {path}, not written"
+    elif key == ("Moving a trained network in: `export` or `import --all`", 2):
+        from kernelgen_server.repository.discovery import ImportBase
+
+        base = workspace.folder / "readme_base.json"
+        base.write_text(block.text)
+        parsed = ImportBase.from_file(base)
+        assert parsed.values["mask"]["type"] == "GaussianModulationND" and len(parsed.overrides) == 1
+        # The live module's export is the import of its checkpoint: the same members, byte for byte.
+        for member in range(6):
+            for name in ("config.json", "model.safetensors"):
+                live = workspace.folder / "models" / "vision-net-live" / str(member) / name
+                imported = workspace.folder / "models" / "vision-net" / str(member) / name
+                assert live.read_bytes() == imported.read_bytes(), live
     elif key == ("Development", 1):
         for path in _listed_paths(block.text):
             for found in [path] if "{" not in path else _braces(path):

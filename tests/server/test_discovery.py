@@ -111,7 +111,10 @@ def test_legacy_names_become_hidden_linears() -> None:
 
 def test_a_foreign_key_under_a_generator_is_refused() -> None:
     state = {**generator_state("k"), "k.grid_scale": torch.ones(1)}
-    assert "key 'k.grid_scale' is under generator 'k' but is no SIRENKernelND parameter" in refusal(state)
+    assert (
+        "key 'k.grid_scale' is under generator 'k' but is no generator parameter kernelgen knows"
+        in refusal(state)
+    )
 
 
 def test_a_bias_on_some_layers_only_is_refused() -> None:
@@ -119,7 +122,7 @@ def test_a_bias_on_some_layers_only_is_refused() -> None:
     del state["k.hidden_linears.1.bias"]
     assert (
         "generator 'k' has no 'k.hidden_linears.1.bias' but has 'k.positional_embedding.linear.bias': "
-        "SIRENKernelND has a bias on every linear layer or on none"
+        "a generator has a bias on every linear layer or on none"
     ) in refusal(state)
     state = generator_state("k", use_bias=False)
     state["k.out_linear.bias"] = torch.zeros(3)
@@ -268,3 +271,55 @@ def test_a_folder_or_a_missing_file_as_the_checkpoint(tmp_path: Path) -> None:
         read_training_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         read_training_checkpoint(tmp_path / "absent.ckpt")
+
+
+# -- families and masks ----------------------------------------------------------------------------
+
+
+def _state_of(config: dict[str, Any], prefix: str, seed: int = 0) -> dict[str, Tensor]:
+    model = ModelConfig.from_dict(config).build(seed=seed)
+    head = f"{prefix}." if prefix else ""
+    return {f"{head}{k}": v for k, v in model.state_dict().items()}
+
+
+FOURIER = {**{k: v for k, v in CONFIG.items() if k not in ("hidden_omega_0", "film_after_pos_embed", "film")},
+           "kernel": "RandomFourierKernelND", "embedding_dim": 16, "nonlinearity": "silu"}  # fmt: skip
+
+
+def test_the_tensors_tell_the_family_and_random_fourier_features_their_width() -> None:
+    state = {
+        **_state_of(FOURIER, "a.kernel"),
+        **_state_of({**CONFIG, "kernel": "LearnableOmegaSIRENKernelND"}, "b.kernel"),
+        **generator_state("c.kernel"),
+    }
+    fourier, learnable, siren = find_generators(state, PATH)
+    assert (fourier.family, learnable.family, siren.family) == ("fourier", "learnable", "siren")
+    # Fourier features: 8 phases, their cosines and sines; not a legacy SIREN's 8-wide embedding.
+    assert fourier.tensors["positional_embedding.linear.weight"].shape[0] == 8
+    assert fourier.shape_values["embedding_dim"] == 16 and not fourier.legacy
+    base = ImportBase("base.json", {"omega_0": 10.0, "L_cache": 5, "nonlinearity": "silu"}, {})
+    assert configure(fourier, base, PATH) == ModelConfig.from_dict(FOURIER)
+    assert configure(learnable, base, PATH).kernel == "LearnableOmegaSIRENKernelND"
+    assert configure(siren, base, PATH) == ModelConfig.from_dict(CONFIG)  # nonlinearity is not its argument
+
+
+def test_a_lone_layer_s_mask_sits_beside_its_kernel() -> None:
+    """A checkpoint of one CKConvND: ``kernel.*`` and ``mask.*`` at the root."""
+    masked = {**CONFIG, "mask": {"type": "ExponentialModulationND", "data_dim": 2, "num_channels": 3}}
+    model = ModelConfig.from_dict(masked).build(seed=0)
+    state = {(k if k.startswith("mask.") else f"kernel.{k}"): v for k, v in model.state_dict().items()}
+    state["shortcut"] = torch.zeros(3)  # the layer's own, not the kernel's
+    (generator,) = find_generators(state, PATH)
+    assert generator.mask is not None and generator.mask.key == "mask.weight"
+    base = ImportBase(
+        "base.json", {"omega_0": 10.0, "L_cache": 5, "mask": {"type": "ExponentialModulationND"}}, {}
+    )
+    assert configure(generator, base, PATH) == ModelConfig.from_dict(masked)
+
+
+def test_two_generators_beside_one_mask_are_refused() -> None:
+    state = {**generator_state("layer.kernel"), **generator_state("layer.other", seed=1)}
+    state["layer.mask.weight"] = torch.ones(2, 3)
+    assert "layer 'layer' holds the generators 'layer.kernel' and 'layer.other' beside one mask" in refusal(
+        state
+    )

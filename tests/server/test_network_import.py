@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+import kernelgen_server
 from kernelgen_client.cli import main
+from kernelgen_server.model.config import ModelConfig
 from kernelgen_server.repository import store as repository_module
 from kernelgen_server.repository.layers import layer_tensor
 from kernelgen_server.repository.store import ModelRepository
@@ -511,3 +513,271 @@ def test_inspect_lists_the_group_with_its_members(tmp_path: Path, capsys: pytest
     assert main(["inspect", str(repo)]) == 1
     out = capsys.readouterr().out
     assert "group net: 4 models, imported from network.ckpt (a member failed to load)" in out
+
+
+# -- a network of the reference package's layers: masks, variants, causal crops -------------------
+
+import reference_network as R  # noqa: E402
+
+#: What a user writes for the reference network: every layer's settings the weights cannot tell
+#: (prefixes relative to the network; the classes the tensors show are left to them).
+REFERENCE_OVERRIDES: dict[str, dict[str, Any]] = {
+    R.conv_path(0): {
+        "omega_0": 12.0, "L_cache": 16, "causal": True, "mask": {"type": "GaussianModulationND"},
+    },
+    R.conv_path(1): {
+        "omega_0": 8.0, "omega_0_scale_min": 0.5, "omega_0_scale_max": 1.5, "L_cache": 16, "causal": True,
+        "mask": {"type": "ExponentialModulationND"},
+    },
+    # A circular layer: its generator's L_cache is the layer's halved, (15 + 1) // 2.
+    R.conv_path(2): {"omega_0": 2.0, "nonlinearity": "gelu", "L_cache": 8, "causal": False},
+    R.conv_path(3): {
+        "kernel": "MultiOmegaSIRENKernelND", "omega_0_per_row": [1, 2, 3, 4, 5, 6, 7, 8], "L_cache": [6, 8],
+        "mask": {"type": "GaussianModulationND", "parametrization": "log"},
+    },
+    R.conv_path(4): {
+        "kernel": "BlockDiagonalMultiOmegaSIRENKernelND", "num_blocks": 4, "L_cache": 6,
+        "mask": {"type": "BlockAlignedGaussianModulationND"},
+    },
+    R.conv_path(5): {
+        "kernel": "BlockDiagonalLearnableOmegaSIRENKernelND", "num_blocks": 2, "omega_0_min": 2.0,
+        "omega_0_max": 12.0, "schedule": "log", "L_cache": [4, 8],
+        "mask": {"type": "BlockAlignedGaussianModulationND", "parametrization": "softplus"},
+    },
+    R.conv_path(6): {
+        "omega_0": 6.0, "hidden_omega_0": 3.0, "L_cache": 4,
+        "mask": {"type": "GaussianModulationND", "parametrization": "softplus"},
+    },
+    R.conv_path(7): {
+        "omega_0": 5.0, "L_cache": [3, 4, 5],
+        "mask": {"type": "GaussianModulationND", "init_extent": [2, 1, 0.5]},
+    },
+}  # fmt: skip
+HEADS = {"lightning": "network.", "compiled": "network._orig_mod."}
+
+
+#: A value in ``reference_base``'s changes that removes the key.
+DROP = object()
+
+
+def reference_base(head: str, changes: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The base of the reference network's checkpoint (keys under ``head``), each layer's override
+    updated by ``changes`` (a key set to ``DROP`` is removed)."""
+    overrides = {}
+    for index, (layer, values) in enumerate(REFERENCE_OVERRIDES.items()):
+        values = {**values, **(changes or {}).get(index, {})}
+        overrides[f"{head}{layer}.kernel"] = {k: v for k, v in values.items() if v is not DROP}
+    return {"overrides": overrides}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The reference network's Lightning checkpoints, as trained, and as a compiled network saves them."""
+    network, _ = R.shared_trained_network()
+    folder = tmp_path_factory.mktemp("reference")
+    return {
+        form: R.save_lightning(network, folder / f"{form}.ckpt", compiled=form == "compiled")
+        for form in HEADS
+    }
+
+
+@pytest.mark.parametrize("form", HEADS)
+def test_a_reference_network_imports_as_the_kernels_its_layers_convolve_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: dict[str, Path], form: str
+) -> None:
+    network, conditioning = R.shared_trained_network()
+    repo = tmp_path / "repo"
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(reference_base(HEADS[form])))
+    assert run_import(reference[form], repo, base=base) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # every layer said all the weights cannot tell
+    assert f"imported group 'net' in {repo / 'net'}: 8 models" in captured.out
+    manifest = json.loads((repo / "net" / "group.json").read_text())
+    assert [m["source"] for m in manifest["members"]] == [
+        f"{HEADS[form]}{R.conv_path(i)}.kernel" for i in range(len(R.LAYERS))
+    ]
+    exported = kernelgen_server.export(network, tmp_path / "exported", "net")
+    for index, (layer, conv) in enumerate(zip(R.LAYERS, network.convs(), strict=True)):
+        member = repo / "net" / str(index)
+        R.assert_serves_layer(R.load_member(member), conv, conditioning if layer.film else None, layer.name)
+        # Both ways in give the same member: the same config.json, the same weights.
+        assert json.loads((member / "config.json").read_text()) == json.loads(
+            (exported / str(index) / "config.json").read_text()
+        ), layer.name
+        assert (member / "model.safetensors").read_bytes() == (
+            exported / str(index) / "model.safetensors"
+        ).read_bytes()
+    # And the same layer hashes (saved, and clamped where a forward's clamps change the tensors).
+    exported_manifest = json.loads((exported / "group.json").read_text())
+    assert [m["layer_hashes"] for m in manifest["members"]] == [
+        m["layer_hashes"] for m in exported_manifest["members"]
+    ]
+
+
+def test_the_dry_run_shows_each_layer_s_kernel_mask_and_crop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: dict[str, Path]
+) -> None:
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(reference_base("network.")))
+    assert run_import(reference["lightning"], tmp_path / "repo", "--dry-run", base=base) == 0
+    rows = [line.split("  ") for line in capsys.readouterr().out.splitlines() if line.startswith("net/")]
+    cells = [[cell.strip() for cell in row if cell.strip()] for row in rows]
+    assert [row[-3:-1] for row in cells][:2] == [["Gaussian direct", "yes"], ["Exponential", "yes"]]
+    kinds = [next(c for c in row if c.endswith(("SIREN", "Fourier"))) for row in cells]
+    assert kinds == [
+        "SIREN", "LearnableOmegaSIREN", "RandomFourier", "MultiOmegaSIREN", "BlockDiagonalMultiOmegaSIREN",
+        "BlockDiagonalLearnableOmegaSIREN", "SIREN", "LearnableOmegaSIREN",
+    ]  # fmt: skip
+    assert_nothing_written(tmp_path / "repo")
+
+
+def _refused_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], checkpoint: Path, base: dict[str, Any]
+) -> str:
+    repo = tmp_path / "repo"
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    assert run_import(checkpoint, repo, base=tmp_path / "base.json") == 2
+    assert_nothing_written(repo)
+    return one_error_line(capsys)
+
+
+LAYER_0 = "network.blocks.0.mixer.global_conv"
+LAYER_1 = "network.blocks.1.mixer.global_conv"
+LAYER_2 = "network.blocks.2.mixer.global_conv"
+
+BASE_REFUSALS: dict[str, tuple[dict[int, dict[str, Any]], str]] = {
+    "mask-settings-missing": (
+        {0: {"mask": DROP}},
+        f"generator '{LAYER_0}.kernel': its layer '{LAYER_0}' has a mask ('{LAYER_0}.mask.std_param' "
+        "[1, 8], as GaussianModulationND and BlockAlignedGaussianModulationND hold) whose class and "
+        'settings the weights cannot tell, and {base} describes no mask: add "mask": {"type": '
+        '"GaussianModulationND"',
+    ),
+    "mask-set-to-null": (
+        {1: {"mask": None}},
+        f"('{LAYER_1}.mask.weight' [1, 8], as ExponentialModulationND hold) whose class and settings the "
+        f"weights cannot tell, and {{base}} overrides['{LAYER_1}.kernel'] sets mask null: add \"mask\": "
+        '{"type": "ExponentialModulationND"}',
+    ),
+    "mask-of-the-other-kind": (
+        {1: {"mask": {"type": "GaussianModulationND"}}},
+        f"sets a GaussianModulationND mask, but its layer's mask holds '{LAYER_1}.mask.weight' [1, 8], as "
+        "ExponentialModulationND hold",
+    ),
+    "mask-channels": (
+        {0: {"mask": {"type": "GaussianModulationND", "num_channels": 4}}},
+        f"sets mask.num_channels 4, but tensor '{LAYER_0}.mask.std_param' has shape [1, 8] "
+        "(mask.num_channels 8)",
+    ),
+    "unknown-mask-type": (
+        {0: {"mask": {"type": "HannModulationND"}}},
+        "mask.type: unknown type 'HannModulationND'",
+    ),
+    "mask-clamps-out-of-order": (
+        {0: {"mask": {"type": "GaussianModulationND", "min_std": 0.5, "max_std": 0.1}}},
+        "max_std (0.1) is below min_std (0.5): the clamps are out of order",
+    ),
+    "unknown-kernel": (
+        {0: {"kernel": "HyenaKernelND"}},
+        f"generator '{LAYER_0}.kernel': kernel: unknown generator 'HyenaKernelND'",
+    ),
+    "kernel-the-tensors-contradict": (
+        {1: {"kernel": "SIRENKernelND"}},
+        f"sets kernel SIRENKernelND, but it has '{LAYER_1}.kernel.positional_embedding.omega_0_scale', a "
+        "learnable omega scale (LearnableOmegaSIRENKernelND, BlockDiagonalLearnableOmegaSIRENKernelND)",
+    ),
+    "scale-clamps-out-of-order": (
+        {1: {"omega_0_scale_min": 2.0, "omega_0_scale_max": 1.0}},
+        "omega_0_scale_max (1.0) must be >= omega_0_scale_min (2.0)",
+    ),
+    "fourier-activation-missing": (
+        {2: {"nonlinearity": DROP}},
+        f"generator '{LAYER_2}.kernel' needs nonlinearity, which the weights cannot tell "
+        "(RandomFourierKernelND)",
+    ),
+    "an-argument-the-class-does-not-take": ({4: {"omega_0": 3.0}}, "key 'omega_0' is no argument of"),
+    "causal-2d": ({3: {"causal": True}}, "causal is for 1-D kernels"),
+}
+
+
+@pytest.mark.parametrize(("changes", "expected"), BASE_REFUSALS.values(), ids=BASE_REFUSALS.keys())
+def test_a_base_that_does_not_determine_a_reference_layer_is_refused_naming_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    reference: dict[str, Path],
+    changes: dict[int, dict[str, Any]],
+    expected: str,
+) -> None:
+    line = _refused_reference(tmp_path, capsys, reference["lightning"], reference_base("network.", changes))
+    assert expected.replace("{base}", str(tmp_path / "base.json")) in line
+
+
+def _edited(tmp_path: Path, checkpoint: Path, edit: Any) -> Path:
+    saved = torch.load(checkpoint, weights_only=True)
+    edit(saved["state_dict"])
+    path = tmp_path / "edited.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+def _rename(state: dict[str, Any], old: str, new: str) -> None:
+    state[new] = state.pop(old)
+
+
+CHECKPOINT_REFUSALS: dict[str, tuple[Any, str]] = {
+    "unknown-mask": (
+        lambda s: _rename(s, f"{LAYER_0}.mask.std_param", f"{LAYER_0}.mask.sigma"),
+        f"generator '{LAYER_0}.kernel': its layer '{LAYER_0}' has a mask holding sigma "
+        f"('{LAYER_0}.mask.sigma'), which is no mask kernelgen serves",
+    ),
+    "a-mask-of-two-tensors": (
+        lambda s: s.__setitem__(f"{LAYER_1}.mask.bias", torch.zeros(8)),
+        f"its layer '{LAYER_1}' has a mask holding bias, weight",
+    ),
+    "unknown-generator-parameter": (
+        lambda s: s.__setitem__(f"{LAYER_0}.kernel.positional_embedding.phase", torch.zeros(8)),
+        f"key '{LAYER_0}.kernel.positional_embedding.phase' is under generator '{LAYER_0}.kernel' but is no "
+        "generator parameter kernelgen knows",
+    ),
+    "fourier-with-a-learnable-scale": (
+        lambda s: s.__setitem__(f"{LAYER_2}.kernel.positional_embedding.omega_0_scale", torch.ones(4)),
+        f"has random Fourier features ('{LAYER_2}.kernel.kernel_network.0.weight' takes the cosines and "
+        "sines of 4 phases) and a learnable omega scale",
+    ),
+}
+
+
+@pytest.mark.parametrize(("edit", "expected"), CHECKPOINT_REFUSALS.values(), ids=CHECKPOINT_REFUSALS.keys())
+def test_a_reference_layer_kernelgen_cannot_serve_exactly_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: dict[str, Path], edit: Any, expected: str
+) -> None:
+    checkpoint = _edited(tmp_path, reference["lightning"], edit)
+    assert expected in _refused_reference(tmp_path, capsys, checkpoint, reference_base("network."))
+
+
+def test_what_the_base_leaves_unsaid_or_says_in_vain_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: dict[str, Path]
+) -> None:
+    """A 1-D layer's causal crop is not in the weights: unsaid, it is imported as not causal, with a
+    warning. film_after_pos_embed without FiLM modulates nothing in the layer: written false, warned."""
+    unmodulated = (0, 4, 7)  # layers without FiLM, where the package ignores film_after_pos_embed
+    changes: dict[int, dict[str, Any]] = {i: {"film_after_pos_embed": True} for i in unmodulated}
+    changes[0]["causal"] = DROP
+    changes[2] = {"causal": DROP}
+    base = reference_base("network.", changes)
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    repo = tmp_path / "repo"
+    assert run_import(reference["lightning"], repo, base=tmp_path / "base.json") == 0
+    warned = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("kernelgen import: warning: ") for line in warned)
+    causal = [line for line in warned if "whether its layer is causal" in line]
+    assert [line.split("'")[1] for line in causal] == [f"network.{R.conv_path(i)}.kernel" for i in (0, 2)]
+    film = [line for line in warned if "film_after_pos_embed true" in line]
+    assert [line.split("'")[1] for line in film] == [f"network.{R.conv_path(i)}.kernel" for i in unmodulated]
+    assert len(warned) == len(causal) + len(film)
+    configs = [ModelConfig.from_file(repo / "net" / str(i) / "config.json") for i in range(len(R.LAYERS))]
+    assert [c.causal for c in configs][:3] == [False, True, False]
+    assert [c.film_after_pos_embed for c in configs] == [
+        layer.film and i in (3,) for i, layer in enumerate(R.LAYERS)
+    ]

@@ -1,9 +1,10 @@
 """``kernelgen init | import | inspect``: make and examine model repositories.
 
 ``import --prefix P`` copies one kernel generator out of a training
-checkpoint; ``import --all`` finds every generator of a trained network,
-infers each config from the tensor shapes and writes them as one group
-(``discovery``, ``repository.write_group``).
+checkpoint; ``import --all`` finds every generator of a trained network with
+its layer's mask, infers each config from the tensors and the base config and
+writes them as one group (``discovery``, ``repository.write_group``); what the
+base left unsaid or said in vain is printed as warnings on stderr.
 
 The ``kernelgen`` command builds its parser from ``register``, so importing
 this module must stay cheap: torch and everything that needs it are imported
@@ -62,11 +63,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "import",
         help="extract kernel generators from a training checkpoint",
         description=(
-            "Copy one SIRENKernelND out of a training checkpoint (--prefix, checked strictly against "
+            "Copy one kernel generator out of a training checkpoint (--prefix, checked strictly against "
             "--config), or every one of them (--all) as a group NAME/0, NAME/1, ... in prefix order, "
-            "each config inferred from the tensor shapes; --config BASE then gives what the weights "
-            "cannot tell (omega_0, L_cache, hidden_omega_0), with per-generator 'overrides' keyed by "
-            "prefix. Checkpoints: .pt/.ckpt/.pth read with weights_only=True, .safetensors, sharded "
+            "each with its layer's mask (<layer>.mask.*) and its config inferred from the tensors (sizes, "
+            "generator family); --config BASE then gives what the weights cannot tell (omega_0, L_cache, "
+            "the generator class and its other arguments, each masked layer's 'mask', 'causal'), with "
+            "per-generator 'overrides' keyed by prefix. Checkpoints: .pt/.ckpt/.pth read with "
+            "weights_only=True, .safetensors, sharded "
             "safetensors (their *.safetensors.index.json, or the folder holding it). The state may be "
             "wrapped under 'state_dict'; legacy kernel_network.{2i} names become hidden_linears.{i}."
         ),
@@ -158,17 +161,36 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run goes with --all")
     if args.prefix is None or args.config is None:
         raise ValueError("--prefix and --config are required to import one generator (or pass --all)")
+    from torch import Tensor
+
     from kernelgen_server.repository.checkpoint import (
         CheckpointError,
         extract_kernel_state,
         load_module,
         read_checkpoint,
+        training_state,
     )
+    from kernelgen_server.repository.discovery import mask_prefix
     from kernelgen_server.repository.store import check_model_name, load_model, write_model
 
     check_model_name(args.name)
     config = _whole_config(args)
-    tensors = extract_kernel_state(read_checkpoint(args.checkpoint), args.prefix, args.checkpoint)
+    raw = read_checkpoint(args.checkpoint)
+    fourier = config.kernel == "RandomFourierKernelND"  # its kernel_network.{2i} are its own names
+    tensors = extract_kernel_state(raw, args.prefix, args.checkpoint, legacy_names=not fourier)
+    # The layer's mask beside the generator comes with it: a kernel is never imported without its mask.
+    head = mask_prefix(args.prefix.strip("."))
+    if head is not None:
+        state = training_state(raw, args.checkpoint)
+        mask = {f"mask.{k[len(head) + 1 :]}": v for k, v in state.items() if k.startswith(f"{head}.")}
+        if mask and config.mask is None:
+            raise ValueError(
+                f"{args.checkpoint}: the layer of {args.prefix!r} has a mask "
+                f"({', '.join(map(repr, sorted(mask)))} under {head!r}) that {args.config} does not "
+                "describe: add its \"mask\" section (docs/architecture.md, 'Served models'); a kernel "
+                "is never imported without its mask"
+            )
+        tensors.update((k, v) for k, v in mask.items() if isinstance(v, Tensor))
     try:
         load_module(config, tensors, args.checkpoint)
     except CheckpointError as exc:
@@ -200,10 +222,6 @@ def _whole_config(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def _hashes(layer_hash: str) -> tuple[str, ...]:
-    return (layer_hash,) if layer_hash else ()
-
-
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
     from kernelgen_server.repository.checkpoint import read_training_checkpoint, training_state
@@ -213,7 +231,7 @@ def _import_all(args: argparse.Namespace) -> int:
         generator_prefixes,
         plan_network,
     )
-    from kernelgen_server.repository.layers import source_layer_hash
+    from kernelgen_server.repository.layers import source_layer_hashes
     from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
     check_model_name(args.name)
@@ -227,7 +245,7 @@ def _import_all(args: argparse.Namespace) -> int:
             plan.generator.prefix,
             plan.config,
             plan.generator.tensors,
-            _hashes(source_layer_hash(state, plan.generator.prefix)),
+            source_layer_hashes(state, plan.generator.prefix, plan.config),
         )
         for plan in plans
         if plan.config is not None
@@ -240,6 +258,7 @@ def _import_all(args: argparse.Namespace) -> int:
         print(_plan_table(args.name, plans))
         for error in errors:
             print(f"kernelgen import: error: {' '.join(str(error).split())}", file=sys.stderr)
+        _warn(plans)
         if errors:
             print(f"would write nothing: {len(errors)} generator(s) cannot be imported")
             return 2
@@ -251,6 +270,7 @@ def _import_all(args: argparse.Namespace) -> int:
         return 0
     if errors:
         raise errors[0]
+    _warn(plans)
     if unchanged:
         print(
             f"group {args.name!r} in {target} already holds these {len(plans)} generators "
@@ -264,6 +284,13 @@ def _import_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(plans: list[PlannedModel]) -> None:
+    """Each plan's notes on stderr, one line each: what was assumed or written otherwise."""
+    for plan in plans:
+        for note in plan.notes:
+            print(f"kernelgen import: warning: {' '.join(note.split())}", file=sys.stderr)
+
+
 def _plan_table(group: str, plans: list[PlannedModel]) -> str:
     """One row per generator: the model it becomes, where it came from, its config."""
 
@@ -275,7 +302,7 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
         return str(value)
 
     rows = [("MODEL", "PREFIX", "DIMS", "EMBED", "HIDDEN", "LAYERS", "OUT", "BIAS", "FILM", "L_CACHE",
-             "OMEGA_0", "PARAMS", "NOTE")]  # fmt: skip
+             "OMEGA_0", "KERNEL", "MASK", "CAUSAL", "PARAMS", "NOTE")]  # fmt: skip
     for plan in plans:
         film = plan.generator.shape_values["film"]
         film_text = "-"
@@ -286,6 +313,9 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
         notes = ["legacy names"] if plan.generator.legacy else []
         if plan.error is not None:
             notes.append("cannot be imported (below)")
+        elif plan.notes:
+            notes.append("see the warning(s) below")
+        config = plan.config
         rows.append(
             (
                 f"{group}/{plan.member}",
@@ -298,7 +328,10 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
                 "yes" if plan.value("use_bias") else "no",
                 film_text,
                 shown(plan.value("L_cache")),
-                shown(plan.value("omega_0")),
+                shown(plan.value("omega_0")) if config is None or config.omega_0 is not None else "-",
+                "?" if config is None else config.kernel.removesuffix("KernelND"),
+                _mask_text(plan),
+                "?" if config is None else "yes" if config.causal else "no",
                 str(plan.generator.parameter_count),
                 "; ".join(notes),
             )
@@ -307,6 +340,18 @@ def _plan_table(group: str, plans: list[PlannedModel]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def _mask_text(plan: PlannedModel) -> str:
+    """The mask column: its type (without ``ModulationND``) and parametrisation, '?' where unknown."""
+    if plan.config is None:
+        return "-" if plan.generator.mask is None else "?"
+    mask = plan.config.mask
+    if mask is None:
+        return "-"
+    text = mask.type.removesuffix("ModulationND")
+    parametrization = getattr(mask, "parametrization", None)
+    return f"{text} {parametrization}" if parametrization is not None else text
 
 
 def _report_written(verb: str, model: LoadedModel) -> int:

@@ -217,13 +217,15 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def extract_kernel_state(raw: Mapping[str, object], prefix: str, path: Path) -> dict[str, Tensor]:
+def extract_kernel_state(
+    raw: Mapping[str, object], prefix: str, path: Path, *, legacy_names: bool = True
+) -> dict[str, Tensor]:
     """The kernel module's tensors from a training checkpoint, under this module's own names.
 
     ``raw`` is a state_dict or a mapping with one under ``"state_dict"``. Keys
     starting with ``prefix + "."`` are kept with the prefix removed (an empty
-    prefix keeps every key); ``kernel_network.{2*i}.*`` becomes
-    ``hidden_linears.{i}.*``.
+    prefix keeps every key); with ``legacy_names`` (a SIREN's, not a random
+    Fourier generator's), ``kernel_network.{2*i}.*`` becomes ``hidden_linears.{i}.*``.
     """
     wrapped = raw.get("state_dict")
     state = wrapped if isinstance(wrapped, Mapping) else raw
@@ -233,7 +235,7 @@ def extract_kernel_state(raw: Mapping[str, object], prefix: str, path: Path) -> 
     for key, value in state.items():
         if not isinstance(key, str) or not key.startswith(stem):
             continue
-        name = _modern_name(key[len(stem) :], path, key)
+        name = _modern_name(key[len(stem) :], path, key) if legacy_names else key[len(stem) :]
         if not isinstance(value, Tensor):
             raise CheckpointError(path, f"key {key!r} holds a {type(value).__name__}, not a tensor", key=key)
         if name in out:
