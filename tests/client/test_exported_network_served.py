@@ -66,3 +66,42 @@ def test_a_changed_layer_of_an_exported_network_is_refused(tmp_path: Path) -> No
         with KernelClient(f"127.0.0.1:{server.port}", timeout=30) as client:
             with pytest.raises(LayerMismatch, match=r"blocks\.1\.mixer\.global_conv.*not the ones"):
                 serve_kernels(changed, client, "net")
+
+
+#: float16 / bfloat16: the float32 kernel rounded once more (relative 2**-11, 2**-8 of each value).
+DTYPES = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def test_every_exported_member_is_served_as_its_layer_convolves(tmp_path: Path) -> None:
+    """Each member through the client, dense and factored, every dtype, below, at and above L_cache:
+    within the served float32 measure (``1e-5 x max|kernel|``, plus the dtype's one rounding) of the
+    member's own model, which ``assert_serves_layer`` holds to the package's layer (``test_export``
+    shows ``import --all`` writes the same members, byte for byte)."""
+    import numpy as np
+
+    network, conditioning = R.shared_trained_network()
+    export(network, tmp_path / "repo", "net")
+    with threaded_server(model_repo=str(tmp_path / "repo")) as server:
+        with KernelClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            members = client.get_group("net").members
+            for index, (member, layer, conv) in enumerate(
+                zip(members, R.LAYERS, network.convs(), strict=True)
+            ):
+                model = R.load_member(tmp_path / "repo" / "net" / str(index))
+                rows = conditioning if layer.film else None
+                R.assert_serves_layer(model, conv, rows, layer.name)
+                for where, lens in R.seq_lens_around_cache(conv).items():
+                    with torch.no_grad():
+                        want = model(lens, rows)[0].double().numpy()
+                    scale = float(np.abs(want).max())
+                    cond = None if rows is None else rows.numpy()
+                    for dtype, rounding in DTYPES.items():
+                        for representation in ("dense", "factored"):
+                            kernel = client.generate(
+                                member.name, list(lens), cond, dtype=dtype, representation=representation
+                            )
+                            got = np.asarray(kernel, dtype=np.float64)
+                            label = f"{layer.name} {where} {lens} {dtype} {representation}"
+                            assert got.shape == want.shape, label
+                            err = float(np.abs(got - want).max())
+                            assert err <= (1e-5 + 2 * rounding) * scale, f"{label}: {err:.3g}"
