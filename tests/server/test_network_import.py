@@ -541,7 +541,8 @@ REFERENCE_OVERRIDES: dict[str, dict[str, Any]] = {
     },
     R.conv_path(5): {
         "kernel": "BlockDiagonalLearnableOmegaSIRENKernelND", "num_blocks": 2, "omega_0_min": 2.0,
-        "omega_0_max": 12.0, "schedule": "log", "L_cache": [4, 8],
+        "omega_0_max": 12.0, "schedule": "log", "omega_0_scale_min": 0.01, "omega_0_scale_max": 2.0,
+        "L_cache": [4, 8],
         "mask": {"type": "BlockAlignedGaussianModulationND", "parametrization": "softplus"},
     },
     R.conv_path(6): {
@@ -549,7 +550,7 @@ REFERENCE_OVERRIDES: dict[str, dict[str, Any]] = {
         "mask": {"type": "GaussianModulationND", "parametrization": "softplus"},
     },
     R.conv_path(7): {
-        "omega_0": 5.0, "L_cache": [3, 4, 5],
+        "omega_0": 5.0, "omega_0_scale_min": 0.01, "omega_0_scale_max": 2.0, "L_cache": [3, 4, 5],
         "mask": {"type": "GaussianModulationND", "init_extent": [2, 1, 0.5]},
     },
 }  # fmt: skip
@@ -760,11 +761,14 @@ def test_what_the_base_leaves_unsaid_or_says_in_vain_is_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: dict[str, Path]
 ) -> None:
     """A 1-D layer's causal crop is not in the weights: unsaid, it is imported as not causal, with a
-    warning. film_after_pos_embed without FiLM modulates nothing in the layer: written false, warned."""
+    warning. film_after_pos_embed without FiLM modulates nothing in the layer: written false, warned.
+    A learnable omega's clamps (and a block schedule) change the kernel: unsaid, the package's
+    defaults, warned."""
     unmodulated = (0, 4, 7)  # layers without FiLM, where the package ignores film_after_pos_embed
     changes: dict[int, dict[str, Any]] = {i: {"film_after_pos_embed": True} for i in unmodulated}
     changes[0]["causal"] = DROP
     changes[2] = {"causal": DROP}
+    changes[7] |= {"omega_0_scale_min": DROP, "omega_0_scale_max": DROP}
     base = reference_base("network.", changes)
     (tmp_path / "base.json").write_text(json.dumps(base))
     repo = tmp_path / "repo"
@@ -775,7 +779,10 @@ def test_what_the_base_leaves_unsaid_or_says_in_vain_is_a_warning(
     assert [line.split("'")[1] for line in causal] == [f"network.{R.conv_path(i)}.kernel" for i in (0, 2)]
     film = [line for line in warned if "film_after_pos_embed true" in line]
     assert [line.split("'")[1] for line in film] == [f"network.{R.conv_path(i)}.kernel" for i in unmodulated]
-    assert len(warned) == len(causal) + len(film)
+    defaults = [line for line in warned if "imported with the package's defaults" in line]
+    assert [line.split("'")[1] for line in defaults] == [f"network.{R.conv_path(7)}.kernel"]
+    assert "omega_0_scale_min 0.01, omega_0_scale_max 2.0" in defaults[0]
+    assert len(warned) == len(causal) + len(film) + len(defaults)
     configs = [ModelConfig.from_file(repo / "net" / str(i) / "config.json") for i in range(len(R.LAYERS))]
     assert [c.causal for c in configs][:3] == [False, True, False]
     assert [c.film_after_pos_embed for c in configs] == [

@@ -111,6 +111,16 @@ MASK_TENSORS: dict[str, tuple[str, ...]] = {
 }
 #: Serving keys the base may give beside the generator's arguments.
 _SERVING = ("kernel", "mask", "causal")
+#: Constructor arguments with defaults that the forward uses (not only the initialisation): an
+#: import that takes their default says so.
+_LEARNABLE_CLAMPS = ("omega_0_scale_min", "omega_0_scale_max")
+_FORWARD_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "LearnableOmegaSIRENKernelND": _LEARNABLE_CLAMPS,
+    # omega_0 is the largest frequency of the block schedule, which the forward multiplies by.
+    "BlockDiagonalLearnableOmegaSIRENKernelND": (
+        *_LEARNABLE_CLAMPS, "num_blocks", "omega_0_min", "omega_0_max", "schedule",
+    ),
+}  # fmt: skip
 
 _SCALE = "positional_embedding.omega_0_scale"
 _PARAMETER = re.compile(
@@ -716,6 +726,16 @@ def plan_generator(generator: Generator, base: ImportBase, path: Path) -> tuple[
         # the config refuses one its class does not take.
         if name not in SHAPE_FIELDS and name not in _SERVING and (name in takes or name in overridden):
             values[name] = value
+    assumed = [name for name in _FORWARD_DEFAULTS.get(kind, ()) if name not in given]
+    if "omega_0_per_block" in given:  # the blocks' frequencies given outright: no schedule is used
+        assumed = [name for name in assumed if name in _LEARNABLE_CLAMPS]
+    if assumed:
+        defaults = ", ".join(f"{name} {_show(optional[name])}" for name in assumed)
+        notes.append(
+            f"generator {prefix!r} ({kind}): {defaults} change its kernel but are neither in the weights "
+            f"nor in the base ({base.source}): imported with the package's defaults (give them in the base "
+            f"or under overrides[{prefix!r}] if the layer was built with others)"
+        )
     section = _mask_section(generator, given, origin, overridden, base, path)
     if section is not None:
         values["mask"] = section
