@@ -21,7 +21,8 @@ Runs on this machine, one after another:
 10. ``bench_network.py``: a whole network's inference forward (the reference package's
    ``CKConvND`` layers) with its own kernels against served ones (``kernelgen_client.torch``:
    dense and factored, with and without prefetch, and cached unconditioned kernels);
-11. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
+11. ``bench_masks.py``: what a mask and a causal crop cost, served and in the engine;
+12. a ``kernelgen loadtest`` concurrency sweep of the 2D FiLM model (hyena-2d, seq_lens
    15,15: a 29x29 kernel, out_dim 384, one conditioning row per request, float32)
    against ``kernelgen serve`` with batching on, with batching off, and against
    ``echo_kernelgen.py`` (a kernelgen-speaking server that computes nothing: the
@@ -48,6 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench_masks import ratio_text
 from bench_triton import side_by_side_table
 from harness import RESULTS, ROOT, Rounds, free_port, kernelgen_server, markdown_table, process
 
@@ -280,6 +282,8 @@ def page(
         envoy_section(load("envoy.json")),
         "## A network's forward, local and served",
         network_section(load("network.json")),
+        "## Masks and the causal crop",
+        masks_section(load("masks.json")),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -342,6 +346,24 @@ def network_section(network: dict[str, Any] | None) -> str:
     )
 
 
+def masks_section(masks: dict[str, Any] | None) -> str:
+    if not masks:
+        return "(not run)"
+    served = masks["served"]
+    rows = [
+        {"served": r["contender"], "kernels/s": f"{r['kernels_per_s']:.1f}", "/ unmasked": ratio_text(r)}
+        for r in served["rows"]
+    ]
+    return (
+        f"`bench_masks.py`, {masks['machine']['date']}: {served['step']}; the cost of a kernel over the "
+        "unmasked one's in the same round (median, range).\n\n"
+        + markdown_table(rows)
+        + f"\n\nTarget <= {masks['target']}x: {'met' if masks['met'] else 'not met'} "
+        f"({masks['worst_masked_cost_ratio']:.3f}x). The engine alone, and the causal crop: "
+        "[masks.md](masks.md)."
+    )
+
+
 def factored_section(factored: dict[str, Any] | None) -> str:
     if not factored:
         return "(not run)"
@@ -385,7 +407,7 @@ def hostile_section(hostile: dict[str, Any] | None) -> str:
     )
 
 
-ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,envoy,network,sweep"
+ALL_PARTS = "service,batching,engine,workers,triton,factored,hostile,oip,envoy,network,masks,sweep"
 #: Seconds per sweep step (the benchmarks take at most 2-3 of them), warm-up per sweep step.
 SUITE_ROUNDS = Rounds(seconds=5.0, warmup=1.0, rounds=None, quick_seconds=1.0, quick_warmup=1.0)
 
@@ -441,6 +463,8 @@ def main() -> None:
         run([sys.executable, str(BENCH / "bench_envoy.py"), *(["--quick"] if args.quick else [])])
     if "network" in parts:
         run([sys.executable, str(BENCH / "bench_network.py"), *(["--quick"] if args.quick else [])])
+    if "masks" in parts:
+        run([sys.executable, str(BENCH / "bench_masks.py"), *(["--quick"] if args.quick else [])])
     runs: dict[str, dict[str, Any]] = {}
     if "sweep" in parts:
         for name, (_label, flags) in SERVERS.items():

@@ -58,3 +58,18 @@ def test_the_torch_row_names_every_public_name_of_the_module() -> None:
     members = set(vars(served.ServedNetwork)) | set(served.ServedNetwork.__init__.__code__.co_names)
     for attribute in ("layers", "counts", "prefetch", "restore"):
         assert attribute in named and attribute in members, attribute
+
+
+def test_every_server_module_has_a_row_under_its_layer() -> None:
+    """The server's table names each module by its layer's folder (``core/plan``), the roots alone."""
+    rows = DOC[DOC.index("`kernelgen_server`, layer by layer:\n") :].split("\n\n")[1]
+    listed = {
+        name for line in rows.splitlines()[2:] for name in re.findall(r"`([\w/]+)`", line.split("|")[1])
+    }
+    folder = ROOT / "src" / "kernelgen_server"
+    present = {
+        p.relative_to(folder).with_suffix("").as_posix()
+        for p in folder.rglob("*.py")
+        if p.stem != "__init__" and p.parent.name != "__pycache__"
+    }
+    assert listed == present, f"missing {sorted(present - listed)}, not modules {sorted(listed - present)}"

@@ -229,7 +229,7 @@ def _check(block: Block, workspace: Workspace) -> None:
         for path in _listed_paths(block.text):
             assert (workspace.folder / path).exists(), f"README.md:{block.line} lists {path}, not written"
     elif key == ("Moving a trained network in: `export` or `import --all`", 2):
-        from kernelgen_server.repository.discovery import ImportBase
+        from kernelgen_server.repository.import_plan import ImportBase
 
         base = workspace.folder / "readme_base.json"
         base.write_text(block.text)

@@ -13,14 +13,8 @@ from torch import Tensor
 
 from kernelgen_server.model.config import ConfigError, ModelConfig
 from kernelgen_server.repository.checkpoint import CheckpointError, read_training_checkpoint, training_state
-from kernelgen_server.repository.discovery import (
-    ImportBase,
-    configure,
-    find_generators,
-    generator_prefixes,
-    natural_key,
-    plan_network,
-)
+from kernelgen_server.repository.discovery import find_generators, generator_prefixes, natural_key
+from kernelgen_server.repository.import_plan import ImportBase, configure, plan_network
 
 PATH = Path("run.ckpt")
 CONFIG: dict[str, Any] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernelgen_server.repository.discovery import PlannedModel
+    from kernelgen_server.repository.import_plan import PlannedModel
     from kernelgen_server.repository.store import FailedModel, LoadedModel, ModelRepository
 
 __all__ = ["register"]
@@ -204,7 +204,7 @@ def _whole_config(args: argparse.Namespace) -> Any:
     """``--config`` as a model's whole config.json; a base that only ``--all`` can complete (from the
     weights' shapes) is refused with the command that imports it."""
     from kernelgen_server.model.config import ConfigError, ModelConfig
-    from kernelgen_server.repository.discovery import ImportBase
+    from kernelgen_server.repository.import_plan import ImportBase
 
     try:
         return ModelConfig.from_file(args.config)
@@ -225,12 +225,8 @@ def _whole_config(args: argparse.Namespace) -> Any:
 def _import_all(args: argparse.Namespace) -> int:
     """``import --all``: every generator of the checkpoint as one group, or nothing."""
     from kernelgen_server.repository.checkpoint import read_training_checkpoint, training_state
-    from kernelgen_server.repository.discovery import (
-        ImportBase,
-        find_generators,
-        generator_prefixes,
-        plan_network,
-    )
+    from kernelgen_server.repository.discovery import find_generators, generator_prefixes
+    from kernelgen_server.repository.import_plan import ImportBase, plan_network
     from kernelgen_server.repository.layers import source_layer_hashes
     from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 

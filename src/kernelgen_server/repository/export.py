@@ -57,7 +57,8 @@ from kernelgen_server.model.masks import GAUSSIAN_MASKS, MASKS
 from kernelgen_server.model.siren import kernel_grid
 from kernelgen_server.model.variants import block_schedule
 from kernelgen_server.repository.checkpoint import load_module
-from kernelgen_server.repository.discovery import ImportBase, find_generators, mask_prefix, plan_generator
+from kernelgen_server.repository.discovery import find_generators, mask_prefix
+from kernelgen_server.repository.import_plan import ImportBase, plan_generator
 from kernelgen_server.repository.layers import layer_hashes
 from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
 
