@@ -44,6 +44,15 @@ def calls(server: Any, model: str, method: str, code: str) -> float:
     return server.service.metrics.registry.get_sample_value("kernelgen_requests_total", labels) or 0.0
 
 
+async def counted(server: Any, model: str, method: str, code: str, expected: float) -> float:
+    """``calls`` once it reaches ``expected``, or as it is after 2 s: the server counts a call as
+    the call's scope closes, which may come just after the client has its status."""
+    deadline = time.monotonic() + 2.0
+    while (value := calls(server, model, method, code)) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return value
+
+
 def client_for(server: Any, **kwargs: Any) -> AsyncKernelClient:
     # Quick backoff keeps retried cases fast; the policy is otherwise the default one.
     kwargs.setdefault("retries", RetryPolicy(initial_backoff=0.01, max_backoff=0.05))
@@ -57,7 +66,7 @@ async def test_invalid_request_from_the_server_is_not_retried(server: Any) -> No
         assert caught.value.reason == "invalid-argument"
         with pytest.raises(InvalidRequest, match="width 384"):
             await client.generate("hyena-2d", [5, 5], np.zeros((1, 3)))
-    assert calls(server, "hyena-2d", "GenerateKernel", "INVALID_ARGUMENT") == 2
+    assert await counted(server, "hyena-2d", "GenerateKernel", "INVALID_ARGUMENT", 2) == 2
 
 
 async def test_invalid_request_caught_before_sending(server: Any) -> None:
@@ -75,8 +84,8 @@ async def test_model_not_found(server: Any) -> None:
         assert isinstance(caught.value, LookupError)
         with pytest.raises(ModelNotFound):
             await client.flop_count("nope", [5])
-    assert calls(server, "", "GetModel", "NOT_FOUND") == 1  # unknown names are not labels
-    assert calls(server, "", "FlopCount", "NOT_FOUND") == 1
+    assert await counted(server, "", "GetModel", "NOT_FOUND", 1) == 1  # unknown names are not labels
+    assert await counted(server, "", "FlopCount", "NOT_FOUND", 1) == 1
 
 
 async def test_conditioning_not_supported(server: Any) -> None:
@@ -125,8 +134,8 @@ async def test_overloaded_is_retried_as_the_server_allows(
     async with client_for(server) as client:
         refusals["left"] = 2  # two refusals, then the queue has room: the default policy gets through
         assert (await client.generate("hyena-2d", [3, 3], rows)).shape == (1, 5, 5, 384)
-    assert calls(server, "hyena-2d", "GenerateKernel", "RESOURCE_EXHAUSTED") == 3
-    assert calls(server, "hyena-2d", "GenerateKernel", "OK") == 1
+    assert await counted(server, "hyena-2d", "GenerateKernel", "RESOURCE_EXHAUSTED", 3) == 3
+    assert await counted(server, "hyena-2d", "GenerateKernel", "OK", 1) == 1
 
 
 async def test_kernel_too_large_is_never_retried(server: Any) -> None:
@@ -138,8 +147,8 @@ async def test_kernel_too_large_is_never_retried(server: Any) -> None:
         assert caught.value.retry_pushback_ms == -1
         with pytest.raises(KernelTooLarge):
             await client.generate("long-1d", [10_000_000])  # predicted huge: streamed, refused once
-    assert calls(server, "long-1d", "GenerateKernel", "RESOURCE_EXHAUSTED") == 1
-    assert calls(server, "long-1d", "StreamKernel", "RESOURCE_EXHAUSTED") == 1
+    assert await counted(server, "long-1d", "GenerateKernel", "RESOURCE_EXHAUSTED", 1) == 1
+    assert await counted(server, "long-1d", "StreamKernel", "RESOURCE_EXHAUSTED", 1) == 1
 
 
 async def test_deadline_exceeded(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +196,7 @@ async def test_draining_server_is_unavailable_and_retried(server: Any) -> None:
         with pytest.raises(ServerDraining, match="shutting down") as caught:
             await client.generate("long-1d", [5])
     assert caught.value.reason == "draining"
-    assert calls(server, "long-1d", "GenerateKernel", "UNAVAILABLE") == 3  # UNAVAILABLE is retried
+    assert await counted(server, "long-1d", "GenerateKernel", "UNAVAILABLE", 3) == 3  # UNAVAILABLE is retried
 
 
 async def test_unauthenticated(tmp_path: Path) -> None:
