@@ -22,6 +22,8 @@ the head's parameters, the server in float32 as the reference does.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["FactoredKernel", "KernelMask", "OutputHead"]
 
 ArrayT = TypeVar("ArrayT")
+#: How many masks a ``KernelMask`` keeps (each ``[*spatial, out_dim]`` float32, a kernel row's size),
+#: numpy and per torch device together.
+MASKS_KEPT = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +58,11 @@ class KernelMask:
     parameter: npt.NDArray[np.float32]
     L_cache: tuple[int, ...]
     causal: bool
+    #: The mask on the last few grids asked for, as numpy (key ``None``) or on a torch device.
+    _kept: OrderedDict[tuple[tuple[int, ...], str | None], Any] = field(
+        default_factory=OrderedDict, repr=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_pb(cls, message: pb.KernelMask, out_dim: int) -> KernelMask:
@@ -68,10 +78,44 @@ class KernelMask:
         return cls(int(message.form), parameter, cache, bool(message.causal))
 
     def values(self, spatial: tuple[int, ...]) -> npt.NDArray[np.float32]:
-        """The mask on the grid of a kernel of ``spatial`` shape: ``[*spatial, out_dim]`` float32."""
+        """The mask on the grid of a kernel of ``spatial`` shape: ``[*spatial, out_dim]`` float32, read-only.
+
+        The masks of the last ``MASKS_KEPT`` grids are kept: a repeated grid costs one computation.
+        """
         if len(spatial) != len(self.L_cache):
             raise MalformedResponse(f"a {len(spatial)}-D kernel for a mask over {len(self.L_cache)} axes")
-        return mask_values(self.form, self.parameter, spatial, self.L_cache, self.causal)
+
+        def compute() -> npt.NDArray[np.float32]:
+            values = mask_values(self.form, self.parameter, spatial, self.L_cache, self.causal)
+            values.flags.writeable = False
+            return values
+
+        found: npt.NDArray[np.float32] = self._kept_or(spatial, None, compute)
+        return found
+
+    def torch(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``values(spatial)`` as a float32 tensor on ``device``, copied there once (kept like ``values``)."""
+        import torch
+
+        def compute() -> torch.Tensor:
+            return torch.from_numpy(self.values(spatial).copy()).to(device)
+
+        found: torch.Tensor = self._kept_or(spatial, str(device), compute)
+        return found
+
+    def _kept_or(self, spatial: tuple[int, ...], device: str | None, compute: Callable[[], Any]) -> Any:
+        key = (spatial, device)
+        with self._lock:
+            found = self._kept.get(key)
+            if found is not None:
+                self._kept.move_to_end(key)
+                return found
+        found = compute()  # outside the lock: two threads may both compute one grid's (equal) mask
+        with self._lock:
+            self._kept[key] = found
+            while len(self._kept) > MASKS_KEPT:
+                self._kept.popitem(last=False)
+        return found
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,9 +276,9 @@ class FactoredKernel(Generic[ArrayT]):
             torch.mm(flat, weight_t, out=rows)
         else:
             torch.addmm(bias, flat, weight_t, out=rows)
-        mask = self._mask()
+        mask = self.output_head.mask
         if mask is not None:
-            result.mul_(torch.from_numpy(mask).to(target))
+            result.mul_(mask.torch(self.shape[1:-1], target))
         return result
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> npt.NDArray[Any]:

@@ -237,3 +237,73 @@ async def test_a_head_that_does_not_match_its_factors_is_refused(
         monkeypatch.setattr(client, "_call", other_weights)
         with pytest.raises(MalformedResponse, match="replicas serving different weights"):
             await client.generate("hyena-2d", [3, 3], representation="factored")
+
+
+# --- a masked model's output head ---------------------------------------------------------------
+def masked_head(form: int = pb.MASK_FORM_GAUSSIAN, causal: bool = False) -> OutputHead:
+    from kernelgen_client import KernelMask
+
+    plain = head(hidden=4, out=3)
+    parameter = (np.abs(RNG.standard_normal((1 if causal else 2, 3))) + 0.2).astype(np.float32)
+    mask = KernelMask(form, parameter, (5,) if causal else (5, 4), causal)
+    return OutputHead("masked", plain.weight_t, plain.bias, mask)
+
+
+@pytest.mark.parametrize(
+    ("form", "causal"), [(pb.MASK_FORM_GAUSSIAN, False), (pb.MASK_FORM_EXPONENTIAL, True)]
+)
+def test_a_masked_head_multiplies_the_kernel_by_its_mask_on_the_kernel_s_grid(
+    form: int, causal: bool
+) -> None:
+    from kernelgen_wire.grids import axis_coordinates
+
+    output_head = masked_head(form, causal)
+    assert output_head.mask is not None
+    spatial = (6,) if causal else (7, 5)  # seq_lens (6,) causal; (4, 3)
+    factors = RNG.standard_normal((2, *spatial, 4)).astype(np.float32)
+    got = FactoredKernel(factors, output_head, factors.nbytes).dense()
+    plain = factors @ output_head.weight_t + output_head.bias
+    p = output_head.mask.parameter.astype(np.float64)
+    lens = (6,) if causal else (4, 3)
+    axes = [
+        axis_coordinates(s, c, causal=causal) for s, c in zip(lens, output_head.mask.L_cache, strict=True)
+    ]
+    if form == pb.MASK_FORM_GAUSSIAN:
+        factors_by_axis = [np.exp(-0.5 * (t[:, None] / p[d]) ** 2) for d, t in enumerate(axes)]
+    else:
+        factors_by_axis = [np.exp(-np.abs(t)[:, None] * p[d]) for d, t in enumerate(axes)]
+    mask = factors_by_axis[0] if causal else factors_by_axis[0][:, None, :] * factors_by_axis[1][None, :, :]
+    np.testing.assert_allclose(got, plain * mask, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
+    as_torch = FactoredKernel(torch.from_numpy(factors), output_head, factors.nbytes).dense()
+    np.testing.assert_allclose(as_torch.numpy(), got, rtol=1e-6, atol=1e-7)
+
+
+def test_a_mask_is_computed_once_per_grid_and_a_few_grids_are_kept() -> None:
+    from kernelgen_client.factored import MASKS_KEPT
+
+    mask = masked_head().mask
+    assert mask is not None
+    first = mask.values((7, 5))
+    assert mask.values((7, 5)) is first and not first.flags.writeable
+    for n in range(MASKS_KEPT):
+        mask.values((9 + 2 * n, 5))
+    assert mask.values((7, 5)) is not first  # evicted by newer grids, computed again
+    np.testing.assert_array_equal(mask.values((7, 5)), first)
+    assert mask.torch((7, 5), torch.device("cpu")) is mask.torch((7, 5), torch.device("cpu"))
+
+
+def test_a_malformed_mask_is_refused() -> None:
+    message = pb.OutputHead(
+        head_hash="h",
+        weight_t=pb.Tensor(shape=[2, 3], dtype=pb.DTYPE_FLOAT32, data=np.zeros((2, 3), np.float32).tobytes()),
+    )
+    message.mask.form = pb.MASK_FORM_GAUSSIAN
+    message.mask.parameter.CopyFrom(
+        pb.Tensor(shape=[2, 4], dtype=pb.DTYPE_FLOAT32, data=np.ones((2, 4), np.float32).tobytes())
+    )
+    message.mask.L_cache.extend([5, 5])
+    with pytest.raises(MalformedResponse, match="does not fit"):
+        OutputHead.from_pb(message)  # 4 mask channels for 3 outputs
+    message.mask.form = 7
+    with pytest.raises(MalformedResponse, match="unknown form"):
+        OutputHead.from_pb(message)
