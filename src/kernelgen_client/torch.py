@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -57,7 +56,7 @@ from kernelgen_client.errors import KernelServiceError
 from kernelgen_client.factored import FactoredKernel
 from kernelgen_client.results import GroupInfo, KernelResult, ModelInfo
 from kernelgen_wire.grids import kernel_grid
-from kernelgen_wire.layers import MASK, LayerTensor, covered, layer_hash, layer_of
+from kernelgen_wire.layers import MASK, LayerTensor, covered, layer_hash, layer_of, plain_path
 
 __all__ = [
     "CallCounts",
@@ -76,7 +75,6 @@ CacheKey = tuple[str, tuple[int, ...], str, str, str]
 
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: How a training wrapper renames a module's path: ``torch.compile`` puts its module under this.
-_COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
 
 
 class LayerMismatch(ValueError):
@@ -549,7 +547,7 @@ def _serve(
     cache = cache if cache is not None else KernelCache()
     counts = CallCounts()
     prefetch = _Prefetch()
-    modules = {_plain(path): module for path, module in network.named_modules()}
+    modules = {plain_path(path): module for path, module in network.named_modules()}
     plans: list[tuple[str, nn.Module, ModelInfo, str]] = []
     taken: set[str] = set()
     for member in group.members:
@@ -592,16 +590,11 @@ def _serve(
     return ServedNetwork(group, served, calls, cache, counts, prefetch, representation)
 
 
-def _plain(path: str) -> str:
-    """A module path without what ``torch.compile`` adds (``_orig_mod``)."""
-    return _COMPILED.sub("", path).strip(".")
-
-
 def _layer_of(
     member: ModelInfo, modules: Mapping[str, nn.Module], group: GroupInfo
 ) -> tuple[str, nn.Module, str]:
     """The network's layer a member came from: its path, the module, the generator's attribute."""
-    found = layer_of(_plain(member.source))
+    found = layer_of(plain_path(member.source))
     if found is None:
         raise LayerMismatch(
             f"member {member.name!r} of group {group.name!r} names no layer (source {member.source!r}); "

@@ -15,14 +15,22 @@ different sets of tensors give one byte stream).
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["MASK", "LayerTensor", "covered", "layer_hash", "layer_of"]
+__all__ = ["MASK", "LayerTensor", "covered", "layer_hash", "layer_of", "plain_path"]
 
 #: The attribute of a layer that holds its mask (beside its generator).
 MASK = "mask"
+#: The part of a module path that ``torch.compile`` adds: the wrapped module's attribute.
+_COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
+
+
+def plain_path(path: str) -> str:
+    """A module path without what ``torch.compile`` adds (``_orig_mod``): both ends name layers so."""
+    return _COMPILED.sub("", path).strip(".")
 
 
 @dataclass(frozen=True)

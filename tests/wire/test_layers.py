@@ -49,3 +49,12 @@ def test_any_buffer_is_read_as_its_bytes(data: bytes) -> None:
     assert layer_hash([tensor("kernel.a", bytes(memoryview(data).cast("B")))]) == layer_hash(
         [tensor("kernel.a", data)]
     )
+
+
+def test_a_compiled_module_s_paths_are_the_plain_module_s() -> None:
+    from kernelgen_wire.layers import plain_path
+
+    assert plain_path("_orig_mod.blocks.0.mixer") == "blocks.0.mixer"
+    assert plain_path("network._orig_mod.blocks.0._orig_mod.kernel") == "network.blocks.0.kernel"
+    assert plain_path("_orig_mod") == ""
+    assert plain_path("blocks.my_orig_mod.kernel") == "blocks.my_orig_mod.kernel"  # only the whole name

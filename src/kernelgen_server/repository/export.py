@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,10 +60,10 @@ from kernelgen_server.repository.discovery import find_generators, mask_prefix
 from kernelgen_server.repository.import_plan import ImportBase, plan_generator
 from kernelgen_server.repository.layers import layer_hashes
 from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
+from kernelgen_wire.layers import plain_path
 
 __all__ = ["ExportWarning", "export", "find_layers"]
 
-_COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
 #: The attributes of a layer holding its generator's mask, and its causal crop.
 _MASK, _CAUSAL = "mask", "is_causal"
 #: How close a member's served kernel must be to its live layer's on the same coordinates (relative
@@ -76,11 +75,6 @@ CHECK_POINTS = 1 << 16
 
 class ExportWarning(UserWarning):
     """Something exported otherwise than the module says, though the served kernel is the layer's."""
-
-
-def plain(path: str) -> str:
-    """A module path without what ``torch.compile`` adds (``_orig_mod``)."""
-    return _COMPILED.sub("", path).strip(".")
 
 
 @dataclass(frozen=True)
@@ -130,7 +124,7 @@ def find_layers(module: nn.Module) -> list[LiveLayer]:
     """
     modules: dict[str, nn.Module] = {}
     for path, child in module.named_modules():
-        modules[plain(path)] = child  # a compile wrapper's inner module replaces it under its path
+        modules[plain_path(path)] = child  # a compile wrapper's inner module replaces it under its path
     found: list[LiveLayer] = []
     inside: list[str] = []
     for path, child in modules.items():
