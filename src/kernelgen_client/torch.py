@@ -119,7 +119,7 @@ class CallCounts:
     kernels: int = 0
     #: Bytes of what travelled: kernels, or factors and the output heads they need.
     nbytes: int = 0
-    #: Seconds the forwards spent waiting for kernels.
+    #: Seconds the forwards spent waiting for kernels: the calls, and materialising what they brought.
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -476,17 +476,18 @@ class ServedNetwork:
             )  # fmt: skip
         except KernelServiceError as exc:
             raise _naming(exc, f"group {self.group.name!r}: ") from exc
-        nbytes = sum(result.raw.nbytes for result in results.values())
-        self.counts.count(
-            group=True, kernels=len(results), nbytes=nbytes, seconds=time.perf_counter() - start
-        )
-        previous = self._prefetch.kernels
         fetched = {
             s.member.name: _Prefetched(
                 s.member.name, lens, conditioning, s.remote.materialise(results[s.member.name].kernel)
             )
             for s in self._served
         }
+        # Waiting includes making the kernels usable, as a layer's own fetch counts it.
+        nbytes = sum(result.raw.nbytes for result in results.values())
+        self.counts.count(
+            group=True, kernels=len(results), nbytes=nbytes, seconds=time.perf_counter() - start
+        )
+        previous = self._prefetch.kernels
         self._prefetch.kernels = fetched
         try:
             yield
