@@ -21,7 +21,9 @@ docs/architecture.md, "The model, exactly"), reorganised for throughput:
 * Everything before the first FiLM (grid, positional embedding, and the first
   hidden layer unless ``film_after_pos_embed``) does not depend on the
   conditioning: it is computed once per grid shape and kept in a byte-bounded
-  LRU (:class:`PrefixCache`).
+  LRU (:class:`PrefixCache`), and so is a masked model's mask on that grid.
+* A causal model's grid is its cropped one: the crop is never computed, and
+  grid points are independent, so the values are those of the whole grid's.
 * Results land in recycled host buffers (:class:`HostBufferPool` on CPU, torch's
   pinned caching allocator on CUDA): a fresh multi-MiB buffer is page-faulted
   on first write, which costs more than computing the kernel.
@@ -128,7 +130,7 @@ class KernelEngine:
     ``batched=False`` (default) evaluates conditioned rows one at a time, bitwise
     independent of the batch; ``True`` evaluates chunks of rows with batched GEMMs
     whose scratch fits ``chunk_bytes`` (results then agree to float32 rounding).
-    ``prefix_cache_bytes`` bounds the shared-prefix cache (0 disables it);
+    ``prefix_cache_bytes`` bounds the per-grid cache of prefixes and masks (0 disables it);
     ``host_pool`` recycles CPU results (default: one pool shared by all engines).
     """
 
