@@ -39,7 +39,7 @@ from kernelgen_wire.metadata import Reason
 from kernelgen_wire.sizes import kernel_spatial
 
 if TYPE_CHECKING:
-    from kernelgen_client.results import KernelResult, ModelInfo
+    from kernelgen_client.results import KernelResult, ModelConfig, ModelInfo
 
 __all__ = ["EXIT_CODES", "SEQ_LENS_HELP", "register", "seq_lens_from_text"]
 
@@ -439,7 +439,7 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(info) for info in infos]))
         return EXIT_OK
-    header = ("NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON")
+    header = ("NAME", "READY", "DIMS", "OUT", "COND", "KERNEL", "PARAMS", "HASH", "REASON")
     _table([header, *(_model_row(info) for info in infos)])
     groups = GroupInfo.collect(infos)
     if groups:
@@ -468,10 +468,19 @@ def _model_row(info: ModelInfo) -> tuple[str, ...]:
         str(config.data_dim) if config else "-",
         str(config.out_dim) if config else "-",
         str(config.cond_dim) if config and config.cond_dim else "-",
+        _kernel_text(config) if config else "-",
         str(info.parameter_count) if info.ready else "-",
         info.content_hash[:12] or "-",
         info.reason,
     )
+
+
+def _kernel_text(config: ModelConfig) -> str:
+    """What the model serves, in one word: ``SIREN``, ``LearnableOmegaSIREN+Gaussian,causal``, ..."""
+    text = config.kernel.removesuffix("KernelND")
+    if config.mask is not None:
+        text += "+" + config.mask.removesuffix("ModulationND")
+    return text + (",causal" if config.causal else "")
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> None:

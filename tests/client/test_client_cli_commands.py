@@ -78,8 +78,8 @@ async def test_flops_models_health(server: Any, capsys: pytest.CaptureFixture[st
     assert json.loads(capsys.readouterr().out)["film"] is False
     assert await run(server, "models") == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["NAME", "READY", "DIMS", "OUT", "COND", "PARAMS", "HASH", "REASON"]
-    assert table[1].split()[:5] == ["hyena-2d", "yes", "2", "384", "384"]
+    assert table[0].split() == ["NAME", "READY", "DIMS", "OUT", "COND", "KERNEL", "PARAMS", "HASH", "REASON"]
+    assert table[1].split()[:6] == ["hyena-2d", "yes", "2", "384", "384", "SIREN"]
     assert await run(server, "models", "--json") == 0
     assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["hyena-2d", "long-1d", "volume-3d"]
     assert await run(server, "health") == 0

@@ -143,3 +143,15 @@ def test_the_flops_command_shows_a_causal_kernel_s_shape(
     assert "kernel 5 (5 points)" in capsys.readouterr().out
     assert main(["flops", "siren-gauss-2d", "--seq-lens", "3,4", "--target", target]) == 0
     assert "kernel 5x7 (35 points)" in capsys.readouterr().out
+
+
+def test_the_models_command_says_what_each_model_serves(
+    client: KernelClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kernelgen_client.cli import main
+
+    assert main(["models", "--target", client.target]) == 0
+    rows = {line.split()[0]: line.split()[5] for line in capsys.readouterr().out.splitlines()[1:] if line}
+    assert rows["learnable-direct-causal"] == "LearnableOmegaSIREN+Gaussian,causal"
+    assert rows["multi-exp-3d"] == "MultiOmegaSIREN+Exponential"
+    assert rows["blocks-learnable-2d"] == "BlockDiagonalLearnableOmegaSIREN"
