@@ -56,7 +56,7 @@ from kernelgen_client.errors import KernelServiceError
 from kernelgen_client.factored import FactoredKernel
 from kernelgen_client.results import GroupInfo, KernelResult, ModelInfo
 from kernelgen_wire.grids import kernel_grid
-from kernelgen_wire.layers import MASK, LayerTensor, covered, layer_hash, layer_of, plain_path
+from kernelgen_wire.layers import CAUSAL, MASK, LayerTensor, covered, layer_hash, layer_of, plain_path
 
 __all__ = [
     "CallCounts",
@@ -575,7 +575,7 @@ def _serve(
             cache=cache,
             representation=representation,
             layer=path,
-            full_causal=bool(getattr(layer, "is_causal", False)),
+            full_causal=bool(getattr(layer, CAUSAL, False)),
             device=None if like is None else like.device,
             dtype=torch.float32 if like is None else like.dtype,
             counts=counts,
@@ -625,7 +625,7 @@ def _holds_generator(module: nn.Module) -> bool:
     return (
         isinstance(kernel, nn.Module)
         and not isinstance(kernel, RemoteKernel)
-        and (hasattr(module, MASK) or hasattr(module, "is_causal"))
+        and (hasattr(module, MASK) or hasattr(module, CAUSAL))
     )
 
 
@@ -654,7 +654,7 @@ def _check(path: str, layer: nn.Module, attribute: str, member: ModelInfo) -> No
         have = getattr(generator, name, None)
         if have is not None and int(have) != want:
             raise LayerMismatch(f"{where}: the layer's {name} is {have}, the member's {want}")
-    causal = bool(getattr(layer, "is_causal", False))
+    causal = bool(getattr(layer, CAUSAL, False))
     if causal != config.causal:
         raise LayerMismatch(
             f"{where}: the layer is {'' if causal else 'not '}causal, the member is "

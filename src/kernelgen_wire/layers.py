@@ -20,10 +20,12 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["MASK", "LayerTensor", "covered", "layer_hash", "layer_of", "plain_path"]
+__all__ = ["CAUSAL", "MASK", "LayerTensor", "covered", "layer_hash", "layer_of", "plain_path"]
 
 #: The attribute of a layer that holds its mask (beside its generator).
 MASK = "mask"
+#: The attribute of a layer that says its kernel is cropped causally (a ``CKConvND``'s flag).
+CAUSAL = "is_causal"
 #: The part of a module path that ``torch.compile`` adds: the wrapped module's attribute.
 _COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from kernelgen_server.model.masks import GAUSSIAN_MASKS
 from kernelgen_server.repository.checkpoint import CheckpointError
+from kernelgen_wire.layers import MASK
 
 __all__ = [
     "FAMILIES",
@@ -77,7 +78,6 @@ FAMILIES: dict[str, str] = {
 FAMILY_CLASS = {"siren": "SIRENKernelND", "learnable": "LearnableOmegaSIRENKernelND",
                  "fourier": "RandomFourierKernelND"}  # fmt: skip
 #: The attribute of a layer holding its mask, and the one tensor each kind of mask holds there.
-MASK = "mask"
 MASK_TENSORS: dict[str, tuple[str, ...]] = {
     "std_param": GAUSSIAN_MASKS,
     "weight": ("ExponentialModulationND",),

@@ -60,12 +60,10 @@ from kernelgen_server.repository.discovery import find_generators, mask_prefix
 from kernelgen_server.repository.import_plan import ImportBase, plan_generator
 from kernelgen_server.repository.layers import layer_hashes
 from kernelgen_server.repository.store import NewMember, check_model_name, group_holds, write_group
-from kernelgen_wire.layers import plain_path
+from kernelgen_wire.layers import CAUSAL, MASK, plain_path
 
 __all__ = ["ExportWarning", "export", "find_layers"]
 
-#: The attributes of a layer holding its generator's mask, and its causal crop.
-_MASK, _CAUSAL = "mask", "is_causal"
 #: How close a member's served kernel must be to its live layer's on the same coordinates (relative
 #: to the kernel's magnitude): far above float32 rounding, far below any misread setting.
 CHECK_TOLERANCE = 1e-4
@@ -111,7 +109,7 @@ def _looks_like_generator(module: nn.Module) -> bool:
 def _is_layer(module: nn.Module) -> bool:
     """A ``CKConvND``-like layer: a ``kernel`` module beside a mask or a causal flag."""
     return isinstance(getattr(module, "kernel", None), nn.Module) and (
-        hasattr(module, _MASK) or hasattr(module, _CAUSAL)
+        hasattr(module, MASK) or hasattr(module, CAUSAL)
     )
 
 
@@ -144,10 +142,10 @@ def find_layers(module: nn.Module) -> list[LiveLayer]:
                 f"{where} is a {type(child).__name__}, which kernelgen does not know (it serves "
                 f"{', '.join(KERNELS)}, recognised by class name); nothing written"
             )
-        mask = getattr(parent, _MASK, None) if parent is not None else None
+        mask = getattr(parent, MASK, None) if parent is not None else None
         if mask is not None:
             if not isinstance(mask, nn.Module):
-                raise ValueError(f"{where}: its layer's {_MASK!r} is a {type(mask).__name__}, not a module")
+                raise ValueError(f"{where}: its layer's {MASK!r} is a {type(mask).__name__}, not a module")
             if type(mask).__name__ == "Identity":
                 mask = None
             elif type(mask).__name__ not in MASKS:
@@ -156,7 +154,7 @@ def find_layers(module: nn.Module) -> list[LiveLayer]:
                     f"which kernelgen does not know (it serves {', '.join(MASKS)}): the kernel is never "
                     "served without its mask; nothing written"
                 )
-        causal = bool(getattr(parent, _CAUSAL, False)) if parent is not None else False
+        causal = bool(getattr(parent, CAUSAL, False)) if parent is not None else False
         found.append(LiveLayer(path, child, parent, mask, causal))
     for layer in found:
         twins = [

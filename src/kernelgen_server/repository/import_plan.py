@@ -41,7 +41,6 @@ from kernelgen_server.repository.checkpoint import CheckpointError, load_module
 from kernelgen_server.repository.discovery import (
     FAMILIES,
     FAMILY_CLASS,
-    MASK,
     SHAPE_FIELDS,
     Generator,
     layer_name,
@@ -49,6 +48,7 @@ from kernelgen_server.repository.discovery import (
     natural_key,
     tensor_shape,
 )
+from kernelgen_wire.layers import MASK
 
 __all__ = [
     "BASE_FIELDS",
