@@ -154,7 +154,6 @@ class KernelEngine:
         self.data_dim = model.data_dim
         self.cond_dim = model.cond_dim
         self.causal = served.causal
-        self.masked = served.mask is not None
         self.batched = batched
         self._cache_lens = model.L_cache
         self._chunk_bytes = chunk_bytes
