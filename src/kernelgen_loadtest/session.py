@@ -34,6 +34,7 @@ from kernelgen_loadtest.workload import (
     load_file,
     resolve,
 )
+from kernelgen_wire.sizes import kernel_spatial
 
 __all__ = ["Session"]
 
@@ -224,7 +225,7 @@ class Session:
 def _describe(resolved: ResolvedWorkload) -> str:
     w = resolved.workload
     models = "; ".join(
-        f"{t.name} {' or '.join(seq_lens_and_shape(s) for s in t.seq_lens)}"
+        f"{t.name} {' or '.join(seq_lens_and_shape(s, t.causal) for s in t.seq_lens)}"
         + (f" (group of {len(t.members)})" if t.members else "")
         + ("" if t.cond_dim is not None else " (no FiLM)")
         for t in resolved.targets
@@ -233,7 +234,7 @@ def _describe(resolved: ResolvedWorkload) -> str:
     return f"{models}; {conditioned}; {w.dtype}; seed {w.seed}"
 
 
-def seq_lens_and_shape(seq_lens: Sequence[int]) -> str:
+def seq_lens_and_shape(seq_lens: Sequence[int], causal: bool = False) -> str:
     """``seq_lens 15,15 (kernel 29x29)``: what was asked, and the kernel's shape it gives."""
-    shape = "x".join(str(2 * s - 1) for s in seq_lens)
+    shape = "x".join(map(str, kernel_spatial(seq_lens, causal)))
     return f"seq_lens {','.join(map(str, seq_lens))} (kernel {shape})"

@@ -317,6 +317,8 @@ class ModelTarget:
     cond_dim: int | None
     #: A group's members, in order; empty for a model.
     members: tuple[str, ...] = ()
+    #: Its kernels are causal (``s`` points on the axis, not ``2*s - 1``); a group's when all members' are.
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,7 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
                 )
             cond_dim, members = info.config.cond_dim, ()
         assert info.config is not None
+        causal = info.config.causal if not members else _all_causal(groups[mix.name])
         dims = info.config.data_dim
         if mix.seq_lens:
             options = mix.seq_lens
@@ -384,13 +387,17 @@ def resolve(workload: Workload, infos: Mapping[str, ModelInfo]) -> ResolvedWorkl
                 f"model {mix.name!r} has {dims} axes: give seq_lens with {dims} values"
                 f" (got {given or 'none'})"
             )
-        targets.append(ModelTarget(mix.name, mix.weight, tuple(options), cond_dim, members))
+        targets.append(ModelTarget(mix.name, mix.weight, tuple(options), cond_dim, members, causal))
     unused = [s for s in workload.seq_lens if s not in used]
     if unused:
         raise WorkloadError(
             f"seq_lens {'; '.join(','.join(map(str, s)) for s in unused)} fit none of the models' axes"
         )
     return ResolvedWorkload(workload, tuple(targets))
+
+
+def _all_causal(group: GroupInfo) -> bool:
+    return all(m.config is not None and m.config.causal for m in group.members)
 
 
 def _group_target(group: GroupInfo) -> tuple[ModelInfo, int | None, tuple[str, ...]]:

@@ -166,6 +166,16 @@ def test_the_description_tells_seq_lens_from_the_kernel_shape() -> None:
 
     assert seq_lens_and_shape((15, 15)) == "seq_lens 15,15 (kernel 29x29)"
     assert seq_lens_and_shape((64,)) == "seq_lens 64 (kernel 127)"
+    assert seq_lens_and_shape((64,), causal=True) == "seq_lens 64 (kernel 64)"
+
+
+def test_a_causal_model_s_target_says_so() -> None:
+    import dataclasses
+
+    assert INFOS["one"].config is not None
+    causal = dataclasses.replace(INFOS["one"], config=dataclasses.replace(INFOS["one"].config, causal=True))
+    resolved = resolve(Workload(models=(ModelMix("one"), ModelMix("two"))), {**INFOS, "one": causal})
+    assert [(t.name, t.causal) for t in resolved.targets] == [("one", True), ("two", False)]
 
 
 def test_resolve_refuses_what_cannot_run() -> None:
