@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_engine import timed_rate
 from harness import Rounds, benchmark_main, machine, markdown_table
 
 from kernelgen_server.engine.kernel_engine import KernelEngine
@@ -62,25 +63,21 @@ ROWS = 8
 SERVED_CONCURRENCY = 8
 
 
-def engine(config: dict[str, Any], mask: dict[str, Any] | None = None, causal: bool = False) -> KernelEngine:
-    """An engine of ``config`` (seed 0: the same generator weights for every mask)."""
-    values = dict(config)
+def served_config(
+    base: dict[str, Any], mask: dict[str, Any] | None = None, causal: bool = False
+) -> ModelConfig:
+    """``base`` with ``mask`` (its sizes the kernel's) and the causal crop."""
+    values = dict(base)
     if mask is not None:
-        values["mask"] = {**mask, "data_dim": config["data_dim"], "num_channels": config["out_dim"]}
+        values["mask"] = {**mask, "data_dim": base["data_dim"], "num_channels": base["out_dim"]}
     if causal:
         values["causal"] = True
-    model = ModelConfig.from_dict(values).build(seed=0).eval()
-    return KernelEngine(model)
+    return ModelConfig.from_dict(values)
 
 
-def per_kernel_seconds(fn: Callable[[], object], kernels: int, seconds: float) -> float:
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / (calls * kernels)
+def engine(base: dict[str, Any], mask: dict[str, Any] | None = None, causal: bool = False) -> KernelEngine:
+    """An engine of ``served_config`` (seed 0: the same generator weights for every mask)."""
+    return KernelEngine(served_config(base, mask, causal).build(seed=0).eval())
 
 
 def step(
@@ -94,7 +91,7 @@ def step(
     times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(args.rounds):
         for label, fn in contenders.items():
-            times[label].append(per_kernel_seconds(fn, kernels, args.seconds))
+            times[label].append(1.0 / timed_rate(fn, kernels, args.seconds))
     baseline = next(iter(contenders))
     rows = []
     for label, values in times.items():
@@ -111,13 +108,6 @@ def step(
     return {"step": name, "kernels_per_call": kernels, "baseline": baseline, "rows": rows}
 
 
-def hyena_config(mask: dict[str, Any] | None) -> ModelConfig:
-    values = dict(HYENA)
-    if mask is not None:
-        values["mask"] = {**mask, "data_dim": HYENA["data_dim"], "num_channels": HYENA["out_dim"]}
-    return ModelConfig.from_dict(values)
-
-
 def served_step(args: argparse.Namespace) -> dict[str, Any]:
     """Kernels/s of the three hyena-2d models from one server, interleaved rounds."""
     from bench_factored import CLIENT_ENV, run_step
@@ -129,7 +119,7 @@ def served_step(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         for name, mask in masks.items():
-            config = hyena_config(mask)
+            config = served_config(HYENA, mask)
             write_model(root, name, config, config.build(seed=0).state_dict())
         rates: dict[str, list[float]] = {name: [] for name in masks}
         with ExitStack() as stack:
