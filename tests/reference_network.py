@@ -16,7 +16,6 @@ stays as saved).
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from collections.abc import Sequence
@@ -34,6 +33,9 @@ with warnings.catch_warnings():
     from nvsubquadratic.modules import masks_nd as M
     from nvsubquadratic.modules.ckconv_nd import CKConvND
     from nvsubquadratic.modules.film import KernelFiLMGenerator
+
+# What a layer convolves with (mask, then causal crop, on a fresh copy): the oracle's one definition.
+from kernel_oracle import layer_kernel
 
 CHANNELS = 8  # every layer's hidden_dim, the kernels' out_dim
 HIDDEN = 8  # mlp_hidden_dim = embedding_dim (film_after_pos_embed allowed)
@@ -190,22 +192,6 @@ def grid_lens(conv: CKConvND, spatial: Sequence[int]) -> tuple[int, ...]:
         conv.grid_type == "single" if conv.grid_type is not None else p for p in conv._periodic_per_axis
     ]
     return tuple((s + 1) // 2 if one else s for s, one in zip(spatial, single, strict=True))
-
-
-def layer_kernel(conv: CKConvND, lens: Sequence[int], conditioning: Tensor | None = None) -> Tensor:
-    """What ``conv`` convolves with for generator ``seq_lens`` ``lens``: mask, then causal crop.
-
-    Computed on a fresh deep copy, so neither in-place clamps nor grid growth touch ``conv``
-    and each call sees the module as it was saved.
-    """
-    fresh = copy.deepcopy(conv)
-    with torch.no_grad():
-        kernel, grid = fresh.kernel(list(lens), conditioning=conditioning)
-        if not isinstance(fresh.mask, nn.Identity):
-            kernel = fresh.mask(grid=grid, x=kernel)
-        if fresh.is_causal:
-            kernel = kernel[..., kernel.shape[-2] // 2 :, :]
-    return kernel
 
 
 def seq_lens_around_cache(conv: CKConvND) -> dict[str, tuple[int, ...]]:
