@@ -519,12 +519,12 @@ def tile_coordinates(
     value is bit for bit the whole grid's (``served.output_axes``).
     """
     flat = torch.arange(start, stop, dtype=torch.int64)
-    sizes = kernel_spatial(seq_lens, causal)
+    axes = output_axes(seq_lens, cache_lens, causal)
     columns = []
-    stride = math.prod(sizes)
-    for axis, size in zip(output_axes(seq_lens, cache_lens, causal), sizes, strict=True):
-        stride //= size
-        columns.append(axis[(flat // stride) % size])
+    stride = math.prod(len(axis) for axis in axes)
+    for axis in axes:
+        stride //= len(axis)
+        columns.append(axis[(flat // stride) % len(axis)])
     return torch.stack(columns, dim=1)
 
 
