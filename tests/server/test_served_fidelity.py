@@ -125,13 +125,20 @@ def test_the_package_grid_depends_on_its_history_and_kernelgen_s_does_not() -> N
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.mask != "none"], ids=lambda c: c.id)
 def test_mask_factors_multiply_to_the_served_mask(case: oracle.Case) -> None:
-    """Every mask is a product over axes per channel; the factors are on the served (cropped) axes."""
+    """Every mask is a product over axes per channel of its form's factor with its parameter (what a
+    masked model's output head sends, ``kernelgen_wire.masks``), on the served (cropped) axes."""
+    from kernelgen_server.transport.native_codec import MASK_FORMS
+    from kernelgen_wire.masks import axis_factors
+
     model = served(oracle.trained(case))
     mask = model.mask
     assert mask is not None
     for lens in oracle.seq_lens_around_cache(oracle.trained(case).conv).values():
-        factors = model.mask_factors(lens)
-        assert factors is not None and len(factors) == case.data_dim
+        axes = [axis.numpy() for axis in model.axes(lens)]
+        factors = [
+            torch.from_numpy(f) for f in axis_factors(MASK_FORMS[mask.form], mask.parameter().numpy(), axes)
+        ]
+        assert len(factors) == case.data_dim
         assert [f.shape[0] for f in factors] == list(model.spatial_shape(lens))
         if model.causal:  # the crop keeps the centre and the positive coordinates
             assert float(model.axes(lens)[0][0]) == 0.0

@@ -1,10 +1,11 @@
 """Attenuation masks: what a layer multiplies its generator's kernel by before it convolves.
 
 Every mask is a product over axes, per channel: ``m_c(p) = prod_d g_{d,c}(p_d)``
-for a point ``p`` of the coordinate grid, so it is described exactly by its
-per-axis factors ``g_d`` (``axis_factors``), each ``[n_d, C]`` for an axis of
-``n_d`` coordinates. ``forward(grid, x)`` computes ``x * m`` in float32 as the
-reference does (mask in float32, cast to ``x``'s dtype, then the product).
+for a point ``p`` of the coordinate grid, with ``g`` one function of the mask's
+``form`` and ``[D, C]`` ``parameter()``: a factored kernel's reader computes the
+mask from these (``kernelgen_wire.masks``). ``forward(grid, x)`` computes
+``x * m`` in float32 as the reference does (mask in float32, cast to ``x``'s
+dtype, then the product).
 
 * ``GaussianModulationND``: ``g_{d,c}(t) = exp(-t^2 / (2 std_{d,c}^2))`` with
   ``std = clamp(f(std_param), min_std, max_std)``, ``f`` the parametrisation
@@ -73,7 +74,7 @@ def gaussian_std_bounds(
 
 
 class _AxisProductMask(nn.Module):
-    """A mask ``m_c(p) = prod_d g_{d,c}(p_d)``; subclasses define ``axis_factors``."""
+    """A mask ``m_c(p) = prod_d g(p_d; parameter[d, c])``; subclasses define ``parameter`` and ``mask``."""
 
     def __init__(self, data_dim: int, num_channels: int) -> None:
         super().__init__()
@@ -83,21 +84,9 @@ class _AxisProductMask(nn.Module):
     #: The axis factor's form, as the wire names it (``kernelgen_wire.masks``).
     form: str
 
-    def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
-        """``g_d`` for each axis's coordinates: ``[n_d, C]`` float64 each."""
-        raise NotImplementedError
-
     def parameter(self) -> Tensor:
         """The ``[D, C]`` float32 values ``g`` takes per axis and channel, as the forward uses them."""
         raise NotImplementedError
-
-    def values(self, axes: Sequence[Tensor]) -> Tensor:
-        """The mask on the grid of ``axes``, ``[n_0, ..., n_{D-1}, C]``: the factors' product in float64."""
-        factors = self.axis_factors(axes)
-        total = factors[0]
-        for factor in factors[1:]:
-            total = total.unsqueeze(-2) * factor.view(*([1] * (total.dim() - 1)), *factor.shape)
-        return total
 
     def mask(self, grid: Tensor) -> Tensor:
         """The mask on ``grid`` (``[1, *spatial, D]``) as the reference computes it: ``[1, *spatial, C]``.
@@ -177,10 +166,6 @@ class GaussianModulationND(_AxisProductMask):
             raw = nn.functional.softplus(raw)
         return raw.clamp(self.min_std, self.max_std)
 
-    def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
-        std = self.std().detach().double()
-        return [torch.exp(-0.5 * (t.double()[:, None] / std[d]) ** 2) for d, t in enumerate(axes)]
-
     def mask(self, grid: Tensor) -> Tensor:
         inverse = self.std().square().reciprocal()
         return torch.exp(-0.5 * torch.einsum("b...d,dc->b...c", grid.float().square(), inverse))
@@ -215,10 +200,6 @@ class ExponentialModulationND(_AxisProductMask):
 
     def parameter(self) -> Tensor:
         return self.weight.detach().float().abs()
-
-    def axis_factors(self, axes: Sequence[Tensor]) -> list[Tensor]:
-        rate = self.weight.detach().double().abs()
-        return [torch.exp(-t.double().abs()[:, None] * rate[d]) for d, t in enumerate(axes)]
 
     def mask(self, grid: Tensor) -> Tensor:
         decay = torch.exp(-grid.float().abs().unsqueeze(-1) * self.weight.float().abs())

@@ -8,9 +8,9 @@ along the axis: the centre and the positive coordinates, ``[1|B, s, C]`` for
 ``k = 0 .. s-1``, so the causal kernel of ``s`` is a prefix of that of any
 longer ``s'``, as a symmetric kernel is the centre of a longer one.
 
-Every mask is a product over axes, per channel, so the mask of a served
-kernel is described exactly by ``mask_factors(seq_lens)``: one ``[n_d, C]``
-factor per axis, for the axis's (cropped) coordinates ``axes(seq_lens)``.
+Every mask is a product over axes, per channel, on the served kernel's
+(cropped) axes ``axes(seq_lens)``: the mask's ``form`` and ``parameter()``
+describe it exactly (``masks``).
 
 Weights: a served model's ``state_dict`` is its generator's (the same keys, so
 a bare generator's weights load unchanged) plus the mask's under ``mask.``.
@@ -157,17 +157,6 @@ class ServedModel(nn.Module):
     def axes(self, seq_lens: int | Sequence[int]) -> list[Tensor]:
         """Each axis's float32 coordinates of the served kernel (the first one cropped when causal)."""
         return output_axes(self.normalize_seq_lens(seq_lens), self.L_cache, self.causal)
-
-    def mask_factors(self, seq_lens: int | Sequence[int]) -> list[Tensor] | None:
-        """The mask of the served kernel as per-axis, per-channel factors, or None without a mask.
-
-        One float64 ``[n_d, out_dim]`` tensor per axis, on the (cropped) axes of
-        ``axes(seq_lens)``: the mask at grid point ``p`` is ``prod_d factors[d][p_d]``.
-        The forward computes the same mask in float32 as the reference does.
-        """
-        if self.mask is None:
-            return None
-        return self.mask.axis_factors(self.axes(seq_lens))
 
     def forward(
         self, seq_lens: int | Sequence[int], conditioning: Tensor | None = None
